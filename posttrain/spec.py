@@ -1,0 +1,431 @@
+"""JobSpec: the one description of a training job.
+
+The CLI (YAML + ``a.b=c`` overrides), the REST service, the Llama Stack providers and the Kubeflow
+components all build a :class:`JobSpec`; nothing downstream reads anything else. Every field carries a
+one-line description, from which ``posttrain train --help`` and ``docs/config.md`` are generated.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from posttrain.errors import ConfigError
+
+MethodName = Literal["sft", "dpo", "reward", "grpo"]
+DataFormat = Literal["auto", "alpaca", "sharegpt", "messages", "text", "preference", "prompt"]
+
+
+class Section(BaseModel):
+    """Base of every spec section: unknown keys are errors, assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+
+class ModelSpec(Section):
+    name_or_path: str = Field(
+        "posttrain:tiny",
+        description="Hub model id or local folder; 'posttrain:tiny' is the embedded tiny random-init model.",
+    )
+    dtype: Literal["auto", "bf16", "fp16", "fp32"] = Field(
+        "auto", description="Weights/compute dtype; auto picks bf16 on GPUs that support it, else fp32."
+    )
+    device: Literal["auto", "cpu", "cuda", "mps"] = Field(
+        "auto", description="Device to train on; auto picks cuda, then mps, then cpu."
+    )
+    attn_implementation: Literal["auto", "eager", "sdpa", "flash_attention_2"] = Field(
+        "auto", description="Attention kernel; auto lets transformers choose (sdpa where available)."
+    )
+    trust_remote_code: bool = Field(False, description="Allow model code from the hub repository to run.")
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit) of the model.")
+
+
+class SFTMethod(Section):
+    name: Literal["sft"] = Field("sft", description="Supervised fine-tuning on prompts and responses.")
+    completion_only_loss: bool = Field(
+        True, description="Train only on the response tokens of prompt/response rows, not the prompt."
+    )
+    assistant_only_loss: bool = Field(
+        False, description="For chat rows, train only on assistant turns (needs a generation-aware template)."
+    )
+
+
+class DPOMethod(Section):
+    name: Literal["dpo"] = Field("dpo", description="Direct Preference Optimization on chosen/rejected pairs.")
+    beta: float = Field(0.1, gt=0, description="Strength of the KL penalty towards the reference model.")
+    loss_type: Literal["sigmoid", "hinge", "ipo", "robust", "bco_pair", "sppo_hard", "nca_pair", "apo_zero", "apo_down"] = (
+        Field("sigmoid", description="DPO loss variant (TRL's loss_type).")
+    )
+    label_smoothing: float = Field(0.0, ge=0, le=0.5, description="Robust/cDPO label smoothing.")
+    use_reference_model: bool = Field(
+        True,
+        description="Keep a frozen reference model. With LoRA the base model (adapter disabled) is the "
+        "reference and no copy is made; false trains reference-free.",
+    )
+    reference_model: str | None = Field(
+        None, description="Explicit reference model id or folder (default: the model being trained)."
+    )
+    max_prompt_length: int | None = Field(None, gt=0, description="Truncate prompts to this many tokens.")
+
+
+class RewardMethod(Section):
+    name: Literal["reward"] = Field("reward", description="Reward model on chosen/rejected pairs.")
+    center_rewards_coefficient: float | None = Field(
+        None, description="Push rewards towards zero mean (TRL's center_rewards_coefficient)."
+    )
+
+
+class GRPOMethod(Section):
+    name: Literal["grpo"] = Field("grpo", description="Group Relative Policy Optimization with reward functions.")
+    num_generations: int = Field(4, ge=2, description="Completions sampled per prompt (the group size).")
+    max_completion_length: int = Field(64, gt=0, description="Longest completion sampled, in tokens.")
+    max_prompt_length: int | None = Field(256, gt=0, description="Truncate prompts to this many tokens.")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature for completions.")
+    beta: float = Field(0.0, ge=0, description="KL coefficient towards the reference model (0 = no reference).")
+    loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = Field("dapo", description="GRPO loss variant.")
+    reward_functions: list[str] = Field(
+        default_factory=lambda: ["numeric_match", "answer_format"],
+        description="Built-in reward names (numeric_match, answer_format, length) or 'module:function'.",
+    )
+    reward_weights: list[float] | None = Field(None, description="Weight of each reward function (default 1).")
+
+    @model_validator(mode="after")
+    def _weights_match(self) -> GRPOMethod:
+        if self.reward_weights is not None and len(self.reward_weights) != len(self.reward_functions):
+            raise ValueError(
+                f"reward_weights has {len(self.reward_weights)} entries but reward_functions has "
+                f"{len(self.reward_functions)}"
+            )
+        return self
+
+
+Method = Annotated[SFTMethod | DPOMethod | RewardMethod | GRPOMethod, Field(discriminator="name")]
+
+
+class PeftSpec(Section):
+    type: Literal["none", "lora", "qlora"] = Field(
+        "lora", description="none = full fine-tune; lora; qlora = LoRA on a 4-bit NF4 base."
+    )
+    r: int = Field(16, gt=0, description="LoRA rank.")
+    alpha: int = Field(32, gt=0, description="LoRA scaling factor (lora_alpha).")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA path.")
+    target_modules: str | list[str] = Field(
+        "all-linear", description="Modules to adapt: 'all-linear' or a list of module names."
+    )
+    modules_to_save: list[str] | None = Field(
+        None, description="Extra modules trained in full and saved with the adapter (e.g. a score head)."
+    )
+
+
+class QuantizationSpec(Section):
+    load_in_4bit: bool = Field(False, description="Load the base in 4 bits (bitsandbytes); qlora turns it on.")
+    quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type.")
+    double_quant: bool = Field(True, description="Quantize the quantization constants too.")
+    compute_dtype: Literal["auto", "bf16", "fp16", "fp32"] = Field(
+        "auto", description="Dtype of the matmuls on the 4-bit weights; auto follows model.dtype."
+    )
+
+
+class ValidationSpec(Section):
+    split_ratio: float | None = Field(None, gt=0, lt=1, description="Hold out this fraction of the training rows.")
+    source: str | None = Field(None, description="A separate validation file, folder or hub id.")
+    split: str = Field("validation", description="Split to read from a hub/saved validation source.")
+
+
+class DataSpec(Section):
+    source: str = Field(
+        "posttrain:alpaca",
+        description="Local .json/.jsonl/.csv/.parquet file or folder, datasets.save_to_disk folder, hub id, "
+        "or a bundled sample: posttrain:alpaca, posttrain:preference, posttrain:gsm8k.",
+    )
+    format: DataFormat = Field("auto", description="Row format; auto detects it from the columns.")
+    split: str = Field("train", description="Split to read from hub or saved datasets.")
+    max_samples: int | None = Field(None, gt=0, description="Use at most this many rows (after shuffling: no).")
+    columns: dict[str, str] = Field(
+        default_factory=dict,
+        description="Rename source columns to the format's names, e.g. {question: prompt}.",
+    )
+    chat_template: str | None = Field(
+        None, description="Jinja chat template to use instead of the tokenizer's own."
+    )
+    on_bad_row: Literal["error", "skip"] = Field(
+        "error", description="A malformed row stops the job before training (error) or is skipped and counted."
+    )
+    validation: ValidationSpec = Field(default_factory=ValidationSpec, description="Validation data.")
+
+
+class TrainingSpec(Section):
+    num_train_epochs: float = Field(1.0, gt=0, description="Passes over the data (ignored when max_steps > 0).")
+    max_steps: int = Field(-1, description="Optimizer steps to run; -1 = derived from num_train_epochs.")
+    learning_rate: float = Field(2e-4, gt=0, description="Peak learning rate.")
+    lr_scheduler_type: Literal[
+        "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+        "inverse_sqrt", "cosine_with_min_lr", "warmup_stable_decay",
+    ] = Field("linear", description="Learning-rate schedule after warmup.")
+    warmup_ratio: float = Field(0.0, ge=0, lt=1, description="Fraction of steps spent warming up.")
+    warmup_steps: int = Field(0, ge=0, description="Warmup steps (overrides warmup_ratio when > 0).")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
+    optim: str = Field("adamw_torch", description="Optimizer name as transformers knows it (adamw_8bit, ...).")
+    per_device_train_batch_size: int = Field(8, gt=0, description="Rows per device per micro-batch.")
+    per_device_eval_batch_size: int = Field(8, gt=0, description="Rows per device per evaluation batch.")
+    gradient_accumulation_steps: int = Field(1, gt=0, description="Micro-batches per optimizer step.")
+    max_seq_length: int = Field(1024, gt=0, description="Truncate tokenized rows to this many tokens.")
+    packing: bool = Field(False, description="Concatenate short rows into full-length sequences (SFT).")
+    padding_free: Literal["auto", True, False] = Field(
+        "auto",
+        description="Batch rows without padding tokens (SFT). auto: on where the attention kernel "
+        "supports it.",
+    )
+    group_by_length: Literal["auto", True, False] = Field(
+        "auto", description="Sample rows of similar length together to cut padding; auto: on for SFT."
+    )
+    gradient_checkpointing: Literal["auto", True, False] = Field(
+        "auto", description="Recompute activations to save memory; auto: only on CUDA for >1B models."
+    )
+    num_threads: int | None = Field(
+        None, gt=0, description="CPU threads for torch; default 1 per process on CPU (fastest measured here)."
+    )
+    seed: int = Field(42, description="Random seed for data order and initialisation.")
+    logging_steps: int = Field(1, gt=0, description="Write metrics every N optimizer steps.")
+    eval_steps: int | None = Field(None, gt=0, description="Evaluate every N steps (needs validation data).")
+    save_steps: int | None = Field(
+        None, gt=0, description="Save a checkpoint every N steps (default: at the end of each epoch)."
+    )
+    save_total_limit: int | None = Field(2, gt=0, description="Keep at most this many checkpoints.")
+    dataloader_num_workers: int = Field(0, ge=0, description="Worker processes feeding batches.")
+
+
+class OutputSpec(Section):
+    dir: str | None = Field(
+        None, description="Job directory (default: runs/<config name>; the service picks its own)."
+    )
+    save_final: bool = Field(True, description="Write the trained adapter or model to <dir>/final.")
+
+
+class TrackingSpec(Section):
+    report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(
+        default_factory=lambda: ["tensorboard"],
+        description="Experiment trackers; [] for none. wandb/mlflow need their package installed.",
+    )
+    project: str | None = Field(None, description="Project (wandb) or experiment (mlflow) name.")
+    run_name: str | None = Field(None, description="Run name shown by trackers (default: the job name).")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _none_means_empty(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("report_to") in ("none", None, ["none"]):
+            return {**data, "report_to": []}
+        if isinstance(data, dict) and isinstance(data.get("report_to"), str):
+            return {**data, "report_to": [data["report_to"]]}
+        return data
+
+
+class JobSpec(Section):
+    """A complete training job: what to train, on what, how, and where to write it."""
+
+    name: str | None = Field(None, description="Job name (default: the config file's stem).")
+    model: ModelSpec = Field(default_factory=ModelSpec, description="Base model.")
+    method: Method = Field(default_factory=SFTMethod, description="Training method and its parameters.")
+    peft: PeftSpec = Field(default_factory=PeftSpec, description="Parameter-efficient fine-tuning.")
+    quantization: QuantizationSpec = Field(default_factory=QuantizationSpec, description="Base weights.")
+    data: DataSpec = Field(default_factory=DataSpec, description="Training data.")
+    training: TrainingSpec = Field(default_factory=TrainingSpec, description="Optimisation and schedule.")
+    output: OutputSpec = Field(default_factory=OutputSpec, description="Where results go.")
+    tracking: TrackingSpec = Field(default_factory=TrackingSpec, description="Experiment tracking.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _method_shorthand(cls, data: Any) -> Any:
+        # `method: dpo` is the common case; expand it to `method: {name: dpo}`.
+        if isinstance(data, dict) and isinstance(data.get("method"), str):
+            return {**data, "method": {"name": data["method"]}}
+        return data
+
+    @model_validator(mode="after")
+    def _qlora_means_4bit(self) -> JobSpec:
+        if self.peft.type == "qlora":
+            if "load_in_4bit" in self.quantization.model_fields_set and not self.quantization.load_in_4bit:
+                raise ValueError("peft.type=qlora needs quantization.load_in_4bit=true (or leave it unset)")
+            self.quantization.load_in_4bit = True
+        if self.quantization.load_in_4bit and self.peft.type == "none":
+            raise ValueError("4-bit weights cannot be trained in full: set peft.type to lora or qlora")
+        return self
+
+
+# ---------------------------------------------------------------------------------------------------
+# Loading, overrides and error messages
+
+
+def _closest(key: str, candidates: list[str]) -> str | None:
+    match = difflib.get_close_matches(key, candidates, n=1, cutoff=0.5)
+    return match[0] if match else None
+
+
+def _section_fields(path: tuple[str, ...], method_name: str | None) -> list[str]:
+    """Valid keys at a dotted path (used to suggest the closest key for a typo)."""
+    model: type[BaseModel] = JobSpec
+    for part in path:
+        field = model.model_fields.get(part)
+        if field is None:
+            return []
+        annotation = field.annotation
+        if part == "method" and model is JobSpec:
+            by_name = {m.model_fields["name"].default: m for m in (SFTMethod, DPOMethod, RewardMethod, GRPOMethod)}
+            model = by_name.get(method_name or "sft", SFTMethod)
+            continue
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            model = annotation
+        else:
+            return []
+    return list(model.model_fields)
+
+
+def _format_errors(exc: ValidationError, data: Any) -> ConfigError:
+    method_name = None
+    if isinstance(data, dict):
+        method = data.get("method")
+        method_name = method if isinstance(method, str) else (method or {}).get("name")
+    lines = []
+    first_path = None
+    for err in exc.errors():
+        # Drop pydantic's discriminator tag (method.dpo.beta -> method.beta).
+        loc = [str(p) for p in err["loc"] if not (len(err["loc"]) > 1 and p in ("sft", "dpo", "reward", "grpo")
+                                                     and err["loc"][0] == "method")]
+        path = ".".join(loc) or "<root>"
+        first_path = first_path or path
+        if err["type"] == "extra_forbidden":
+            hint = _closest(loc[-1], _section_fields(tuple(loc[:-1]), method_name))
+            msg = f"unknown key '{path}'" + (f"; did you mean '{'.'.join([*loc[:-1], hint])}'?" if hint else "")
+            valid = _section_fields(tuple(loc[:-1]), method_name)
+            if valid and not hint:
+                msg += f" (valid keys: {', '.join(valid)})"
+        elif err["type"] == "union_tag_invalid":
+            msg = f"{path}.name: unknown method {err.get('input', {}).get('name')!r}; expected one of sft, dpo, reward, grpo"
+        else:
+            msg = f"{path}: {err['msg']}"
+            if "input" in err and not isinstance(err["input"], dict):
+                msg += f" (got {err['input']!r})"
+        lines.append(msg)
+    return ConfigError("invalid job spec:\n  " + "\n  ".join(lines) if len(lines) > 1 else lines[0], None) if lines else ConfigError(str(exc))
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Split ``a.b=c`` into (['a', 'b'], value), with the value parsed as YAML (numbers, lists...)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} is not of the form key.path=value")
+    key, _, raw = text.partition("=")
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {text!r} has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Return a copy of ``data`` with each ``a.b=c`` override set (creating sections as needed)."""
+    result = json.loads(json.dumps(data))
+    for text in overrides:
+        keys, value = parse_override(text)
+        node = result
+        for i, key in enumerate(keys[:-1]):
+            child = node.get(key)
+            if isinstance(child, str) and keys[:i + 1] == ["method"]:
+                child = {"name": child}
+            if child is None:
+                child = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {text!r}: '{'.'.join(keys[: i + 1])}' is a value, not a section")
+            node[key] = child
+            node = child
+        node[keys[-1]] = value
+    return result
+
+
+def spec_from_dict(data: dict[str, Any], overrides: list[str] | None = None) -> JobSpec:
+    """Validate a plain dict (from YAML, JSON or a REST body) into a JobSpec."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"a job spec must be a mapping of sections, got {type(data).__name__}")
+    data = apply_overrides(data, overrides or [])
+    try:
+        return JobSpec.model_validate(data)
+    except ValidationError as exc:
+        raise _format_errors(exc, data) from None
+
+
+def load_yaml(text: str, source: str = "<yaml>") -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{source}:{mark.line + 1}" if mark else source
+        raise ConfigError(f"{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: a config must be a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def load_spec(path: str | Path | None = None, overrides: list[str] | None = None) -> JobSpec:
+    """Load a YAML (or JSON) config file, apply dotted overrides and validate."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        data = load_yaml(path.read_text(), str(path))
+    spec = spec_from_dict(data, overrides)
+    if spec.name is None and path is not None:
+        spec.name = path.stem
+    return spec
+
+
+def spec_to_json(spec: JobSpec) -> str:
+    return spec.model_dump_json(indent=2)
+
+
+def describe_fields() -> list[tuple[str, str, str, str]]:
+    """(dotted key, type, default, description) for every leaf field: the source of --help and docs."""
+    rows: list[tuple[str, str, str, str]] = []
+
+    def walk(model: type[BaseModel], prefix: str) -> None:
+        for name, field in model.model_fields.items():
+            annotation = field.annotation
+            key = f"{prefix}{name}"
+            if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+                walk(annotation, key + ".")
+                continue
+            if key == "method":
+                for method in (SFTMethod, DPOMethod, RewardMethod, GRPOMethod):
+                    walk(method, "method.")
+                continue
+            default = field.get_default(call_default_factory=True)
+            type_name = _type_name(annotation)
+            rows.append((key, type_name, json.dumps(default), field.description or ""))
+
+    walk(JobSpec, "")
+    # method.name appears once per method; keep the first, describing all choices.
+    seen: set[str] = set()
+    unique = []
+    for row in rows:
+        if row[0] in seen:
+            continue
+        seen.add(row[0])
+        unique.append(row)
+    return unique
+
+
+def _type_name(annotation: Any) -> str:
+    text = str(annotation).replace("typing.", "")
+    if text.startswith("<class '"):
+        text = text[len("<class '"):-2]
+    return text
