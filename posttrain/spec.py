@@ -58,19 +58,20 @@ class SFTMethod(Section):
 class DPOMethod(Section):
     name: Literal["dpo"] = Field("dpo", description="Direct Preference Optimization on chosen/rejected pairs.")
     beta: float = Field(0.1, gt=0, description="Strength of the KL penalty towards the reference model.")
-    loss_type: Literal["sigmoid", "hinge", "ipo", "robust", "bco_pair", "sppo_hard", "nca_pair", "apo_zero", "apo_down"] = (
-        Field("sigmoid", description="DPO loss variant (TRL's loss_type).")
-    )
+    loss_type: Literal[
+        "sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
+        "apo_zero", "apo_down", "discopop", "sigmoid_norm",
+    ] = Field("sigmoid", description="DPO loss variant (TRL's loss_type).")
     label_smoothing: float = Field(0.0, ge=0, le=0.5, description="Robust/cDPO label smoothing.")
     use_reference_model: bool = Field(
         True,
-        description="Keep a frozen reference model. With LoRA the base model (adapter disabled) is the "
-        "reference and no copy is made; false trains reference-free.",
+        description="Keep a frozen reference model in memory (a copy of the base, or reference_model). "
+        "false: no second model; reference log-probs come from the base with the LoRA adapter disabled, "
+        "or, in a full fine-tune, are computed once before training.",
     )
     reference_model: str | None = Field(
         None, description="Explicit reference model id or folder (default: the model being trained)."
     )
-    max_prompt_length: int | None = Field(None, gt=0, description="Truncate prompts to this many tokens.")
 
 
 class RewardMethod(Section):
@@ -84,10 +85,11 @@ class GRPOMethod(Section):
     name: Literal["grpo"] = Field("grpo", description="Group Relative Policy Optimization with reward functions.")
     num_generations: int = Field(4, ge=2, description="Completions sampled per prompt (the group size).")
     max_completion_length: int = Field(64, gt=0, description="Longest completion sampled, in tokens.")
-    max_prompt_length: int | None = Field(256, gt=0, description="Truncate prompts to this many tokens.")
     temperature: float = Field(1.0, gt=0, description="Sampling temperature for completions.")
     beta: float = Field(0.0, ge=0, description="KL coefficient towards the reference model (0 = no reference).")
-    loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = Field("dapo", description="GRPO loss variant.")
+    loss_type: Literal["grpo", "dr_grpo", "dapo", "bnpo", "cispo", "sapo", "luspo", "vespo"] = Field(
+        "dapo", description="GRPO loss variant (TRL's loss_type)."
+    )
     reward_functions: list[str] = Field(
         default_factory=lambda: ["numeric_match", "answer_format"],
         description="Built-in reward names (numeric_match, answer_format, length) or 'module:function'.",

@@ -1,0 +1,212 @@
+"""The `posttrain` command line: train, validate, merge, plot, demo, serve and jobs."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.panel import Panel
+from rich.table import Table
+
+from posttrain.errors import PosttrainError
+from posttrain.spec import JobSpec, describe_fields, load_spec
+
+console = Console(stderr=True)
+app = typer.Typer(
+    name="posttrain",
+    help="Post-train language models (SFT, DPO, reward, GRPO) from one YAML config.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 120},
+)
+
+ConfigArg = Annotated[Path | None, typer.Argument(help="YAML config (omit to use the defaults).", show_default=False)]
+OverridesArg = Annotated[
+    list[str] | None, typer.Argument(help="Dotted overrides, e.g. training.learning_rate=1e-4.", show_default=False)
+]
+
+
+def config_keys_text() -> str:
+    """Every JobSpec key with its default and description, generated from the schema."""
+    width = max(len(key) for key, *_ in describe_fields())
+    lines = ["Config keys (YAML sections or dotted overrides):", ""]
+    section = None
+    for key, _type, default, description in describe_fields():
+        top = key.split(".")[0]
+        if top != section:
+            section = top
+            lines.append("")
+        lines.append(f"  {key:<{width}}  {description} [default: {default}]")
+    return "\n".join(lines)
+
+
+def _split_config_and_overrides(config: Path | None, overrides: list[str] | None) -> tuple[Path | None, list[str]]:
+    overrides = list(overrides or [])
+    # `posttrain train a.b=c` with no config file: the first argument is an override.
+    if config is not None and "=" in str(config) and not config.exists():
+        overrides.insert(0, str(config))
+        config = None
+    return config, overrides
+
+
+def _load(config: Path | None, overrides: list[str] | None) -> JobSpec:
+    config, overrides = _split_config_and_overrides(config, overrides)
+    return load_spec(config, overrides)
+
+
+def fail(message: str, code: int = 2) -> None:
+    console.print(f"[bold red]error:[/] {message}", highlight=False)
+    raise typer.Exit(code)
+
+
+def default_job_dir(spec: JobSpec) -> Path:
+    return Path(spec.output.dir) if spec.output.dir else Path("runs") / (spec.name or spec.method.name)
+
+
+def print_summary(result, spec: JobSpec) -> None:
+    table = Table.grid(padding=(0, 2))
+    table.add_row("state", f"[bold]{result.state}[/]" + (f" ({result.error})" if result.error else ""))
+    table.add_row("method", f"{spec.method.name} on {spec.model.name_or_path}")
+    table.add_row("steps", f"{result.step}" + (f"/{result.total_steps}" if result.total_steps else ""))
+    if result.final_loss is not None:
+        table.add_row("final loss", f"{result.final_loss:.4f}")
+    table.add_row("time", f"{result.runtime_s:.1f} s")
+    if result.tokens_per_s:
+        table.add_row("tokens/s", f"{result.tokens_per_s:.0f} (last logging interval)")
+    table.add_row("job dir", str(result.job_dir))
+    if result.final_dir:
+        table.add_row("final", f"{result.final_dir}  (adapter or model + tokenizer)")
+    table.add_row("metrics", f"{result.job_dir / 'metrics.jsonl'}  ->  posttrain plot {result.job_dir}")
+    if result.state == "cancelled":
+        table.add_row("resume", f"posttrain train ... --resume  (output.dir={result.job_dir})")
+    style = {"succeeded": "green", "cancelled": "yellow"}.get(result.state, "red")
+    console.print(Panel(table, title="posttrain", border_style=style, expand=False))
+
+
+@app.command(epilog=config_keys_text(), context_settings={"max_content_width": 200})
+def train(
+    config: ConfigArg = None,
+    overrides: OverridesArg = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from the newest complete checkpoint.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Delete an existing run in the output dir first.")] = False,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Job directory (same as output.dir).")] = None,
+) -> None:
+    """Train a model from a YAML config with optional dotted overrides.
+
+    Example: posttrain train examples/llama3.2-3b-qlora-sft.yaml training.max_steps=50
+    """
+    from posttrain.worker import run_worker
+
+    try:
+        spec = _load(config, overrides)
+        job_dir = output or default_job_dir(spec)
+        if overwrite and job_dir.exists() and not resume:
+            shutil.rmtree(job_dir)
+        result = run_worker(spec, job_dir, resume=resume)
+    except PosttrainError as exc:
+        fail(exc.message)
+    print_summary(result, spec)
+    raise typer.Exit(result.exit_code)
+
+
+@app.command()
+def validate(config: ConfigArg = None, overrides: OverridesArg = None) -> None:
+    """Check a config, its model and its dataset without training."""
+    from posttrain.preflight import preflight
+
+    try:
+        spec = _load(config, overrides)
+        report = preflight(spec)
+    except PosttrainError as exc:
+        fail(exc.message)
+    table = Table.grid(padding=(0, 2))
+    table.add_row("method", report.method)
+    table.add_row("model", f"{report.model} ({report.model_location})")
+    table.add_row("device", f"{report.device}, {report.dtype}")
+    table.add_row("data", f"{report.data_source} ({report.data_format}): {report.train_rows} training rows"
+                  + (f", {report.eval_rows} validation rows" if report.eval_rows is not None else ""))
+    table.add_row("steps", f"{report.total_steps} ({report.steps_per_epoch} per epoch)")
+    for warning in report.warnings:
+        table.add_row("[yellow]warning[/]", warning)
+    console.print(Panel(table, title="config is valid", border_style="green", expand=False))
+
+
+@app.command()
+def merge(
+    adapter: Annotated[Path, typer.Argument(help="LoRA adapter folder, e.g. runs/my-run/final.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Folder for the merged model.")],
+    base: Annotated[str | None, typer.Option(help="Base model (default: the one the adapter names).")] = None,
+) -> None:
+    """Merge a LoRA adapter into its base model and save a standalone model."""
+    from posttrain.modeling import merge_adapter
+
+    try:
+        path = merge_adapter(adapter, output, base)
+    except PosttrainError as exc:
+        fail(exc.message)
+    console.print(f"merged model written to [bold]{path}[/]")
+
+
+@app.command()
+def plot(
+    run_dir: Annotated[Path, typer.Argument(help="A job directory (holds metrics.jsonl).")],
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="PNG path (default RUN_DIR/curves.png).")] = None,
+) -> None:
+    """Write a PNG of the loss (and reward, for GRPO/DPO) curves of a run."""
+    from posttrain.plot import plot_run
+
+    try:
+        path = plot_run(run_dir, output)
+    except PosttrainError as exc:
+        fail(exc.message)
+    console.print(f"curves written to [bold]{path}[/]")
+
+
+@app.command()
+def demo(
+    output: Annotated[Path, typer.Option("--output", "-o", help="Where the demo runs go.")] = Path("runs/demo"),
+    steps: Annotated[int, typer.Option(help="Optimizer steps per stage (SFT gets 4x).")] = 30,
+) -> None:
+    """SFT -> DPO -> GRPO with LoRA on the embedded tiny model, with before/after samples."""
+    from posttrain.demo import run_demo
+
+    try:
+        ok = run_demo(output, steps, console)
+    except PosttrainError as exc:
+        fail(exc.message)
+    raise typer.Exit(0 if ok else 1)
+
+
+@app.command("config-keys")
+def config_keys() -> None:
+    """List every config key with its default and description (as in docs/config.md)."""
+    typer.echo(config_keys_text())
+
+
+def _register_service_commands() -> None:
+    try:
+        from posttrain.service.commands import jobs_app, serve
+    except ImportError:
+        return
+    app.add_typer(jobs_app, name="jobs", help="Submit and follow jobs on a posttrain server.")
+    app.command("serve")(serve)
+
+
+_register_service_commands()
+
+
+def main() -> None:
+    try:
+        app()
+    except PosttrainError as exc:  # errors raised outside a command's own handling
+        console.print(f"[bold red]error:[/] {exc.message}", highlight=False)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,43 @@
+"""Offline GRPO: sample a group of completions per prompt, score them with reward functions, and
+push the policy towards the better ones (TRL GRPOTrainer)."""
+
+from __future__ import annotations
+
+from trl import GRPOConfig, GRPOTrainer
+from trl.data_utils import is_conversational
+
+from posttrain.modeling import ensure_chat_template, load_model, lora_config
+from posttrain.recipes.common import RecipeInputs, training_arguments
+from posttrain.rewards import resolve_reward_functions
+
+
+def build_trainer(inputs: RecipeInputs) -> GRPOTrainer:
+    spec = inputs.spec
+    method = spec.method
+    if is_conversational(inputs.data.train[0]):
+        ensure_chat_template(inputs.tokenizer)
+    # Generation batches prompts of different lengths: pad on the left so completions line up.
+    inputs.tokenizer.padding_side = "left"
+    model = load_model(spec, inputs.placement)
+    model.generation_config.pad_token_id = inputs.tokenizer.pad_token_id
+    kwargs = training_arguments(inputs, model.num_parameters())
+    config = GRPOConfig(
+        **kwargs,
+        num_generations=method.num_generations,
+        max_completion_length=method.max_completion_length,
+        temperature=method.temperature,
+        beta=method.beta,
+        loss_type=method.loss_type,
+        reward_weights=method.reward_weights,
+        log_completions=False,
+    )
+    return GRPOTrainer(
+        model=model,
+        reward_funcs=resolve_reward_functions(method.reward_functions),
+        args=config,
+        train_dataset=inputs.data.train,
+        eval_dataset=inputs.data.eval,
+        processing_class=inputs.tokenizer,
+        peft_config=lora_config(spec),
+        callbacks=inputs.callbacks,
+    )

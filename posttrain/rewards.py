@@ -1,0 +1,112 @@
+"""Reward functions for GRPO: built-ins for numeric answers and format, plus user ``module:function``.
+
+A reward function follows TRL's contract: ``f(prompts, completions, **columns) -> list[float | None]``,
+where extra dataset columns (such as ``answer``) arrive as keyword lists aligned with completions.
+"""
+
+from __future__ import annotations
+
+import importlib
+import re
+from collections.abc import Callable
+from typing import Any
+
+from posttrain.errors import ConfigError
+
+RewardFunction = Callable[..., list[float | None]]
+
+_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+_FINAL_ANSWER = re.compile(r"####\s*(-?[\d,]*\.?\d+)")
+
+
+def completion_text(completion: Any) -> str:
+    """The text of a completion, whether plain or a list of chat messages."""
+    if isinstance(completion, str):
+        return completion
+    if isinstance(completion, list):
+        return "".join(str(message.get("content", "")) for message in completion if isinstance(message, dict))
+    return str(completion)
+
+
+def _to_number(text: str) -> float | None:
+    try:
+        return float(text.replace(",", ""))
+    except ValueError:
+        return None
+
+
+def extract_answer(text: str) -> float | None:
+    """The final numeric answer: after '####' if present, else the last number in the text."""
+    match = _FINAL_ANSWER.search(text)
+    if match:
+        return _to_number(match.group(1))
+    numbers = _NUMBER.findall(text)
+    return _to_number(numbers[-1]) if numbers else None
+
+
+def numeric_match(completions: list[Any], answer: list[str] | None = None, **_: Any) -> list[float]:
+    """1.0 where the completion's final number equals the reference answer, else 0.0."""
+    if answer is None:
+        raise ConfigError("reward 'numeric_match' needs an 'answer' column in the data (prompt format)")
+    rewards = []
+    for completion, reference in zip(completions, answer, strict=True):
+        got, want = extract_answer(completion_text(completion)), _to_number(str(reference))
+        rewards.append(1.0 if got is not None and want is not None and abs(got - want) < 1e-6 else 0.0)
+    return rewards
+
+
+def answer_format(completions: list[Any], **_: Any) -> list[float]:
+    """Partial credit for reasoning that ends in a '#### N' answer line, as GSM8k answers do."""
+    rewards = []
+    for completion in completions:
+        text = completion_text(completion)
+        score = 0.0
+        if "####" in text:
+            score += 0.5
+        if _FINAL_ANSWER.search(text):
+            score += 0.5
+        rewards.append(score)
+    return rewards
+
+
+def length(completions: list[Any], **_: Any) -> list[float]:
+    """Prefers shorter completions (1 / (1 + words/50)); a tie-breaker, not a goal on its own."""
+    return [1.0 / (1.0 + len(completion_text(c).split()) / 50.0) for c in completions]
+
+
+BUILTIN_REWARDS: dict[str, RewardFunction] = {
+    "numeric_match": numeric_match,
+    "answer_format": answer_format,
+    "length": length,
+}
+
+
+def resolve_reward_function(name: str) -> RewardFunction:
+    if name in BUILTIN_REWARDS:
+        return BUILTIN_REWARDS[name]
+    if ":" not in name:
+        raise ConfigError(
+            f"unknown reward function {name!r}; built-ins are {', '.join(BUILTIN_REWARDS)}, "
+            "or give 'module:function'",
+            "method.reward_functions",
+        )
+    module_name, _, attr = name.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ConfigError(f"cannot import {module_name!r} for reward {name!r}: {exc}", "method.reward_functions") from None
+    function = getattr(module, attr, None)
+    if not callable(function):
+        raise ConfigError(f"{module_name!r} has no function {attr!r}", "method.reward_functions")
+    return function
+
+
+def resolve_reward_functions(names: list[str]) -> list[RewardFunction]:
+    if not names:
+        raise ConfigError("GRPO needs at least one reward function", "method.reward_functions")
+    functions = []
+    for name in names:
+        function = resolve_reward_function(name)
+        # TRL names logged reward columns after __name__; keep user names distinct and readable.
+        functions.append(function)
+    return functions

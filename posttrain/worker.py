@@ -1,0 +1,245 @@
+"""The single worker entrypoint every launcher runs.
+
+    python -m posttrain.worker --spec spec.json --job-dir DIR [--resume] [--no-log-file]
+
+It owns the job-directory contract (see :mod:`posttrain.jobdir`): writes spec.json, keeps status.json
+and metrics.jsonl current, marks complete checkpoints, writes final/ atomically. Exit codes: 0 succeeded,
+1 failed, 2 rejected input (status says why), 130/143 cancelled by SIGINT/SIGTERM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import threading
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from posttrain.errors import ConfigError, PosttrainError
+from posttrain.jobdir import JobDir
+from posttrain.spec import JobSpec, spec_from_dict, spec_to_json
+
+log = logging.getLogger("posttrain.worker")
+
+EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+EXIT_CANCELLED = {"SIGINT": 130, "SIGTERM": 143}
+
+
+@dataclass
+class JobResult:
+    """What a finished worker reports back to its caller (the CLI prints it as the summary)."""
+
+    state: str
+    job_dir: Path
+    step: int = 0
+    total_steps: int | None = None
+    final_loss: float | None = None
+    runtime_s: float = 0.0
+    tokens_per_s: float | None = None
+    final_dir: Path | None = None
+    error: str | None = None
+    cancelled_by: str | None = None
+    input_error: bool = False
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def exit_code(self) -> int:
+        if self.state == "succeeded":
+            return EXIT_OK
+        if self.state == "cancelled":
+            return EXIT_CANCELLED.get(self.cancelled_by or "SIGTERM", 143)
+        return EXIT_BAD_INPUT if self.input_error else EXIT_FAILED
+
+
+def setup_logging(job_dir: JobDir | None, to_file: bool) -> None:
+    root = logging.getLogger("posttrain")
+    root.setLevel(logging.INFO)
+    for handler in list(root.handlers):
+        if getattr(handler, "_posttrain", False):
+            root.removeHandler(handler)
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    if to_file and job_dir is not None:
+        handlers.append(logging.FileHandler(job_dir.log_path))
+    for handler in handlers:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+        handler._posttrain = True  # type: ignore[attr-defined]
+        root.addHandler(handler)
+    root.propagate = False
+
+
+def _install_signal_handlers(stop) -> dict[int, Any]:
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    previous = {}
+
+    def handle(signum, _frame):
+        name = signal.Signals(signum).name
+        if stop.is_set():
+            # A second signal means "now": unwind immediately; the finally-block still records the state.
+            raise KeyboardInterrupt(name)
+        log.warning("%s received: stopping after the current step (send again to stop at once)", name)
+        stop.set(name)
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        previous[signum] = signal.signal(signum, handle)
+    return previous
+
+
+def _restore_signal_handlers(previous: dict[int, Any]) -> None:
+    for signum, handler in previous.items():
+        signal.signal(signum, handler)
+
+
+def _save_final(trainer, tokenizer, job_dir: JobDir) -> Path:
+    """Save the adapter (or full model) + tokenizer to final/ via a temp folder and a rename."""
+    final = job_dir.final_dir
+    tmp = Path(tempfile.mkdtemp(prefix=".final.", dir=job_dir.root))
+    try:
+        trainer.save_model(str(tmp))
+        tokenizer.save_pretrained(str(tmp))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+def check_fresh_job_dir(job_dir: JobDir) -> None:
+    if job_dir.checkpoints(complete_only=False) or job_dir.final_dir.exists():
+        raise ConfigError(
+            f"{job_dir.root} already holds a run (checkpoints or final/); use --resume to continue it, "
+            "or choose another output.dir"
+        )
+
+
+def run_worker(spec: JobSpec, job_dir: str | Path, resume: bool = False, log_to_file: bool = True) -> JobResult:
+    """Run one job to its end and record it in ``job_dir``. Never raises for job failures."""
+    from posttrain.callbacks import StopRequest
+
+    jd = JobDir(job_dir).create()
+    setup_logging(jd, log_to_file)
+    stop = StopRequest()
+    previous_handlers = _install_signal_handlers(stop)
+    started = time.perf_counter()
+    result = JobResult(state="failed", job_dir=jd.root)
+    status = jd.read_status()
+    attempt = (status.attempt + 1) if status else 1
+    try:
+        if not resume:
+            check_fresh_job_dir(jd)
+        spec = spec.model_copy(update={"output": spec.output.model_copy(update={"dir": str(jd.root)})})
+        jd.write_spec(spec_to_json(spec))
+        jd.update_status(state="running", pid=os.getpid(), attempt=attempt, error=None, finished_at=None)
+        result = _train(spec, jd, resume, stop, result)
+    except KeyboardInterrupt as exc:
+        result.state, result.cancelled_by = "cancelled", str(exc) or "SIGINT"
+    except PosttrainError as exc:
+        log.error("%s", exc.message)
+        result.state, result.error, result.input_error = "failed", exc.message, True
+    except Exception as exc:
+        log.error("training failed:\n%s", traceback.format_exc())
+        result.state, result.error = "failed", f"{type(exc).__name__}: {exc}"
+    finally:
+        _restore_signal_handlers(previous_handlers)
+        result.runtime_s = time.perf_counter() - started
+        if stop.is_set() and result.state != "succeeded":
+            result.state, result.cancelled_by = "cancelled", stop.signal_name
+        status = jd.read_status()
+        result.step = status.step if status else result.step
+        jd.update_status(state=result.state, error=result.error, step=result.step)
+    return result
+
+
+def _train(spec: JobSpec, jd: JobDir, resume: bool, stop, result: JobResult) -> JobResult:
+    from transformers import set_seed
+    from transformers.trainer_callback import PrinterCallback
+    from transformers.trainer_callback import ProgressCallback as HFProgressCallback
+
+    from posttrain.callbacks import JobDirCallback, ProgressCallback
+    from posttrain.data import load_training_data
+    from posttrain.modeling import apply_threads, load_tokenizer, resolve_placement
+    from posttrain.recipes import RecipeInputs, build_trainer
+
+    placement = resolve_placement(spec.model)
+    threads = apply_threads(spec.training.num_threads, placement.device)
+    os.environ["TENSORBOARD_LOGGING_DIR"] = str(jd.tensorboard_dir)
+    set_seed(spec.training.seed)
+    log.info("job %s: method=%s model=%s device=%s dtype=%s threads=%d", spec.name or jd.root.name,
+             spec.method.name, spec.model.name_or_path, placement.device, str(placement.dtype).removeprefix("torch."),
+             threads)
+
+    data = load_training_data(spec.data, spec.method.name, seed=spec.training.seed)
+    if data.skipped:
+        log.warning("skipped %d malformed rows of %s (data.on_bad_row=skip)", data.skipped, data.source)
+    log.info("data: %d training rows (%s format)%s", len(data.train), data.format,
+             f", {len(data.eval)} validation rows" if data.eval is not None else "")
+    tokenizer = load_tokenizer(spec)
+    metrics_cb = JobDirCallback(jd, stop, {"num_threads": threads, "dtype": str(placement.dtype).removeprefix("torch.")})
+    callbacks = [metrics_cb, ProgressCallback(metrics_cb, f"{spec.method.name}")]
+    trainer = build_trainer(RecipeInputs(spec, jd, placement, data, tokenizer, callbacks))
+    for unwanted in (PrinterCallback, HFProgressCallback):
+        trainer.remove_callback(unwanted)
+    if stop.is_set():
+        result.state = "cancelled"
+        return result
+
+    checkpoint = None
+    if resume:
+        removed = jd.remove_incomplete_checkpoints()
+        for path in removed:
+            log.warning("removed incomplete checkpoint %s", path.name)
+        checkpoint = jd.latest_checkpoint()
+        log.info("resuming from %s", checkpoint if checkpoint else "the start (no complete checkpoint yet)")
+    output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+
+    result.step = trainer.state.global_step
+    result.total_steps = trainer.state.max_steps
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    result.final_loss = losses[-1] if losses else output.training_loss
+    result.tokens_per_s = metrics_cb.tokens_per_s
+    result.metrics = dict(output.metrics)
+    if stop.is_set():
+        result.state, result.cancelled_by = "cancelled", stop.signal_name
+        return result
+    if spec.output.save_final:
+        result.final_dir = _save_final(trainer, tokenizer, jd)
+    jd.update_status(step=result.step, total_steps=result.total_steps)
+    result.state = "succeeded"
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m posttrain.worker", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--spec", required=True, help="JobSpec JSON (or YAML) file")
+    parser.add_argument("--job-dir", required=True, help="job directory to write")
+    parser.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
+    parser.add_argument("--no-log-file", action="store_true",
+                        help="do not write worker.log (the launcher already captures stdout/stderr there)")
+    args = parser.parse_args(argv)
+    jd = JobDir(args.job_dir).create()
+    try:
+        from posttrain.spec import load_yaml
+
+        spec = spec_from_dict(load_yaml(Path(args.spec).read_text(), args.spec))
+    except (OSError, PosttrainError) as exc:
+        message = exc.message if isinstance(exc, PosttrainError) else f"cannot read spec {args.spec}: {exc}"
+        print(f"error: {message}", file=sys.stderr)
+        jd.update_status(state="failed", error=message)
+        return EXIT_BAD_INPUT
+    result = run_worker(spec, jd.root, resume=args.resume, log_to_file=not args.no_log_file)
+    return result.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
