@@ -23,6 +23,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
     context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 120},
+    rich_markup_mode="markdown",
 )
 
 ConfigArg = Annotated[Path | None, typer.Argument(help="YAML config (omit to use the defaults).", show_default=False)]
@@ -32,16 +33,10 @@ OverridesArg = Annotated[
 
 
 def config_keys_text() -> str:
-    """Every JobSpec key with its default and description, generated from the schema."""
-    width = max(len(key) for key, *_ in describe_fields())
-    lines = ["Config keys (YAML sections or dotted overrides):", ""]
-    section = None
+    """Every JobSpec key with its default and description as a Markdown table, generated from the schema."""
+    lines = ["| key | default | description |", "|---|---|---|"]
     for key, _type, default, description in describe_fields():
-        top = key.split(".")[0]
-        if top != section:
-            section = top
-            lines.append("")
-        lines.append(f"  {key:<{width}}  {description} [default: {default}]")
+        lines.append(f"| `{key}` | `{default}` | {description.replace('|', '/')} |")
     return "\n".join(lines)
 
 
@@ -88,7 +83,7 @@ def print_summary(result, spec: JobSpec) -> None:
     console.print(Panel(table, title="posttrain", border_style=style, expand=False))
 
 
-@app.command(epilog=config_keys_text(), context_settings={"max_content_width": 200})
+@app.command(epilog="**Config keys** (YAML sections or dotted overrides):\n\n" + config_keys_text())
 def train(
     config: ConfigArg = None,
     overrides: OverridesArg = None,

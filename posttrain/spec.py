@@ -221,7 +221,7 @@ class TrackingSpec(Section):
     @model_validator(mode="before")
     @classmethod
     def _none_means_empty(cls, data: Any) -> Any:
-        if isinstance(data, dict) and data.get("report_to") in ("none", None, ["none"]):
+        if isinstance(data, dict) and "report_to" in data and data["report_to"] in ("none", None, ["none"]):
             return {**data, "report_to": []}
         if isinstance(data, dict) and isinstance(data.get("report_to"), str):
             return {**data, "report_to": [data["report_to"]]}
@@ -396,10 +396,13 @@ def spec_to_json(spec: JobSpec) -> str:
 
 
 def describe_fields() -> list[tuple[str, str, str, str]]:
-    """(dotted key, type, default, description) for every leaf field: the source of --help and docs."""
+    """(dotted key, type, default, description) for every leaf field: the source of --help and docs.
+
+    Method parameters are listed once per method, their description prefixed with the method name.
+    """
     rows: list[tuple[str, str, str, str]] = []
 
-    def walk(model: type[BaseModel], prefix: str) -> None:
+    def walk(model: type[BaseModel], prefix: str, note: str = "") -> None:
         for name, field in model.model_fields.items():
             annotation = field.annotation
             key = f"{prefix}{name}"
@@ -407,23 +410,17 @@ def describe_fields() -> list[tuple[str, str, str, str]]:
                 walk(annotation, key + ".")
                 continue
             if key == "method":
+                rows.append(("method.name", "str", json.dumps("sft"), "Training method: sft, dpo, reward or grpo."))
                 for method in (SFTMethod, DPOMethod, RewardMethod, GRPOMethod):
-                    walk(method, "method.")
+                    walk(method, "method.", f"[{method.model_fields['name'].default}] ")
+                continue
+            if prefix == "method." and name == "name":
                 continue
             default = field.get_default(call_default_factory=True)
-            type_name = _type_name(annotation)
-            rows.append((key, type_name, json.dumps(default), field.description or ""))
+            rows.append((key, _type_name(annotation), json.dumps(default), note + (field.description or "")))
 
     walk(JobSpec, "")
-    # method.name appears once per method; keep the first, describing all choices.
-    seen: set[str] = set()
-    unique = []
-    for row in rows:
-        if row[0] in seen:
-            continue
-        seen.add(row[0])
-        unique.append(row)
-    return unique
+    return rows
 
 
 def _type_name(annotation: Any) -> str:
