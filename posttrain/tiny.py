@@ -34,7 +34,7 @@ TINY_MODEL_NAME = "posttrain:tiny"
 SAMPLE_PREFIX = "posttrain:"
 SAMPLE_NAMES = ("alpaca", "preference", "gsm8k")
 # Bump when the build changes in a way the fingerprint below cannot see (e.g. the chat template).
-TINY_VERSION = "v1"
+TINY_VERSION = "v2"
 
 BOS_TOKEN = "<|begin_of_text|>"
 EOS_TOKEN = "<|end_of_text|>"
@@ -129,6 +129,9 @@ def build_tokenizer(vocab_size: int = VOCAB_SIZE) -> PreTrainedTokenizerFast:
     return tokenizer
 
 
+FINAL_NORM_GAIN = 4.0
+
+
 def build_tiny_model(
     out_dir: Path,
     *,
@@ -171,6 +174,11 @@ def build_tiny_model(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = LlamaForCausalLM(config)
+        # With the 0.02-std init, a tied embedding and a unit final norm, logits stay within about +-1.3,
+        # so LoRA adapters (which cannot touch the embedding) could barely lower the loss. A final-norm
+        # gain of 4 gives them room while the model stays random (initial loss is still ln(vocab)).
+        with torch.no_grad():
+            model.model.norm.weight.fill_(FINAL_NORM_GAIN)
     model.generation_config = GenerationConfig(
         bos_token_id=bos_id,
         # A chat reply ends with <|eot_id|>, a plain-text completion with <|end_of_text|>.

@@ -121,9 +121,7 @@ def test_generate_stops_at_end_of_turn_once_learned(tiny_dir: Path) -> None:
 
 def test_second_call_reuses_the_cached_build(tiny_cache: Path, tiny_dir: Path) -> None:
     weights = (tiny_dir / "model.safetensors").stat()
-    started = time.perf_counter()
     assert tiny_model_path(tiny_cache) == tiny_dir
-    assert time.perf_counter() - started < 0.5
     again = (tiny_dir / "model.safetensors").stat()
     assert (again.st_ino, again.st_mtime_ns) == (weights.st_ino, weights.st_mtime_ns)
     # Only the finished folder is left in the cache, no temporary build folders.
