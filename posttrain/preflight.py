@@ -47,7 +47,7 @@ def _check_model(spec: JobSpec) -> str:
     return "hub (downloaded when training starts)"
 
 
-def _check_method(spec: JobSpec, warnings: list[str]) -> None:
+def check_method_options(spec: JobSpec, warnings: list[str]) -> None:
     method = spec.method
     training = spec.training
     if method.name == "grpo":
@@ -92,7 +92,7 @@ def preflight(spec: JobSpec) -> PreflightReport:
     placement = resolve_placement(spec.model)
     _check_quantization(spec, placement.device)
     location = _check_model(spec)
-    _check_method(spec, warnings)
+    check_method_options(spec, warnings)
     data = load_training_data(spec.data, spec.method.name, seed=spec.training.seed)
     if len(data.train) == 0:
         raise ConfigError(f"{data.source}: no training rows left", "data.source")

@@ -170,6 +170,11 @@ def _train(spec: JobSpec, jd: JobDir, resume: bool, stop, result: JobResult) -> 
     from posttrain.modeling import apply_threads, load_tokenizer, resolve_placement
     from posttrain.recipes import RecipeInputs, build_trainer
 
+    from posttrain.preflight import check_method_options
+
+    check_method_options(spec, warnings := [])
+    for warning in warnings:
+        log.warning("%s", warning)
     placement = resolve_placement(spec.model)
     threads = apply_threads(spec.training.num_threads, placement.device)
     os.environ["TENSORBOARD_LOGGING_DIR"] = str(jd.tensorboard_dir)

@@ -1,0 +1,154 @@
+"""The worker process and the job-directory contract: resume, cancellation, and bad input that loses nothing."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from posttrain.jobdir import COMPLETE_MARKER, JobDir
+from posttrain.spec import spec_from_dict
+from posttrain.worker import run_worker
+
+
+def start_worker(job_dir: Path, spec: dict, *extra: str) -> subprocess.Popen:
+    job_dir.mkdir(parents=True, exist_ok=True)
+    spec_file = job_dir.parent / f"{job_dir.name}-spec.json"
+    spec_file.write_text(json.dumps(spec))
+    return subprocess.Popen(
+        [sys.executable, "-m", "posttrain.worker", "--spec", str(spec_file), "--job-dir", str(job_dir), *extra],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+
+
+def wait_for(predicate, timeout: float = 120.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def slow_spec(make_spec, steps: int = 200) -> dict:
+    # Enough steps that the worker is still training when the test interrupts it.
+    return make_spec(training={"max_steps": steps, "save_steps": 10, "logging_steps": 1,
+                               "lr_scheduler_type": "linear", "learning_rate": 1e-3, "save_total_limit": 3})
+
+
+def test_sigterm_cancels_cleanly_and_resume_continues_step_and_schedule(tmp_path, make_spec):
+    job_dir = tmp_path / "job"
+    spec = slow_spec(make_spec)
+    proc = start_worker(job_dir, spec)
+    job = JobDir(job_dir)
+    wait_for(lambda: job.latest_checkpoint() is not None, what="a complete checkpoint")
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 143, output
+    status = job.read_status()
+    assert status.state == "cancelled"
+    assert not job.final_dir.exists()
+    stopped_at = status.step
+    checkpoint_step = int(job.latest_checkpoint().name.split("-")[1])
+    assert 10 <= checkpoint_step <= stopped_at < 200
+
+    # A crash mid-save leaves a checkpoint without its marker: it must be ignored and removed.
+    torn = job.checkpoints_dir / f"checkpoint-{checkpoint_step + 1000}"
+    torn.mkdir()
+    (torn / "optimizer.pt").write_bytes(b"partial")
+
+    resumed = spec_from_dict(spec)
+    result = run_worker(resumed, job_dir, resume=True)
+    assert result.state == "succeeded", result.error
+    assert not torn.exists()
+    assert job.read_status().step == 200 and job.read_status().attempt == 2
+
+    records = [r for r in job.read_metrics() if "learning_rate" in r and "loss" in r]
+    after = [r for r in records if r["step"] > checkpoint_step]
+    assert after[0]["step"] == checkpoint_step + 1  # the step count continues
+    # The linear schedule continues where it was: lr(step) = lr0 * (1 - (step - 1) / max_steps).
+    for record in after[:3] + after[-3:]:
+        expected = 1e-3 * (1 - (record["step"] - 1) / 200)
+        assert record["learning_rate"] == pytest.approx(expected, rel=1e-3, abs=1e-9)
+
+
+def test_second_sigint_stops_at_once_and_leaves_a_consistent_directory(tmp_path, make_spec):
+    job_dir = tmp_path / "job"
+    proc = start_worker(job_dir, slow_spec(make_spec, 100000))
+    job = JobDir(job_dir)
+    wait_for(lambda: (job.read_status() or None) and job.read_status().step > 2, what="training to start")
+    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signal.SIGINT)
+    proc.communicate(timeout=120)
+    assert proc.returncode in (130, 143)
+    assert job.read_status().state == "cancelled"
+    for checkpoint in job.checkpoints():
+        assert (checkpoint / COMPLETE_MARKER).exists()
+
+
+def test_rerunning_into_an_existing_run_needs_resume(tmp_path, make_spec):
+    first = run_worker(spec_from_dict(make_spec(training={"max_steps": 2})), tmp_path / "job")
+    assert first.state == "succeeded"
+    final_files = sorted(p.name for p in first.final_dir.iterdir())
+    again = run_worker(spec_from_dict(make_spec(training={"max_steps": 2})), tmp_path / "job")
+    assert again.state == "failed" and again.exit_code == 2
+    assert "already holds a run" in again.error and "--resume" in again.error
+    assert sorted(p.name for p in first.final_dir.iterdir()) == final_files
+
+
+@pytest.mark.parametrize(
+    ("sections", "message"),
+    [
+        ({"model": {"name_or_path": "./no/such/model"}}, "model.name_or_path './no/such/model' does not exist"),
+        ({"data": {"source": "./missing.jsonl"}}, "missing.jsonl"),
+        ({"method": "dpo"}, "cannot train method dpo"),
+        ({"method": {"name": "grpo", "reward_functions": ["nope"]}, "data": {"source": "posttrain:gsm8k"}},
+         "unknown reward function 'nope'"),
+    ],
+)
+def test_bad_input_fails_before_training_with_a_clear_error(tmp_path, make_spec, sections, message):
+    result = run_worker(spec_from_dict(make_spec(**sections)), tmp_path / "job")
+    assert result.state == "failed" and result.exit_code == 2
+    assert message in result.error
+    job = JobDir(tmp_path / "job")
+    assert job.read_status().state == "failed" and message in job.read_status().error
+    assert not job.final_dir.exists() and not job.checkpoints(complete_only=False)
+
+
+def test_malformed_row_is_named_by_file_and_row_before_any_training(tmp_path, make_spec):
+    data = tmp_path / "train.jsonl"
+    rows = [{"instruction": "Say hi", "input": "", "output": "Hi"}] * 5
+    lines = [json.dumps(r) for r in rows]
+    lines[2] = json.dumps({"instruction": "Say hi", "input": ""})
+    data.write_text("\n".join(lines) + "\n")
+    result = run_worker(spec_from_dict(make_spec(data={"source": str(data), "format": "alpaca"})), tmp_path / "job")
+    assert result.state == "failed"
+    assert "train.jsonl row 3" in result.error and "output" in result.error
+    assert not JobDir(tmp_path / "job").metrics_path.exists()
+
+    skipped = run_worker(spec_from_dict(make_spec(data={"source": str(data), "on_bad_row": "skip"},
+                                                  training={"max_steps": 1})), tmp_path / "job2")
+    assert skipped.state == "succeeded"
+
+
+def test_worker_cli_rejects_an_unreadable_spec(tmp_path):
+    spec = tmp_path / "spec.json"
+    spec.write_text('{"training": {"max_step": 3}}')
+    proc = subprocess.run([sys.executable, "-m", "posttrain.worker", "--spec", str(spec), "--job-dir",
+                           str(tmp_path / "job")], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "unknown key 'training.max_step'; did you mean 'training.max_steps'?" in proc.stderr
+    assert JobDir(tmp_path / "job").read_status().state == "failed"
+
+
+def test_threads_default_to_one_on_cpu_and_follow_the_config(tmp_path, make_spec):
+    result = run_worker(spec_from_dict(make_spec(training={"max_steps": 1, "num_threads": 2})), tmp_path / "job")
+    assert result.state == "succeeded"
+    assert JobDir(tmp_path / "job").read_metrics()[0]["num_threads"] == 2
+    assert os.environ.get("OMP_NUM_THREADS") == "1"
