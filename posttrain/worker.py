@@ -168,9 +168,8 @@ def _train(spec: JobSpec, jd: JobDir, resume: bool, stop, result: JobResult) -> 
     from posttrain.callbacks import JobDirCallback, ProgressCallback
     from posttrain.data import load_training_data
     from posttrain.modeling import apply_threads, load_tokenizer, resolve_placement
-    from posttrain.recipes import RecipeInputs, build_trainer
-
     from posttrain.preflight import check_method_options
+    from posttrain.recipes import RecipeInputs, build_trainer
 
     check_method_options(spec, warnings := [])
     for warning in warnings:

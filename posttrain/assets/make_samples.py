@@ -64,8 +64,15 @@ def article(word: str) -> str:
 
 
 def alpaca_row(rng: random.Random) -> dict[str, str]:
-    """One instruction from one of six templated tasks, each with a short, fully determined answer."""
-    task = rng.randrange(6)
+    """One instruction from one of seven templated tasks, each with a short, fully determined answer.
+
+    The seventh is a GSM8k-style word problem answered with '#### N', so that an SFT model has seen the
+    answer format that the GRPO stage of the demo then rewards.
+    """
+    task = rng.randrange(7)
+    if task == 6:
+        problem = gsm8k_row(rng)
+        return {"instruction": problem["question"], "input": "", "output": problem["answer"]}
     if task == 0:
         a, b = rng.randint(0, 10), rng.randint(0, 10)
         if rng.random() < 0.5:

@@ -73,7 +73,8 @@ def training_arguments(inputs: RecipeInputs, num_params: int) -> dict[str, Any]:
         "dataloader_num_workers": training.dataloader_num_workers,
         # Our own progress display and metrics writer replace tqdm and the log printer.
         "disable_tqdm": True,
-        "include_num_input_tokens_seen": "non_padding",
+        # GRPO counts prompt + completion tokens itself; the Trainer's counter cannot see its inputs.
+        "include_num_input_tokens_seen": "no" if spec.method.name == "grpo" else "non_padding",
     }
     if checkpointing:
         kwargs["activation_checkpointing_kwargs"] = {"use_reentrant": False}
