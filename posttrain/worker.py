@@ -19,6 +19,7 @@ import tempfile
 import threading
 import time
 import traceback
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -73,6 +74,17 @@ def setup_logging(job_dir: JobDir | None, to_file: bool) -> None:
         handler._posttrain = True  # type: ignore[attr-defined]
         root.addHandler(handler)
     root.propagate = False
+    # bitsandbytes warns on every import that an optional hub-downloaded CPU kernel is absent; the
+    # built-in kernel it falls back to is what we test with, so the warning is noise to users.
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    # TRL 1.16 still calls the renamed transformers 5 API; nothing a user can do about it.
+    warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.* is deprecated", category=FutureWarning)
+    if not sys.stderr.isatty():
+        # Progress bars written to a log file are a wall of carriage returns; log lines say the same.
+        os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()
 
 
 def _install_signal_handlers(stop) -> dict[int, Any]:
@@ -124,10 +136,10 @@ def check_fresh_job_dir(job_dir: JobDir) -> None:
 
 def run_worker(spec: JobSpec, job_dir: str | Path, resume: bool = False, log_to_file: bool = True) -> JobResult:
     """Run one job to its end and record it in ``job_dir``. Never raises for job failures."""
-    from posttrain.callbacks import StopRequest
-
     jd = JobDir(job_dir).create()
     setup_logging(jd, log_to_file)
+    from posttrain.callbacks import StopRequest  # imports transformers: after logging is set up
+
     stop = StopRequest()
     previous_handlers = _install_signal_handlers(stop)
     started = time.perf_counter()
