@@ -47,7 +47,20 @@ def _check_model(spec: JobSpec) -> str:
     return "hub (downloaded when training starts)"
 
 
-def check_method_options(spec: JobSpec, warnings: list[str]) -> None:
+def check_tracking(spec: JobSpec) -> None:
+    import importlib.util
+
+    for tracker in spec.tracking.report_to:
+        if importlib.util.find_spec(tracker) is None:
+            raise UnsupportedError(
+                f"tracking.report_to includes {tracker} but the {tracker} package is not installed: "
+                f"pip install 'posttrain[{tracker}]' (or remove it; tensorboard is the default)"
+            )
+
+
+def check_options(spec: JobSpec, warnings: list[str]) -> None:
+    """Checks that need neither the model nor the data: the worker runs them before loading anything."""
+    check_tracking(spec)
     method = spec.method
     training = spec.training
     if method.name == "grpo":
@@ -92,7 +105,7 @@ def preflight(spec: JobSpec) -> PreflightReport:
     placement = resolve_placement(spec.model)
     _check_quantization(spec, placement.device)
     location = _check_model(spec)
-    check_method_options(spec, warnings)
+    check_options(spec, warnings)
     data = load_training_data(spec.data, spec.method.name, seed=spec.training.seed)
     if len(data.train) == 0:
         raise ConfigError(f"{data.source}: no training rows left", "data.source")

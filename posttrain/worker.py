@@ -180,10 +180,10 @@ def _train(spec: JobSpec, jd: JobDir, resume: bool, stop, result: JobResult) -> 
     from posttrain.callbacks import JobDirCallback, ProgressCallback
     from posttrain.data import load_training_data
     from posttrain.modeling import apply_threads, load_tokenizer, resolve_placement
-    from posttrain.preflight import check_method_options
+    from posttrain.preflight import check_options
     from posttrain.recipes import RecipeInputs, build_trainer
 
-    check_method_options(spec, warnings := [])
+    check_options(spec, warnings := [])
     for warning in warnings:
         log.warning("%s", warning)
     placement = resolve_placement(spec.model)

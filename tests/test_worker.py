@@ -152,3 +152,12 @@ def test_threads_default_to_one_on_cpu_and_follow_the_config(tmp_path, make_spec
     assert result.state == "succeeded"
     assert JobDir(tmp_path / "job").read_metrics()[0]["num_threads"] == 2
     assert os.environ.get("OMP_NUM_THREADS") == "1"
+
+
+def test_an_opt_in_tracker_that_is_not_installed_is_named(tmp_path, make_spec):
+    import importlib.util
+
+    if importlib.util.find_spec("wandb") is not None:
+        pytest.skip("wandb is installed here, so there is nothing to refuse")
+    result = run_worker(spec_from_dict(make_spec(tracking={"report_to": ["wandb"]})), tmp_path / "job")
+    assert result.state == "failed" and "pip install 'posttrain[wandb]'" in result.error
