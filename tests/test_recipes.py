@@ -26,7 +26,8 @@ def test_sft_lora_learns_and_saves_a_loadable_adapter(tmp_path, make_spec):
     from peft import AutoPeftModelForCausalLM
     from transformers import AutoTokenizer
 
-    result, job = train(tmp_path, make_spec(training={"max_steps": 30, "learning_rate": 3e-3, "save_steps": 10}))
+    result, job = train(tmp_path, make_spec(training={"max_steps": 40, "learning_rate": 3e-3, "save_steps": 10,
+                                                         "per_device_train_batch_size": 8}))
     records = job.read_metrics()
     steps = [r for r in records if "loss" in r]
     assert set(steps[1]) >= METRIC_KEYS
@@ -36,8 +37,8 @@ def test_sft_lora_learns_and_saves_a_loadable_adapter(tmp_path, make_spec):
     assert last < first - 0.7, (first, last)
     assert (job.tensorboard_dir).is_dir() is False  # tracking disabled by make_spec
     status = job.read_status()
-    assert status.state == "succeeded" and status.step == 30 and status.total_steps == 30
-    assert [p.name for p in job.checkpoints()] == ["checkpoint-20", "checkpoint-30"]  # save_total_limit=2
+    assert status.state == "succeeded" and status.step == 40 and status.total_steps == 40
+    assert [p.name for p in job.checkpoints()] == ["checkpoint-30", "checkpoint-40"]  # save_total_limit=2
 
     model = AutoPeftModelForCausalLM.from_pretrained(result.final_dir)
     tokenizer = AutoTokenizer.from_pretrained(result.final_dir)
