@@ -13,6 +13,7 @@ from rich.panel import Panel
 from rich.table import Table
 
 from posttrain.errors import PosttrainError
+from posttrain.service.commands import jobs_app, serve
 from posttrain.spec import JobSpec, describe_fields, load_spec
 
 console = Console(stderr=True)
@@ -183,16 +184,8 @@ def config_keys() -> None:
     typer.echo(config_keys_text())
 
 
-def _register_service_commands() -> None:
-    try:
-        from posttrain.service.commands import jobs_app, serve
-    except ImportError:
-        return
-    app.add_typer(jobs_app, name="jobs", help="Submit and follow jobs on a posttrain server.")
-    app.command("serve")(serve)
-
-
-_register_service_commands()
+app.add_typer(jobs_app, name="jobs", help="Submit and follow jobs on a posttrain server.")
+app.command("serve")(serve)
 
 
 def main() -> None:

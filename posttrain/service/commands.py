@@ -1,0 +1,339 @@
+"""CLI of the service: ``posttrain serve`` and ``posttrain jobs ...`` (through posttrain.client)."""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Any, NoReturn
+
+import typer
+
+from posttrain.client import TERMINAL, Client, ServiceError
+from posttrain.errors import PosttrainError
+from posttrain.service.settings import DEFAULT_DATA_DIR, DEFAULT_PORT, MiB, ServiceSettings
+
+jobs_app = typer.Typer(help="Submit and manage jobs on a posttrain service.", no_args_is_help=True)
+
+Server = Annotated[str | None, typer.Option("--server", envvar="POSTTRAIN_SERVER",
+                                            help="Service URL (default http://127.0.0.1:8322).")]
+ApiKey = Annotated[str | None, typer.Option("--api-key", envvar="POSTTRAIN_API_KEY", help="API key of the service.",
+                                            show_default=False)]
+AsJson = Annotated[bool, typer.Option("--json", help="Print the server's JSON.")]
+
+
+def _fail(message: str, code: int = 1) -> NoReturn:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def _client(server: str | None, api_key: str | None) -> Client:
+    return Client(server, api_key)
+
+
+def _print_json(value: Any) -> None:
+    if hasattr(value, "model_dump"):
+        value = value.model_dump(mode="json")
+    typer.echo(json.dumps(value, indent=2))
+
+
+def _progress(job: Any) -> str:
+    total = f"/{job.total_steps}" if job.total_steps else ""
+    text = f"{job.id} {job.state} step {job.step}{total}"
+    metrics = job.metrics or {}
+    for key in ("loss", "eval_loss", "reward"):
+        if isinstance(metrics.get(key), int | float):
+            text += f" {key} {metrics[key]:.4g}"
+    if job.error and job.state != "succeeded":
+        text += f"\n  {job.error}"
+    return text
+
+
+def _follow(client: Client, job_id: str, poll: float = 1.0) -> int:
+    last = None
+    while True:
+        job = client.get_job(job_id)
+        line = _progress(job)
+        if line != last:
+            typer.echo(line)
+            last = line
+        if job.state in TERMINAL:
+            return 0 if job.state == "succeeded" else 1
+        time.sleep(poll)
+
+
+@jobs_app.command()
+def submit(
+    config: Annotated[Path | None, typer.Argument(help="YAML config (omit for all defaults).", show_default=False)] = None,
+    overrides: Annotated[list[str] | None, typer.Argument(help="Dotted overrides: training.max_steps=200.",
+                                                          show_default=False)] = None,
+    priority: Annotated[int, typer.Option(help="Higher runs first.")] = 0,
+    upload: Annotated[bool, typer.Option("--upload", help="Upload a local data.source file to the server first.")] = False,
+    follow: Annotated[bool, typer.Option("--follow", "-f", help="Print progress until the job ends.")] = False,
+    server: Server = None, api_key: ApiKey = None, as_json: AsJson = False,
+) -> None:
+    """Submit a job; prints its id (and with --follow, its progress; exit 1 if it does not succeed)."""
+    overrides = list(overrides or [])
+    if config is not None and "=" in str(config) and not config.exists():
+        overrides.insert(0, str(config))  # `posttrain jobs submit a.b=c` with no config file
+        config = None
+    try:
+        text = config.read_text() if config is not None else ""
+    except OSError as exc:
+        _fail(f"cannot read {config}: {exc.strerror}")
+    try:
+        with _client(server, api_key) as client:
+            if upload:
+                overrides = _upload_data_source(client, text, str(config or "<defaults>"), overrides)
+            job = client.submit(yaml=text, overrides=overrides, priority=priority)
+            if as_json:
+                _print_json(job)
+            else:
+                typer.echo(job.id)
+            if follow:
+                raise typer.Exit(_follow(client, job.id))
+    except ServiceError as exc:
+        _fail(exc.message)
+
+
+def _upload_data_source(client: Client, text: str, source: str, overrides: list[str]) -> list[str]:
+    from posttrain.spec import load_yaml, spec_from_dict
+
+    try:
+        spec = spec_from_dict(load_yaml(text, source), overrides)
+    except PosttrainError as exc:
+        _fail(exc.message)
+    path = Path(spec.data.source).expanduser()
+    if not path.is_file():
+        _fail(f"--upload: data.source {spec.data.source!r} is not a local file")
+    info = client.upload(path)
+    typer.echo(f"uploaded {path} as {info.id} ({info.size} bytes)", err=True)
+    return [*overrides, f"data.source={info.source}"]
+
+
+@jobs_app.command("list")
+def list_jobs(
+    state: Annotated[list[str] | None, typer.Option("--state", help="Only jobs in this state (repeatable).")] = None,
+    limit: Annotated[int, typer.Option(help="At most this many jobs.")] = 50,
+    offset: Annotated[int, typer.Option(help="Skip this many (newest first).")] = 0,
+    server: Server = None, api_key: ApiKey = None, as_json: AsJson = False,
+) -> None:
+    """List jobs, newest first."""
+    try:
+        with _client(server, api_key) as client:
+            page = client.list_jobs(state, limit, offset)
+    except ServiceError as exc:
+        _fail(exc.message)
+    if as_json:
+        _print_json(page)
+        return
+    typer.echo(f"{'ID':<17} {'STATE':<10} {'METHOD':<7} {'STEP':>11}  {'CREATED':<19}  NAME")
+    for job in page.jobs:
+        step = f"{job.step}/{job.total_steps}" if job.total_steps else str(job.step)
+        created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(job.created_at))
+        typer.echo(f"{job.id:<17} {job.state:<10} {job.method:<7} {step:>11}  {created:<19}  {job.name or ''}")
+    if page.total > page.offset + len(page.jobs):
+        typer.echo(f"({page.total - page.offset - len(page.jobs)} more; use --offset)", err=True)
+
+
+@jobs_app.command()
+def status(
+    job_id: Annotated[str, typer.Argument(help="Job id.")],
+    server: Server = None, api_key: ApiKey = None, as_json: AsJson = False,
+) -> None:
+    """Show a job's state, step, latest metrics and error."""
+    try:
+        with _client(server, api_key) as client:
+            job = client.get_job(job_id)
+    except ServiceError as exc:
+        _fail(exc.message)
+    _print_json(job) if as_json else typer.echo(_progress(job))
+
+
+@jobs_app.command()
+def cancel(
+    job_id: Annotated[str, typer.Argument(help="Job id.")],
+    wait: Annotated[bool, typer.Option("--wait", help="Wait until the worker has stopped.")] = False,
+    server: Server = None, api_key: ApiKey = None,
+) -> None:
+    """Cancel a queued or running job (SIGTERM to its worker, SIGKILL after the grace period)."""
+    try:
+        with _client(server, api_key) as client:
+            job = client.cancel(job_id)
+            if wait:
+                job = client.wait(job_id)
+    except ServiceError as exc:
+        _fail(exc.message)
+    typer.echo(f"{job.id} {job.state}" + (" (stopping)" if job.state == "running" else ""))
+
+
+@jobs_app.command()
+def logs(
+    job_id: Annotated[str, typer.Argument(help="Job id.")],
+    follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep printing new lines until the job ends.")] = False,
+    tail: Annotated[int, typer.Option(help="Lines from the end.")] = 200,
+    server: Server = None, api_key: ApiKey = None,
+) -> None:
+    """Print the worker's log."""
+    try:
+        with _client(server, api_key) as client:
+            lines = client.follow_logs(job_id, tail) if follow else client.logs(job_id, tail)
+            for line in lines:
+                typer.echo(line)
+    except ServiceError as exc:
+        _fail(exc.message)
+
+
+@jobs_app.command()
+def metrics(
+    job_id: Annotated[str, typer.Argument(help="Job id.")],
+    server: Server = None, api_key: ApiKey = None,
+) -> None:
+    """Print the job's metrics, one JSON object per logging step."""
+    try:
+        with _client(server, api_key) as client:
+            records = client.metrics(job_id)
+    except ServiceError as exc:
+        _fail(exc.message)
+    for record in records:
+        typer.echo(json.dumps(record))
+
+
+@jobs_app.command()
+def artifacts(
+    job_id: Annotated[str, typer.Argument(help="Job id.")],
+    server: Server = None, api_key: ApiKey = None, as_json: AsJson = False,
+) -> None:
+    """List checkpoints and final output with sizes."""
+    try:
+        with _client(server, api_key) as client:
+            listing = client.artifacts(job_id)
+    except ServiceError as exc:
+        _fail(exc.message)
+    if as_json:
+        _print_json(listing)
+        return
+    for entry in listing.artifacts:
+        typer.echo(f"{entry.size:>12}  {entry.path}")
+    typer.echo(f"{listing.total_size:>12}  total ({len(listing.checkpoints)} checkpoints, "
+               f"final: {'yes' if listing.final else 'no'})")
+
+
+@jobs_app.command()
+def download(
+    job_id: Annotated[str, typer.Argument(help="Job id.")],
+    path: Annotated[str, typer.Argument(help="A file, or a folder such as final or checkpoints/checkpoint-10.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Where to write (a folder for several files).")] = Path("."),
+    server: Server = None, api_key: ApiKey = None,
+) -> None:
+    """Download one artifact file, or every file under a folder of the job."""
+    prefix = path.strip("/")
+    try:
+        with _client(server, api_key) as client:
+            listed = [a.path for a in client.artifacts(job_id).artifacts]
+            under = [p for p in listed if p.startswith(prefix + "/")]
+            if under:  # a folder: keep its layout below OUTPUT
+                for item in under:
+                    client.download(job_id, item, output / item)
+                typer.echo(f"{len(under)} files -> {output / prefix}")
+                return
+            dest = output / Path(prefix).name if output.is_dir() else output
+            client.download(job_id, prefix, dest)
+            typer.echo(str(dest))
+    except ServiceError as exc:
+        _fail(exc.message)
+
+
+@jobs_app.command()
+def delete(
+    job_id: Annotated[str, typer.Argument(help="Job id.")],
+    server: Server = None, api_key: ApiKey = None,
+) -> None:
+    """Delete a finished job and its files."""
+    try:
+        with _client(server, api_key) as client:
+            client.delete(job_id)
+    except ServiceError as exc:
+        _fail(exc.message)
+    typer.echo(f"{job_id} deleted")
+
+
+@jobs_app.command("upload")
+def upload_file(
+    path: Annotated[Path, typer.Argument(help="A dataset file.")],
+    server: Server = None, api_key: ApiKey = None,
+) -> None:
+    """Upload a dataset file; prints the data.source value that refers to it."""
+    if not path.is_file():
+        _fail(f"{path} is not a file")
+    try:
+        with _client(server, api_key) as client:
+            info = client.upload(path)
+    except ServiceError as exc:
+        _fail(exc.message)
+    typer.echo(info.source)
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def serve(
+    host: Annotated[str, typer.Option(help="Address to bind; non-loopback needs --api-key-file or --insecure.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = DEFAULT_PORT,
+    data_dir: Annotated[Path, typer.Option(help="Job directories, uploads and the SQLite database.")] = Path(DEFAULT_DATA_DIR),
+    db: Annotated[str | None, typer.Option(help="Database URL (default: SQLite in the data dir), e.g. "
+                                               "postgresql+psycopg://user@host/db.")] = None,
+    slots: Annotated[int, typer.Option(help="Jobs running at once (one per device).")] = 1,
+    devices: Annotated[str | None, typer.Option(help="Comma-separated CUDA_VISIBLE_DEVICES value per slot, "
+                                                    "e.g. '0,1' for two GPUs (sets --slots).")] = None,
+    api_key_file: Annotated[Path | None, typer.Option(help="File of API keys (one per line: the key, or "
+                                                           "sha256:HEX of it).")] = None,
+    insecure: Annotated[bool, typer.Option("--insecure", help="Allow a non-loopback bind without API keys.")] = False,
+    max_retries: Annotated[int, typer.Option(help="Requeues of a job whose worker died before giving up.")] = 2,
+    cancel_grace: Annotated[float, typer.Option(help="Seconds between SIGTERM and SIGKILL on cancel.")] = 30.0,
+    max_upload_mb: Annotated[int, typer.Option(help="Largest dataset upload, in MiB.")] = 1024,
+    max_body_mb: Annotated[int, typer.Option(help="Largest JSON/YAML request body, in MiB.")] = 8,
+    log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
+) -> None:
+    """Run the job service (REST API on port 8322, OpenAPI at /openapi.json)."""
+    import logging
+
+    import uvicorn
+
+    from posttrain.service.app import create_app
+    from posttrain.service.auth import load_key_hashes
+
+    key_hashes: frozenset[str] = frozenset()
+    if api_key_file is not None:
+        try:
+            key_hashes = load_key_hashes(api_key_file)
+        except (OSError, ValueError) as exc:
+            _fail(str(exc), 2)
+    if not is_loopback(host) and not key_hashes and not insecure:
+        _fail(f"refusing to listen on {host} without API keys: anyone who can reach it could run code on "
+              "this machine. Pass --api-key-file KEYS (or --insecure on a trusted network).", 2)
+    device_list = [d.strip() for d in devices.split(",")] if devices else None
+    try:
+        settings = ServiceSettings(
+            data_dir=data_dir, db_url=db, slots=len(device_list) if device_list else slots, devices=device_list,
+            api_key_hashes=key_hashes, max_retries=max_retries, cancel_grace_s=cancel_grace,
+            max_upload_bytes=max_upload_mb * MiB, max_body_bytes=max_body_mb * MiB,
+        )
+        logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        app = create_app(settings)
+    except (ValueError, OSError, RuntimeError) as exc:  # bad settings, data dir in use
+        _fail(str(exc), 2)
+    except Exception as exc:  # e.g. an unreachable database URL
+        _fail(f"cannot start: {type(exc).__name__}: {exc}", 2)
+    typer.echo(f"posttrain service on http://{host}:{port} (data: {settings.data_dir}, slots: {settings.slots}, "
+               f"auth: {'on' if key_hashes else 'off'})", err=True)
+    uvicorn.run(app, host=host, port=port, log_level=log_level.lower(), timeout_graceful_shutdown=5)
+    sys.stdout.flush()

@@ -1,0 +1,220 @@
+"""Scheduler: starts queued jobs in free slots, watches their workers, stops them, recovers after a restart.
+
+One background thread owns every worker handle; request threads only write the store (submit, cancel
+flag) and wake it. Order: higher priority first, then first come first served. A worker that dies
+without recording a result (SIGKILL, OOM, server restart) is requeued to resume from its newest
+complete checkpoint, at most ``max_retries`` times, then the job fails with the reason.
+
+A server only runs and recovers jobs whose directory is under its own data dir, so several servers
+(each with its own data dir) can share one PostgreSQL database without touching each other's jobs.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from posttrain.jobdir import TERMINAL_STATES, JobDir, JobStatus
+from posttrain.launchers import Launcher, LaunchRequest, WorkerExit, WorkerHandle
+from posttrain.service.settings import ServiceSettings
+from posttrain.service.store import JobRecord, JobStore
+
+log = logging.getLogger("posttrain.service")
+PROGRESS_SYNC_S = 1.0
+
+
+@dataclass
+class _Running:
+    handle: WorkerHandle
+    slot: int
+    term_sent_at: float | None = None
+    kill_sent: bool = False
+
+
+class Scheduler:
+    def __init__(self, store: JobStore, launcher: Launcher, settings: ServiceSettings) -> None:
+        self.store = store
+        self.launcher = launcher
+        self.settings = settings
+        self._running: dict[str, _Running] = {}
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._last_sync = 0.0
+        self._mine = str(settings.jobs_dir)  # the jobs this server runs
+
+    # -- lifecycle ----------------------------------------------------------------------------------
+    def start(self) -> None:
+        self.recover()
+        self._thread = threading.Thread(target=self._loop, name="posttrain-scheduler", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop scheduling. Workers keep running in their own sessions; the next server re-adopts them."""
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def running_job_ids(self) -> list[str]:
+        return list(self._running)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.tick()
+            except Exception:  # the loop must outlive any one bad job or a database hiccup
+                log.exception("scheduler tick failed; retrying")
+            self._wake.wait(self.settings.poll_interval_s)
+            self._wake.clear()
+
+    def tick(self) -> None:
+        self._reap()
+        if self._running:
+            records = {record.id: record for record in self.store.jobs_in_state("running", self._mine)}
+            self._stop_cancelled(records)
+            self._sync_progress(records)
+        self._fill_slots()
+
+    # -- recovery -----------------------------------------------------------------------------------
+    def recover(self) -> None:
+        """Reconcile jobs the store says are running with what is actually running."""
+        for record in self.store.jobs_in_state("running", self._mine):
+            job_dir = Path(record.job_dir)
+            handle = self.launcher.adopt(job_dir, record.pid)
+            if handle is not None:
+                log.info("re-adopted worker pid %s of job %s", handle.pid, record.id)
+                used = {running.slot for running in self._running.values()}
+                slot = record.slot if record.slot is not None and record.slot not in used else self._free_slot()
+                self.store.update_job(record.id, pid=handle.pid, slot=slot)
+                self._running[record.id] = _Running(handle, slot if slot is not None else -1)
+                continue
+            status = JobDir(job_dir).read_status()
+            if status is not None and status.state in TERMINAL_STATES:
+                self._finish(record, status.state, status.error, status)  # ended while we were down
+            else:
+                self._worker_died(record, "the worker was gone when the server restarted")
+
+    # -- steps of a tick ----------------------------------------------------------------------------
+    def _reap(self) -> None:
+        for job_id, running in list(self._running.items()):
+            exit_info = running.handle.poll()
+            if exit_info is None:
+                continue
+            del self._running[job_id]
+            record = self.store.get_job(job_id)
+            if record is not None:
+                self._on_exit(record, exit_info)
+
+    def _on_exit(self, record: JobRecord, exit_info: WorkerExit) -> None:
+        job_dir = JobDir(record.job_dir)
+        status = job_dir.read_status()
+        state = status.state if status is not None else None
+        if state == "succeeded":
+            self._finish(record, "succeeded", None, status)
+        elif record.cancel_requested:
+            if state != "cancelled":  # killed before it could record it itself
+                status = job_dir.update_status(state="cancelled", pid=None)
+            self._finish(record, "cancelled", None, status)
+        elif state in ("failed", "cancelled"):
+            # The worker recorded its own end (bad input, an exception, an outside SIGTERM).
+            error = status.error if status is not None else None
+            self._finish(record, state, error or exit_info.describe(), status)
+        else:
+            self._worker_died(record, exit_info.describe() + " before recording a result")
+
+    def _finish(self, record: JobRecord, state: str, error: str | None, status: JobStatus | None) -> None:
+        values: dict[str, object] = {"state": state, "error": error, "pid": None, "finished_at": time.time()}
+        if status is not None:
+            values.update(step=status.step, total_steps=status.total_steps)
+        self.store.update_job(record.id, **values)
+        log.info("job %s %s%s", record.id, state, f": {error}" if error else "")
+
+    def _worker_died(self, record: JobRecord, reason: str) -> None:
+        job_dir = JobDir(record.job_dir)
+        if record.retries >= self.settings.max_retries:
+            error = reason if record.retries == 0 else f"{reason}; gave up after {record.retries} retries"
+            job_dir.update_status(state="failed", error=error, pid=None)
+            self._finish(record, "failed", error, job_dir.read_status())
+            return
+        retry = record.retries + 1
+        checkpoint = job_dir.latest_checkpoint()
+        where = f"resuming from {checkpoint.name}" if checkpoint else "restarting from the beginning"
+        note = f"{reason}; requeued, {where} (retry {retry} of {self.settings.max_retries})"
+        job_dir.update_status(state="queued", error=note, pid=None)
+        self.store.update_job(record.id, state="queued", error=note, retries=retry, resume=True, pid=None,
+                              slot=None)
+        log.warning("job %s: %s", record.id, note)
+
+    def _stop_cancelled(self, records: dict[str, JobRecord]) -> None:
+        now = time.time()
+        for job_id, running in self._running.items():
+            record = records.get(job_id)
+            if record is None or not record.cancel_requested:
+                continue
+            if running.term_sent_at is None:
+                # The worker stops at the next step boundary and records "cancelled" itself.
+                running.handle.signal(signal.SIGTERM)
+                running.term_sent_at = now
+                log.info("job %s: SIGTERM sent to worker group %s", job_id, running.handle.pid)
+            elif not running.kill_sent and now - running.term_sent_at >= self.settings.cancel_grace_s:
+                running.handle.signal(signal.SIGKILL)
+                running.kill_sent = True
+                log.warning("job %s: worker ignored SIGTERM for %.0fs; SIGKILL sent", job_id,
+                            self.settings.cancel_grace_s)
+
+    def _sync_progress(self, records: dict[str, JobRecord]) -> None:
+        now = time.time()
+        if now - self._last_sync < PROGRESS_SYNC_S:
+            return
+        self._last_sync = now
+        for job_id in self._running:
+            record = records.get(job_id)
+            if record is None:
+                continue
+            status = JobDir(record.job_dir).read_status()
+            if status is not None and (status.step, status.total_steps) != (record.step, record.total_steps):
+                self.store.update_job(job_id, step=status.step, total_steps=status.total_steps)
+
+    def _free_slot(self) -> int | None:
+        used = {running.slot for running in self._running.values()}
+        return next((slot for slot in range(self.settings.slots) if slot not in used), None)
+
+    def _fill_slots(self) -> None:
+        used = {running.slot for running in self._running.values()}
+        free = [slot for slot in range(self.settings.slots) if slot not in used]
+        if not free:
+            return
+        for record, slot in zip(self.store.next_queued(len(free), self._mine), free, strict=False):
+            self._launch(record, slot)
+
+    def _launch(self, record: JobRecord, slot: int) -> None:
+        job_dir = JobDir(record.job_dir)
+        # A retried job always resumes: the worker continues from the newest complete checkpoint, or
+        # from the start when there is none, and clears checkpoints a crash left incomplete.
+        resume = record.resume
+        if not self.store.claim(record.id, slot):
+            return  # cancelled (or claimed elsewhere) since we listed it
+        env = {"CUDA_VISIBLE_DEVICES": self.settings.devices[slot]} if self.settings.devices else {}
+        try:
+            handle = self.launcher.launch(LaunchRequest(record.id, Path(record.job_dir), resume, env))
+        except OSError as exc:
+            error = f"could not start the worker ({self.launcher.name} launcher): {exc}"
+            job_dir.update_status(state="failed", error=error)
+            self._finish(record, "failed", error, None)
+            return
+        self.store.update_job(record.id, pid=handle.pid)
+        self._running[record.id] = _Running(handle, slot)
+        log.info("job %s started in slot %d (pid %d%s)", record.id, slot, handle.pid,
+                 ", resuming" if resume else "")

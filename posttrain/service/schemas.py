@@ -1,0 +1,99 @@
+"""Request and response bodies of the REST API (separate from the storage models in ``store.py``).
+
+Only pydantic is imported here: ``posttrain.client`` parses responses with these same models.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+JobStateName = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+UPLOAD_PREFIX = "upload:"  # data.source: "upload:<file id>" refers to a file sent to POST /v1/files
+
+
+class SubmitJobRequest(BaseModel):
+    """Either a JobSpec as JSON (``spec``) or YAML text, plus optional ``a.b=c`` overrides."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    spec: dict[str, Any] | None = Field(None, description="The JobSpec as a JSON object.")
+    yaml: str | None = Field(None, description="The JobSpec as YAML text (what `posttrain train` reads).")
+    overrides: list[str] = Field(default_factory=list, description="Dotted overrides, e.g. training.max_steps=10.")
+    priority: int = Field(0, ge=-1000, le=1000, description="Higher runs first; equal priorities run in order.")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> SubmitJobRequest:
+        if self.spec is not None and self.yaml is not None:
+            raise ValueError("give either 'spec' or 'yaml', not both")
+        return self
+
+
+class JobInfo(BaseModel):
+    id: str
+    name: str | None = None
+    method: str
+    state: JobStateName
+    priority: int = 0
+    step: int = 0
+    total_steps: int | None = None
+    metrics: dict[str, Any] | None = Field(None, description="The latest metrics record.")
+    error: str | None = None
+    attempt: int = Field(0, description="How many times a worker was started for this job.")
+    retries: int = Field(0, description="Requeues after a worker died (killed, out of memory, restart).")
+    cancel_requested: bool = False
+    created_at: float
+    launched_at: float | None = Field(None, description="When the service started the worker process.")
+    started_at: float | None = Field(None, description="When the worker reported it was running.")
+    finished_at: float | None = None
+    updated_at: float
+
+
+class JobPage(BaseModel):
+    jobs: list[JobInfo]
+    total: int
+    limit: int
+    offset: int
+
+
+class LogTail(BaseModel):
+    job_id: str
+    lines: list[str]
+
+
+class MetricsResponse(BaseModel):
+    job_id: str
+    metrics: list[dict[str, Any]]
+
+
+class Artifact(BaseModel):
+    path: str = Field(description="Relative to the job directory; download it from .../artifacts/{path}.")
+    size: int
+
+
+class ArtifactList(BaseModel):
+    job_id: str
+    checkpoints: list[str] = Field(description="Complete checkpoints, oldest first.")
+    final: bool = Field(description="Whether final/ (the trained adapter or model) exists.")
+    artifacts: list[Artifact]
+    total_size: int
+
+
+class FileInfo(BaseModel):
+    id: str
+    filename: str
+    size: int
+    sha256: str
+    created_at: float
+    source: str = Field(description="Put this in data.source (or data.validation.source) of a JobSpec.")
+
+
+class ErrorBody(BaseModel):
+    detail: str = Field(description="What went wrong, and where.")
+    type: str | None = Field(None, description="Error class, e.g. ConfigError, DatasetError.")
+
+
+class Health(BaseModel):
+    status: Literal["ok", "unavailable"]
+    detail: str | None = None

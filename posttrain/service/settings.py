@@ -1,0 +1,57 @@
+"""Settings of one service instance (built by ``posttrain serve`` or by tests)."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+DEFAULT_PORT = 8322
+DEFAULT_DATA_DIR = "posttrain-data"
+MiB = 1024 * 1024
+
+
+def default_worker_command() -> list[str]:
+    return [sys.executable, "-m", "posttrain.worker"]
+
+
+@dataclass
+class ServiceSettings:
+    data_dir: Path = field(default_factory=lambda: Path(DEFAULT_DATA_DIR))
+    db_url: str | None = None  # default: SQLite file in data_dir
+    slots: int = 1  # jobs running at once
+    devices: list[str] | None = None  # CUDA_VISIBLE_DEVICES for each slot, when given
+    api_key_hashes: frozenset[str] = frozenset()  # sha256 hex of each accepted key; empty = no auth
+    max_body_bytes: int = 8 * MiB  # JSON/YAML request bodies
+    max_upload_bytes: int = 1024 * MiB  # one dataset upload
+    cancel_grace_s: float = 30.0  # SIGTERM -> SIGKILL
+    max_retries: int = 2  # requeues of a job whose worker died (killed, server restart)
+    poll_interval_s: float = 0.25  # scheduler tick
+    worker_command: list[str] = field(default_factory=default_worker_command)
+
+    def __post_init__(self) -> None:
+        self.data_dir = Path(self.data_dir).resolve()
+        if self.slots < 1:
+            raise ValueError("slots must be at least 1")
+        if self.devices is not None and len(self.devices) != self.slots:
+            raise ValueError(f"{len(self.devices)} devices given for {self.slots} slots; give one per slot")
+
+    @property
+    def jobs_dir(self) -> Path:
+        return self.data_dir / "jobs"
+
+    @property
+    def files_dir(self) -> Path:
+        return self.data_dir / "files"
+
+    @property
+    def database_url(self) -> str:
+        return normalize_db_url(self.db_url) if self.db_url else f"sqlite:///{self.data_dir / 'posttrain.db'}"
+
+
+def normalize_db_url(url: str) -> str:
+    """Accept plain ``postgresql://`` URLs and use the psycopg (v3) driver for them."""
+    for prefix in ("postgresql://", "postgres://"):
+        if url.startswith(prefix):
+            return "postgresql+psycopg://" + url[len(prefix):]
+    return url

@@ -1,0 +1,221 @@
+"""Durable job store: SQLAlchemy 2 over SQLite (default) or PostgreSQL.
+
+The database indexes jobs and mirrors their state so listing and scheduling are queries; the job
+directory stays the truth about a run (the scheduler copies its status back here). Every state change
+that could race (claiming a queued job, cancelling one) is a conditional UPDATE, so two threads or two
+server processes can never both start the same job.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from sqlalchemy import (
+    Boolean,
+    Float,
+    Integer,
+    String,
+    Text,
+    create_engine,
+    event,
+    func,
+    select,
+    text,
+    update,
+)
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+from sqlalchemy.sql.elements import ColumnElement
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class JobRecord(Base):
+    __tablename__ = "jobs"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    name: Mapped[str | None] = mapped_column(String(256))
+    method: Mapped[str] = mapped_column(String(32))
+    state: Mapped[str] = mapped_column(String(16), index=True)
+    priority: Mapped[int] = mapped_column(Integer, default=0)
+    job_dir: Mapped[str] = mapped_column(Text)
+    spec_json: Mapped[str] = mapped_column(Text)
+    step: Mapped[int] = mapped_column(Integer, default=0)
+    total_steps: Mapped[int | None] = mapped_column(Integer)
+    error: Mapped[str | None] = mapped_column(Text)
+    attempt: Mapped[int] = mapped_column(Integer, default=0)  # launches so far
+    retries: Mapped[int] = mapped_column(Integer, default=0)  # requeues after a worker died
+    resume: Mapped[bool] = mapped_column(Boolean, default=False)  # next launch resumes from a checkpoint
+    cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    pid: Mapped[int | None] = mapped_column(Integer)
+    slot: Mapped[int | None] = mapped_column(Integer)
+    created_at: Mapped[float] = mapped_column(Float, index=True)
+    launched_at: Mapped[float | None] = mapped_column(Float)
+    finished_at: Mapped[float | None] = mapped_column(Float)
+    updated_at: Mapped[float] = mapped_column(Float)
+
+
+class FileRecord(Base):
+    __tablename__ = "files"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    filename: Mapped[str] = mapped_column(String(256))
+    path: Mapped[str] = mapped_column(Text)
+    size: Mapped[int] = mapped_column(Integer)
+    sha256: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[float] = mapped_column(Float)
+
+
+def make_engine(url: str) -> Engine:
+    if url.startswith("sqlite"):
+        # One file shared by the request threads and the scheduler thread: WAL lets readers run
+        # beside the writer, and a generous busy timeout queues concurrent writers instead of failing.
+        # Pool as large as the request thread pool (40), so connections are reused, not reopened.
+        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30}, pool_size=40,
+                               max_overflow=10)
+
+        @event.listens_for(engine, "connect")
+        def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+            cursor = dbapi_connection.cursor()
+            cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute("PRAGMA synchronous=NORMAL")
+            cursor.close()
+
+        return engine
+    return create_engine(url, pool_pre_ping=True, pool_size=20, max_overflow=30)
+
+
+def _inside(folder: str) -> ColumnElement[bool]:
+    prefix = folder.rstrip("/") + "/"
+    escaped = prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    return JobRecord.job_dir.like(escaped + "%", escape="\\")
+
+
+class JobStore:
+    """Jobs and uploaded files, one short transaction per call; returns detached records."""
+
+    def __init__(self, url: str) -> None:
+        self.engine = make_engine(url)
+        Base.metadata.create_all(self.engine)
+        self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+
+    @contextmanager
+    def _session(self) -> Iterator[Session]:
+        with self._sessions() as session, session.begin():
+            yield session
+
+    def ping(self) -> None:
+        with self.engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    # -- jobs ---------------------------------------------------------------------------------------
+    def add_job(self, record: JobRecord) -> JobRecord:
+        with self._session() as session:
+            session.add(record)
+        return record
+
+    def get_job(self, job_id: str) -> JobRecord | None:
+        with self._session() as session:
+            return session.get(JobRecord, job_id)
+
+    def list_jobs(
+        self, states: list[str] | None = None, limit: int = 50, offset: int = 0
+    ) -> tuple[list[JobRecord], int]:
+        """Newest first, with the total count for paging."""
+        query = select(JobRecord)
+        count = select(func.count()).select_from(JobRecord)
+        if states:
+            query = query.where(JobRecord.state.in_(states))
+            count = count.where(JobRecord.state.in_(states))
+        query = query.order_by(JobRecord.created_at.desc(), JobRecord.id.desc()).limit(limit).offset(offset)
+        with self._session() as session:
+            return list(session.scalars(query)), int(session.scalar(count) or 0)
+
+    def jobs_in_state(self, state: str, under: str | None = None) -> list[JobRecord]:
+        """Jobs in ``state``; with ``under``, only those whose job dir is inside that folder."""
+        query = select(JobRecord).where(JobRecord.state == state)
+        if under is not None:
+            query = query.where(_inside(under))
+        with self._session() as session:
+            return list(session.scalars(query))
+
+    def next_queued(self, limit: int, under: str | None = None) -> list[JobRecord]:
+        """Queued jobs in run order: higher priority first, then first come first served."""
+        query = select(JobRecord).where(JobRecord.state == "queued")
+        if under is not None:
+            query = query.where(_inside(under))
+        query = query.order_by(JobRecord.priority.desc(), JobRecord.created_at, JobRecord.id).limit(limit)
+        with self._session() as session:
+            return list(session.scalars(query))
+
+    def claim(self, job_id: str, slot: int) -> bool:
+        """queued -> running, only if still queued (so a job is started at most once)."""
+        now = time.time()
+        with self._session() as session:
+            result = session.execute(
+                update(JobRecord)
+                .where(JobRecord.id == job_id, JobRecord.state == "queued")
+                .values(state="running", slot=slot, pid=None, launched_at=now, updated_at=now,
+                        attempt=JobRecord.attempt + 1)
+            )
+            return result.rowcount == 1
+
+    def update_job(self, job_id: str, **values: Any) -> None:
+        values["updated_at"] = time.time()
+        with self._session() as session:
+            session.execute(update(JobRecord).where(JobRecord.id == job_id).values(**values))
+
+    def cancel_queued(self, job_id: str) -> bool:
+        """queued -> cancelled, only if still queued."""
+        now = time.time()
+        with self._session() as session:
+            result = session.execute(
+                update(JobRecord)
+                .where(JobRecord.id == job_id, JobRecord.state == "queued")
+                .values(state="cancelled", cancel_requested=True, finished_at=now, updated_at=now)
+            )
+            return result.rowcount == 1
+
+    def request_cancel(self, job_id: str) -> bool:
+        """Flag a running job for the scheduler to stop; false if it is no longer running."""
+        with self._session() as session:
+            result = session.execute(
+                update(JobRecord)
+                .where(JobRecord.id == job_id, JobRecord.state == "running")
+                .values(cancel_requested=True, updated_at=time.time())
+            )
+            return result.rowcount == 1
+
+    def delete_job(self, job_id: str) -> None:
+        with self._session() as session:
+            record = session.get(JobRecord, job_id)
+            if record is not None:
+                session.delete(record)
+
+    # -- files --------------------------------------------------------------------------------------
+    def add_file(self, record: FileRecord) -> FileRecord:
+        with self._session() as session:
+            session.add(record)
+        return record
+
+    def get_file(self, file_id: str) -> FileRecord | None:
+        with self._session() as session:
+            return session.get(FileRecord, file_id)
+
+    def list_files(self) -> list[FileRecord]:
+        with self._session() as session:
+            return list(session.scalars(select(FileRecord).order_by(FileRecord.created_at.desc())))
+
+    def delete_file(self, file_id: str) -> None:
+        with self._session() as session:
+            record = session.get(FileRecord, file_id)
+            if record is not None:
+                session.delete(record)

@@ -1,0 +1,76 @@
+"""Uploaded dataset files: stored under ``<data dir>/files/<id>/<name>``, referred to as ``upload:<id>``."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import secrets
+import shutil
+import time
+from pathlib import Path
+from typing import BinaryIO
+
+from posttrain.errors import ConfigError
+from posttrain.service.schemas import UPLOAD_PREFIX, FileInfo
+from posttrain.service.store import FileRecord, JobStore
+from posttrain.spec import JobSpec
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+CHUNK = 1024 * 1024
+
+
+class UploadTooLarge(Exception):
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"upload is larger than this server's limit of {limit} bytes")
+        self.limit = limit
+
+
+def safe_filename(name: str | None) -> str:
+    """Keep the extension (the data loader reads the format from it) but nothing path-like."""
+    base = _UNSAFE.sub("_", Path(name or "").name).strip("._")[:128]
+    return base or "data"
+
+
+def save_upload(source: BinaryIO, filename: str | None, files_dir: Path, limit: int, store: JobStore) -> FileRecord:
+    file_id = "file-" + secrets.token_hex(8)
+    folder = files_dir / file_id
+    folder.mkdir(parents=True)
+    target = folder / safe_filename(filename)
+    digest = hashlib.sha256()
+    size = 0
+    try:
+        with open(target, "wb") as out:
+            while chunk := source.read(CHUNK):
+                size += len(chunk)
+                if size > limit:
+                    raise UploadTooLarge(limit)
+                digest.update(chunk)
+                out.write(chunk)
+        record = FileRecord(id=file_id, filename=target.name, path=str(target), size=size,
+                            sha256=digest.hexdigest(), created_at=time.time())
+        return store.add_file(record)
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+
+
+def file_info(record: FileRecord) -> FileInfo:
+    return FileInfo(id=record.id, filename=record.filename, size=record.size, sha256=record.sha256,
+                    created_at=record.created_at, source=UPLOAD_PREFIX + record.id)
+
+
+def resolve_upload_references(spec: JobSpec, store: JobStore) -> None:
+    """Replace ``upload:<id>`` data sources with the stored file's path on this server."""
+
+    def resolve(value: str, key: str) -> str:
+        file_id = value[len(UPLOAD_PREFIX):]
+        record = store.get_file(file_id) if re.fullmatch(r"[A-Za-z0-9_-]{1,64}", file_id) else None
+        if record is None or not Path(record.path).is_file():
+            raise ConfigError(f"no uploaded file {file_id!r} on this server (upload it with POST /v1/files)", key)
+        return record.path
+
+    if spec.data.source.startswith(UPLOAD_PREFIX):
+        spec.data.source = resolve(spec.data.source, "data.source")
+    validation = spec.data.validation.source
+    if validation is not None and validation.startswith(UPLOAD_PREFIX):
+        spec.data.validation.source = resolve(validation, "data.validation.source")

@@ -1,0 +1,145 @@
+"""What the API shows of a job: its record merged with its job directory, logs, metrics and artifacts."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+from posttrain.jobdir import TERMINAL_STATES, JobDir
+from posttrain.service.schemas import Artifact, ArtifactList, JobInfo
+from posttrain.service.store import JobRecord
+
+TAIL_CHUNK = 64 * 1024
+
+
+def job_info(record: JobRecord) -> JobInfo:
+    job_dir = JobDir(record.job_dir)
+    step, total_steps, started_at = record.step, record.total_steps, None
+    status = job_dir.read_status()
+    if status is not None:
+        started_at = status.started_at
+        if record.state == "running":  # the job dir is fresher than the mirrored copy
+            step, total_steps = status.step, status.total_steps
+    return JobInfo(
+        id=record.id, name=record.name, method=record.method, state=record.state,  # type: ignore[arg-type]
+        priority=record.priority, step=step, total_steps=total_steps, metrics=last_metrics(job_dir.metrics_path),
+        error=record.error, attempt=record.attempt, retries=record.retries,
+        cancel_requested=record.cancel_requested, created_at=record.created_at, launched_at=record.launched_at,
+        started_at=started_at, finished_at=record.finished_at, updated_at=record.updated_at,
+    )
+
+
+def _read_tail(path: Path, max_bytes: int) -> bytes:
+    try:
+        with open(path, "rb") as handle:
+            handle.seek(0, os.SEEK_END)
+            size = handle.tell()
+            handle.seek(max(0, size - max_bytes))
+            return handle.read()
+    except FileNotFoundError:
+        return b""
+
+
+def last_metrics(path: Path) -> dict | None:
+    """The last complete JSON line of metrics.jsonl, without reading the whole file."""
+    for line in reversed(_read_tail(path, TAIL_CHUNK).splitlines()):
+        try:
+            record = json.loads(line)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            continue
+        if isinstance(record, dict):
+            return record
+    return None
+
+
+def tail_lines(path: Path, count: int) -> tuple[list[str], int]:
+    """The last ``count`` lines of a log and the byte offset where the file ended."""
+    max_bytes = TAIL_CHUNK
+    while True:
+        data = _read_tail(path, max_bytes)
+        size = path.stat().st_size if path.exists() else 0
+        lines = data.decode(errors="replace").replace("\r", "\n").splitlines()
+        if len(lines) > count or len(data) >= size or max_bytes >= 64 * TAIL_CHUNK:
+            return lines[-count:] if count else [], size
+        max_bytes *= 4
+
+
+def _sse(data: str, event: str | None = None) -> str:
+    head = f"event: {event}\n" if event else ""
+    return head + "".join(f"data: {line}\n" for line in data.split("\n")) + "\n"
+
+
+async def follow_log(
+    path: Path, tail: int, job_state: Callable[[], str | None], disconnected: Callable[[], object],
+    poll_s: float = 0.25, keepalive_s: float = 15.0,
+) -> AsyncIterator[str]:
+    """Server-sent events: the last ``tail`` lines, then each new line, then ``event: end`` with the state."""
+    lines, offset = await asyncio.to_thread(tail_lines, path, tail)
+    for line in lines:
+        yield _sse(line)
+    pending = b""
+    idle = 0.0
+    while True:
+        chunk = await asyncio.to_thread(_read_from, path, offset)
+        if chunk:
+            offset += len(chunk)
+            pending += chunk
+            *complete, pending = pending.replace(b"\r", b"\n").split(b"\n")
+            for line in complete:
+                yield _sse(line.decode(errors="replace"))
+            idle = 0.0
+            continue
+        state = await asyncio.to_thread(job_state)
+        if state is None or state in TERMINAL_STATES:
+            # One last read: the worker may have written its final lines just before exiting.
+            tail_chunk = pending + await asyncio.to_thread(_read_from, path, offset)
+            for line in tail_chunk.replace(b"\r", b"\n").split(b"\n"):
+                if line:
+                    yield _sse(line.decode(errors="replace"))
+            yield _sse(json.dumps({"state": state}), event="end")
+            return
+        if await disconnected():  # type: ignore[misc]
+            return
+        await asyncio.sleep(poll_s)
+        idle += poll_s
+        if idle >= keepalive_s:
+            idle = 0.0
+            yield ": keep-alive\n\n"
+
+
+def _read_from(path: Path, offset: int, limit: int = 1024 * 1024) -> bytes:
+    try:
+        with open(path, "rb") as handle:
+            handle.seek(offset)
+            return handle.read(limit)
+    except FileNotFoundError:
+        return b""
+
+
+def artifact_list(record: JobRecord) -> ArtifactList:
+    job_dir = JobDir(record.job_dir)
+    entries = [Artifact(**entry) for entry in job_dir.artifacts()]
+    return ArtifactList(
+        job_id=record.id, checkpoints=[path.name for path in job_dir.checkpoints()],
+        final=job_dir.final_dir.is_dir(), artifacts=entries, total_size=sum(entry.size for entry in entries),
+    )
+
+
+class UnsafePath(ValueError):
+    pass
+
+
+def resolve_artifact(record: JobRecord, relative: str) -> Path | None:
+    """A file inside the job's own directory, or None; raises UnsafePath for paths that try to leave it."""
+    if not relative or relative.startswith(("/", "\\")) or "\x00" in relative:
+        raise UnsafePath(f"artifact path {relative!r} must be relative to the job directory")
+    if any(part == ".." for part in relative.replace("\\", "/").split("/")):
+        raise UnsafePath(f"artifact path {relative!r} may not contain '..'")
+    root = Path(record.job_dir).resolve()
+    target = (root / relative).resolve()
+    if not target.is_relative_to(root):  # e.g. a symlink pointing outside
+        return None
+    return target if target.is_file() else None

@@ -1,0 +1,128 @@
+"""Helpers of the service tests: a real `posttrain serve` process on a free loopback port."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from posttrain.client import Client
+
+STARTUP_TIMEOUT_S = 60
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class ServerProcess:
+    """`python -m posttrain.service` (= `posttrain serve`) as a subprocess; stop() or kill() it."""
+
+    def __init__(self, data_dir: Path, *args: str, api_key: str | None = None) -> None:
+        self.data_dir = data_dir
+        self.args = list(args)
+        self.api_key = api_key
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.process: subprocess.Popen[bytes] | None = None
+        self.log_path = data_dir.parent / f"{data_dir.name}-server.log"
+
+    def start(self) -> ServerProcess:
+        argv = [sys.executable, "-m", "posttrain.service", "--port", str(self.port), "--data-dir", str(self.data_dir),
+                *self.args]
+        log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child
+        self.process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        log.close()
+        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        with Client(self.url, self.api_key, timeout=2) as client:
+            while time.monotonic() < deadline:
+                if self.process.poll() is not None:
+                    raise RuntimeError(f"server exited with {self.process.returncode}:\n{self.log()}")
+                if client.ready():
+                    return self
+                time.sleep(0.1)
+        self.kill()
+        raise RuntimeError(f"server did not become ready in {STARTUP_TIMEOUT_S}s:\n{self.log()}")
+
+    def client(self, api_key: str | None = None) -> Client:
+        return Client(self.url, api_key if api_key is not None else self.api_key)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+    def kill(self) -> None:
+        """SIGKILL the server only (its workers live in their own sessions and keep running)."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+
+def worker_processes(data_dir: Path) -> list[psutil.Process]:
+    """Worker processes whose --job-dir is under ``data_dir`` (started by this test's servers)."""
+    found = []
+    prefix = str(data_dir.resolve())
+    for process in psutil.process_iter():
+        with contextlib.suppress(psutil.Error):
+            cmdline = process.cmdline()
+            if "posttrain.worker" in cmdline and "--job-dir" in cmdline:
+                job_dir = cmdline[cmdline.index("--job-dir") + 1]
+                if job_dir.startswith(prefix) and process.status() != psutil.STATUS_ZOMBIE:
+                    found.append(process)
+    return found
+
+
+def kill_workers(data_dir: Path) -> None:
+    for process in worker_processes(data_dir):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(process.pid, signal.SIGKILL)
+
+
+def module_server(request: Any, tmp_path_factory: Any, *args: str,
+                  api_key: str | None = None) -> Iterator[ServerProcess]:
+    """Body of a module-scoped server fixture (one server shared by a module's tests)."""
+    server = ServerProcess(tmp_path_factory.mktemp(request.module.__name__.rsplit(".", 1)[-1]) / "data", *args,
+                           api_key=api_key)
+    server.start()
+    yield server
+    server.stop()
+    kill_workers(server.data_dir)
+
+
+def wait_for(predicate: Callable[[], object], timeout: float = 120, what: str = "condition") -> object:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def train_spec(**training: object) -> dict:
+    """A tiny-model SFT job: a few steps on one thread, checkpoints every 2 steps, no trackers."""
+    return {
+        "training": {"max_steps": 4, "save_steps": 2, "per_device_train_batch_size": 2, "num_threads": 1,
+                     "logging_steps": 1, **training},
+        "data": {"max_samples": 64},
+        "tracking": {"report_to": []},
+    }

@@ -1,0 +1,147 @@
+"""The job service end to end: a real server on loopback, driven through posttrain.client and the CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import typer
+from service_harness import ServerProcess, module_server, train_spec, wait_for
+from typer.testing import CliRunner
+
+from posttrain.client import ServiceError
+from posttrain.jobdir import JobDir
+from posttrain.service.commands import jobs_app
+
+
+@pytest.fixture(scope="module")
+def server(request, tmp_path_factory):
+    # One slot, a short cancel grace period; shared by this module's tests (each waits for its jobs).
+    yield from module_server(request, tmp_path_factory, "--slots", "1", "--cancel-grace", "5")
+
+
+def test_submit_uploaded_dataset_runs_to_success_with_artifacts(server: ServerProcess, tmp_path: Path):
+    rows = [{"instruction": f"Add {i} and {i}.", "input": "", "output": str(2 * i)} for i in range(40)]
+    dataset = tmp_path / "sums.jsonl"
+    dataset.write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+    with server.client() as client:
+        upload = client.upload(dataset)
+        assert upload.source == f"upload:{upload.id}" and upload.size == dataset.stat().st_size
+
+        spec = train_spec(max_steps=4, save_steps=2)
+        spec["data"] = {"source": upload.source}
+        job = client.submit(spec)
+        assert job.state == "queued" and job.method == "sft"
+
+        # Follow the log as server-sent events: it ends by itself when the job does.
+        followed = list(client.follow_logs(job.id, tail=0))
+        assert any("step 4/4" in line for line in followed)
+
+        job = client.wait(job.id, timeout=180)
+        assert job.state == "succeeded", job.error
+        assert (job.step, job.total_steps) == (4, 4)
+        assert job.attempt == 1 and job.launched_at <= job.started_at <= job.finished_at
+        assert "loss" in (job.metrics or {}) or "train_loss" in (job.metrics or {})
+
+        # The service put the job under its own data dir, with the uploaded file as its data.
+        job_dir = JobDir(server.data_dir / "jobs" / job.id)
+        written = job_dir.read_spec_dict()
+        assert written["output"]["dir"] == str(job_dir.root)
+        assert written["data"]["source"].startswith(str(server.data_dir / "files"))
+
+        listing = client.artifacts(job.id)
+        assert listing.final and listing.checkpoints == ["checkpoint-2", "checkpoint-4"]
+        paths = {a.path: a.size for a in listing.artifacts}
+        adapter = "final/adapter_model.safetensors"
+        assert paths[adapter] > 0 and listing.total_size == sum(paths.values())
+
+        target = client.download(job.id, adapter, tmp_path / "adapter.safetensors")
+        assert target.read_bytes() == (job_dir.root / adapter).read_bytes()
+
+        steps = [m["step"] for m in client.metrics(job.id) if "loss" in m]
+        assert steps == [1, 2, 3, 4]
+        assert any("step 4/4" in line for line in client.logs(job.id, tail=50))
+        assert job.id in [j.id for j in client.list_jobs(state="succeeded").jobs]
+
+        client.delete(job.id)
+        assert not job_dir.root.exists()
+        with pytest.raises(ServiceError) as missing:
+            client.get_job(job.id)
+        assert missing.value.status_code == 404 and job.id in missing.value.message
+
+
+def test_one_slot_queues_by_priority_then_fifo_and_cancel_stops_the_worker(server: ServerProcess):
+    with server.client() as client:
+        blocker = client.submit(train_spec(max_steps=100_000, save_steps=1_000))
+        wait_for(lambda: client.get_job(blocker.id).step >= 2, 120, "the first job to train")
+        low = client.submit(train_spec(max_steps=2))
+        dropped = client.submit(train_spec(max_steps=2))
+        high = client.submit(train_spec(max_steps=2), priority=5)
+        assert {client.get_job(j.id).state for j in (low, dropped, high)} == {"queued"}
+
+        # Cancelling a queued job takes it out of the queue; it never starts.
+        assert client.cancel(dropped.id).state == "cancelled"
+
+        # Cancelling a running job signals its worker group, which stops at the next step.
+        pid = JobDir(server.data_dir / "jobs" / blocker.id).read_status().pid
+        assert client.cancel(blocker.id).cancel_requested
+        blocker = client.wait(blocker.id, timeout=60)
+        assert blocker.state == "cancelled" and blocker.error is None and 0 < blocker.step < 100_000
+        assert JobDir(server.data_dir / "jobs" / blocker.id).read_status().state == "cancelled"
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+        with pytest.raises(ServiceError) as again:
+            client.cancel(blocker.id)
+        assert again.value.status_code == 409 and "already finished" in again.value.message
+
+        low, high = client.wait(low.id, timeout=180), client.wait(high.id, timeout=180)
+        dropped = client.get_job(dropped.id)
+    assert low.state == high.state == "succeeded", (low.error, high.error)
+    # One slot: each job started only after the one before it ended; the higher priority went first.
+    assert blocker.finished_at <= high.launched_at and high.finished_at <= low.launched_at
+    assert dropped.state == "cancelled" and dropped.attempt == 0 and dropped.launched_at is None
+
+
+def test_cli_jobs_commands(server: ServerProcess, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("POSTTRAIN_SERVER", server.url)
+    runner = CliRunner()
+    data = tmp_path / "local.jsonl"
+    data.write_text("".join(json.dumps({"instruction": f"Say {i}.", "output": str(i)}) + "\n" for i in range(16)))
+    config = tmp_path / "quick.yaml"
+    config.write_text("training:\n  save_steps: 2\n  num_threads: 1\n  per_device_train_batch_size: 2\n"
+                      f"data:\n  source: {data}\ntracking:\n  report_to: []\n")
+
+    # --upload sends the local data.source file to the server, which may be on another machine.
+    submitted = runner.invoke(jobs_app, ["submit", str(config), "training.max_steps=2", "--upload", "--follow"])
+    assert submitted.exit_code == 0, submitted.output
+    job_id = submitted.stdout.splitlines()[0]
+    assert "succeeded step 2/2" in submitted.stdout
+    assert f"uploaded {data} as file-" in submitted.stderr
+    spec = JobDir(server.data_dir / "jobs" / job_id).read_spec_dict()
+    assert spec["data"]["source"].startswith(str(server.data_dir / "files"))
+
+    listed = runner.invoke(jobs_app, ["list", "--state", "succeeded"])
+    assert listed.exit_code == 0 and job_id in listed.output
+    status = runner.invoke(jobs_app, ["status", job_id, "--json"])
+    assert json.loads(status.output)["state"] == "succeeded"
+    assert "step 2/2" in runner.invoke(jobs_app, ["logs", job_id]).output
+    assert json.loads(runner.invoke(jobs_app, ["metrics", job_id]).output.splitlines()[0])["step"] == 1
+    assert "final/adapter_model.safetensors" in runner.invoke(jobs_app, ["artifacts", job_id]).output
+
+    fetched = runner.invoke(jobs_app, ["download", job_id, "final", "-o", str(tmp_path / "out")])
+    assert fetched.exit_code == 0, fetched.output
+    assert (tmp_path / "out" / "final" / "adapter_config.json").is_file()
+
+    unknown = runner.invoke(jobs_app, ["status", "job-doesnotexist"])
+    assert unknown.exit_code == 1 and "no job 'job-doesnotexist'" in unknown.output
+    assert runner.invoke(jobs_app, ["delete", job_id]).exit_code == 0
+
+
+def test_cli_is_registered_on_the_main_app():
+    from posttrain.cli import app
+
+    command = typer.main.get_command(app)
+    assert {"serve", "jobs"} <= set(command.commands)  # type: ignore[attr-defined]
