@@ -1,0 +1,526 @@
+"""SFT throughput: stock TRL, hand-tuned TRL, a plain PyTorch loop and posttrain, on the same model and data.
+
+    .venv/bin/python bench/sft_throughput.py            # full run (~10 min on 2 CPU cores)
+    .venv/bin/python bench/sft_throughput.py --quick    # smoke run: tiny model, a few steps
+
+Every variant trains the same random-init Llama (hidden 256, 4 layers, the posttrain:tiny tokenizer) on
+the same variable-length text rows (16-480 tokens), full fine-tune, with the same batch size, step count,
+learning rate, schedule and seed, each in a fresh subprocess so thread settings and memory do not leak.
+Throughput counts real (non-padding) tokens over the wall time of the timed steps only: model loading,
+tokenization and the first ``--warmup`` steps are excluded. Every variant is then scored on the same
+held-out rows in fp32 (``eval_loss``), so a faster variant cannot hide a worse model. See bench/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_OUTPUT = REPO_ROOT / "bench" / "results" / "sft_throughput.json"
+VARIANTS = ("stock_trl", "tuned_trl", "plain_loop", "posttrain")
+LEARNING_RATE = 2e-4
+SEED = 42
+EVAL_ROWS = 32
+STUDY_STEPS, STUDY_WARMUP = 12, 3
+
+
+@dataclass
+class Settings:
+    """What every variant shares; written into the results so a run can be reproduced."""
+
+    hidden_size: int = 256
+    num_layers: int = 4
+    batch_size: int = 8
+    steps: int = 40
+    warmup: int = 4
+    train_rows: int = 1000
+    min_tokens: int = 16
+    max_tokens: int = 480
+    # Overrides for the thread and dtype study: threads of tuned_trl and posttrain; posttrain's model.dtype.
+    num_threads: int | None = None
+    model_dtype: str = "auto"
+    attn_implementation: str | None = None  # tuned_trl only
+
+    @classmethod
+    def quick(cls) -> Settings:
+        return cls(hidden_size=64, num_layers=2, batch_size=4, steps=3, warmup=1, train_rows=40, max_tokens=64)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Shared set-up: model folder and dataset, built once by the parent process.
+
+
+def corpus_words() -> list[str]:
+    from posttrain.tiny import sample_path
+
+    words: list[str] = []
+    for line in sample_path("alpaca").read_text(encoding="utf-8").splitlines():
+        row = json.loads(line)
+        words.extend(" ".join(str(row.get(key, "")) for key in ("instruction", "input", "output")).split())
+    return words
+
+
+def make_rows(tokenizer, count: int, settings: Settings, seed: int) -> list[dict[str, str]]:
+    """``count`` text rows whose token counts (BOS + text + EOS, as TRL tokenizes them) spread uniformly
+    over [min_tokens, max_tokens]; deterministic for a given seed."""
+    words = corpus_words()
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(count):
+        target = rng.randint(settings.min_tokens, settings.max_tokens)
+        start = rng.randrange(len(words))
+        window = (words[start:] + words)[: target * 2]
+        # The longest prefix of the word window that tokenizes to at most `target` tokens (+2: BOS and EOS).
+        lo, hi = 1, len(window)
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if len(tokenizer(" ".join(window[:mid]))["input_ids"]) + 1 <= target:
+                lo = mid
+            else:
+                hi = mid - 1
+        rows.append({"text": " ".join(window[:lo])})
+    return rows
+
+
+def prepare(work: Path, settings: Settings) -> dict[str, str]:
+    from transformers import AutoTokenizer
+
+    from posttrain.tiny import build_tiny_model
+
+    model_dir = work / "model"
+    build_tiny_model(model_dir, hidden_size=settings.hidden_size, num_layers=settings.num_layers)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    paths = {"model": str(model_dir), "train": str(work / "train.jsonl"), "eval": str(work / "eval.jsonl")}
+    for name, count, seed in (("train", settings.train_rows, SEED), ("eval", EVAL_ROWS, SEED + 1)):
+        rows = make_rows(tokenizer, count, settings, seed)
+        Path(paths[name]).write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    return paths
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Measurement helpers used inside each variant's subprocess.
+
+
+def tokenize_rows(tokenizer, path: str) -> list[list[int]]:
+    """Token ids exactly as TRL's SFTTrainer makes them from a text row: BOS + text + EOS."""
+    rows = [json.loads(line)["text"] for line in Path(path).read_text(encoding="utf-8").splitlines() if line]
+    eos = tokenizer.eos_token_id
+    out = []
+    for text in rows:
+        ids = tokenizer(text)["input_ids"]
+        out.append(ids if ids and ids[-1] == eos else [*ids, eos])
+    return out
+
+
+def eval_loss(model, tokenizer, path: str) -> float:
+    """Mean next-token loss over every token of the held-out rows, in fp32, one row at a time (no padding)."""
+    import torch
+
+    model.eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for ids in tokenize_rows(tokenizer, path):
+            tensor = torch.tensor([ids])
+            logits = model(input_ids=tensor).logits.float()
+            loss = torch.nn.functional.cross_entropy(logits[0, :-1], tensor[0, 1:], reduction="sum")
+            total, count = total + loss.item(), count + len(ids) - 1
+    return total / count
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+class StepClock:
+    """Wall time and real-token count between the end of the warm-up steps and the end of the last step."""
+
+    def __init__(self, warmup: int) -> None:
+        self.warmup = warmup
+        self.start: tuple[float, int] | None = None
+        self.end: tuple[float, int] | None = None
+        self.losses: list[float] = []
+
+    def step_done(self, step: int, tokens_seen: int) -> None:
+        now = time.perf_counter()
+        if step == self.warmup:
+            self.start = (now, tokens_seen)
+        self.end = (now, tokens_seen)
+
+    def result(self) -> dict[str, float]:
+        assert self.start is not None and self.end is not None, "fewer steps ran than the warm-up"
+        seconds, tokens = self.end[0] - self.start[0], self.end[1] - self.start[1]
+        return {"timed_seconds": round(seconds, 3), "timed_real_tokens": tokens,
+                "real_tokens_per_s": round(tokens / seconds, 1)}
+
+
+def final_loss(losses: list[float]) -> float:
+    """Mean training loss of the last five steps: one batch's loss swings with its rows' lengths."""
+    tail = losses[-5:]
+    return round(sum(tail) / len(tail), 4)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The four variants. Each returns its row of the results table.
+
+
+def run_trl(variant: str, paths: dict[str, str], settings: Settings, out_dir: Path) -> dict[str, Any]:
+    import datasets
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import SFTConfig, SFTTrainer
+
+    tuned = variant == "tuned_trl"
+    if tuned:
+        # The best a knowledgeable user picks for a small model on this CPU: one thread per process (two are
+        # faster only while nothing else runs; see the thread study), no recomputation, rows of similar length
+        # batched together; bf16 autocast only where the CPU has native bf16 (AVX512-BF16 / AMX): faster than
+        # fp32 there, far slower where it is emulated.
+        torch.set_num_threads(settings.num_threads or 1)
+    bf16 = cpu_has_native_bf16() if tuned else None
+    clock = StepClock(settings.warmup)
+
+    class Clock(TrainerCallback):
+        def on_step_end(self, args, state, control, **_):
+            clock.step_done(state.global_step, int(state.num_input_tokens_seen))
+
+        def on_log(self, args, state, control, logs=None, **_):
+            if logs and "loss" in logs:
+                clock.losses.append(float(logs["loss"]))
+
+    tokenizer = AutoTokenizer.from_pretrained(paths["model"])
+    attention = {"attn_implementation": settings.attn_implementation} if settings.attn_implementation else {}
+    model = AutoModelForCausalLM.from_pretrained(paths["model"], dtype=torch.float32, **attention)
+    config_kwargs: dict[str, Any] = {
+        "output_dir": str(out_dir),
+        "max_steps": settings.steps,
+        "per_device_train_batch_size": settings.batch_size,
+        "learning_rate": LEARNING_RATE,
+        "seed": SEED,
+        "data_seed": SEED,
+        "logging_steps": 1,
+        "save_strategy": "no",
+        "report_to": [],
+        "disable_tqdm": True,
+        # Measurement only: counts attention-mask tokens, i.e. the real ones.
+        "include_num_input_tokens_seen": "non_padding",
+        "use_cpu": True,
+    }
+    if tuned:
+        config_kwargs.update(bf16=bf16, activation_checkpointing=False, train_sampling_strategy="group_by_length")
+    config = SFTConfig(**config_kwargs)
+    trainer = SFTTrainer(model=model, args=config, processing_class=tokenizer,
+                         train_dataset=datasets.load_dataset("json", data_files=paths["train"], split="train"),
+                         callbacks=[Clock()])
+    trainer.train()
+    row = {
+        **clock.result(),
+        "final_loss": final_loss(clock.losses),
+        "eval_loss": round(eval_loss(trainer.model, tokenizer, paths["eval"]), 4),
+        "peak_rss_mb": round(peak_rss_mb(), 1),
+        "num_threads": torch.get_num_threads(),
+        "dtype": "fp32+bf16-autocast" if config.bf16 else "fp32",
+        "gradient_checkpointing": bool(config.activation_checkpointing),
+        "sampling": config.train_sampling_strategy,
+        "attn_implementation": model.config._attn_implementation,
+    }
+    return row
+
+
+def run_plain_loop(paths: dict[str, str], settings: Settings) -> dict[str, Any]:
+    """The practical limit: no Trainer, no padding (each row is its own forward/backward), same optimiser."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.set_num_threads(1)
+    torch.manual_seed(SEED)
+    bf16 = cpu_has_native_bf16()
+    tokenizer = AutoTokenizer.from_pretrained(paths["model"])
+    model = AutoModelForCausalLM.from_pretrained(paths["model"], dtype=torch.float32)
+    model.config.use_cache = False
+    model.train()
+    rows = tokenize_rows(tokenizer, paths["train"])
+    order = list(range(len(rows)))
+    random.Random(SEED).shuffle(order)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=LEARNING_RATE, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: max(0.0, 1 - step / settings.steps))
+    clock = StepClock(settings.warmup)
+    seen = 0
+    for step in range(settings.steps):
+        start = (step * settings.batch_size) % len(order)
+        batch = [rows[order[(start + i) % len(order)]] for i in range(settings.batch_size)]
+        # Token-mean loss over the whole batch, as the trainers compute it: each row's summed loss is divided
+        # by the batch's label count, so accumulating per-row gradients gives the batch gradient exactly.
+        label_count = sum(len(ids) - 1 for ids in batch)
+        batch_loss = 0.0
+        for ids in batch:
+            tensor = torch.tensor([ids])
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                logits = model(input_ids=tensor).logits
+            loss = torch.nn.functional.cross_entropy(logits[0, :-1].float(), tensor[0, 1:], reduction="sum")
+            (loss / label_count).backward()
+            batch_loss += loss.item() / label_count
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        seen += sum(len(ids) for ids in batch)
+        clock.losses.append(batch_loss)
+        clock.step_done(step + 1, seen)
+    return {
+        **clock.result(),
+        "final_loss": final_loss(clock.losses),
+        "eval_loss": round(eval_loss(model, tokenizer, paths["eval"]), 4),
+        "peak_rss_mb": round(peak_rss_mb(), 1),
+        "num_threads": torch.get_num_threads(),
+        "dtype": "fp32+bf16-autocast" if bf16 else "fp32",
+        "gradient_checkpointing": False,
+        "sampling": "random, one row per forward (no padding)",
+        "attn_implementation": model.config._attn_implementation,
+    }
+
+
+def run_posttrain(paths: dict[str, str], settings: Settings, out_dir: Path) -> dict[str, Any]:
+    """``posttrain train`` with its defaults, full fine-tune (peft.type=none), through the worker."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from posttrain.spec import spec_from_dict
+    from posttrain.worker import run_worker
+
+    spec = spec_from_dict({
+        "name": "bench",
+        "model": {"name_or_path": paths["model"], "dtype": settings.model_dtype},
+        "data": {"source": paths["train"]},
+        "peft": {"type": "none"},
+        "training": {"max_steps": settings.steps, "per_device_train_batch_size": settings.batch_size,
+                     "learning_rate": LEARNING_RATE, "seed": SEED, "num_threads": settings.num_threads},
+    })
+    result = run_worker(spec, out_dir, log_to_file=False)
+    if result.state != "succeeded":
+        raise RuntimeError(f"posttrain run {result.state}: {result.error}")
+    # The worker logs every step (its default) with a wall-clock time and the real tokens seen so far.
+    records = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = {rec["step"]: rec for rec in records if "loss" in rec}
+    first, last = steps[settings.warmup], steps[settings.steps]
+    seconds = last["time"] - first["time"]
+    tokens = last["num_tokens_seen"] - first["num_tokens_seen"]
+    final = out_dir / "final"
+    tokenizer = AutoTokenizer.from_pretrained(final)
+    model = AutoModelForCausalLM.from_pretrained(final, dtype=torch.float32)
+    return {
+        "timed_seconds": round(seconds, 3),
+        "timed_real_tokens": tokens,
+        "real_tokens_per_s": round(tokens / seconds, 1),
+        "final_loss": final_loss([steps[s]["loss"] for s in sorted(steps)]),
+        "eval_loss": round(eval_loss(model, tokenizer, paths["eval"]), 4),
+        "peak_rss_mb": round(peak_rss_mb(), 1),
+        # What posttrain chose by itself, as its metrics.jsonl records it.
+        "num_threads": last.get("num_threads"),
+        "dtype": "fp32+bf16-autocast" if last.get("autocast") == "bf16"
+        else {"float32": "fp32", "bfloat16": "bf16"}.get(last.get("dtype"), last.get("dtype")),
+        "gradient_checkpointing": last.get("gradient_checkpointing"),
+        "sampling": "group_by_length" if last.get("group_by_length") else "random",
+        "padding_free": last.get("padding_free"),
+        "attn_implementation": last.get("attn_implementation"),
+    }
+
+
+def cpu_has_native_bf16() -> bool:
+    import torch
+
+    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+
+
+def run_variant(variant: str, paths: dict[str, str], settings: Settings, out_dir: Path) -> dict[str, Any]:
+    if variant in ("stock_trl", "tuned_trl"):
+        return run_trl(variant, paths, settings, out_dir)
+    if variant == "plain_loop":
+        return run_plain_loop(paths, settings)
+    return run_posttrain(paths, settings, out_dir)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Parent: run each variant in its own process and write the table.
+
+
+def machine_info() -> dict[str, Any]:
+    import torch
+
+    flags = ""
+    if Path("/proc/cpuinfo").exists():
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                flags = line
+                break
+    model_name = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                       if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() \
+        else platform.processor()
+    return {
+        "cpu": model_name,
+        "cpu_count": os.cpu_count(),
+        "avx2": " avx2" in flags,
+        "avx512_bf16": " avx512_bf16" in flags,
+        "amx_bf16": " amx_bf16" in flags,
+        "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": _version("transformers"),
+        "trl": _version("trl"),
+        "platform": platform.platform(),
+    }
+
+
+def _version(package: str) -> str:
+    from importlib.metadata import version
+
+    return version(package)
+
+
+def spawn(variant: str, paths: dict[str, str], settings: Settings, work: Path, competing: bool = False,
+          tag: str | None = None) -> dict[str, Any]:
+    """Run one variant in a fresh interpreter; with ``competing``, next to a process that keeps a core busy."""
+    tag = tag or variant
+    result_file = work / f"{tag}.result.json"
+    command = [sys.executable, str(Path(__file__).resolve()), "--child", variant, "--tag", tag, "--work", str(work),
+               "--settings", json.dumps(asdict(settings)), "--paths", json.dumps(paths)]
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(REPO_ROOT)}
+    competitor = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if competing else None
+    started = time.perf_counter()
+    try:
+        proc = subprocess.run(command, env=env, capture_output=True, text=True)
+    finally:
+        if competitor is not None:
+            competitor.kill()
+            competitor.wait()
+    if proc.returncode != 0 or not result_file.exists():
+        raise RuntimeError(f"{tag} failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
+    row = json.loads(result_file.read_text())
+    row["process_seconds"] = round(time.perf_counter() - started, 1)
+    return row
+
+
+def thread_and_dtype_study(paths: dict[str, str], settings: Settings, work: Path) -> dict[str, Any]:
+    """posttrain's throughput with 1 and 2 threads, alone and beside a busy process; tuned TRL with 2
+    threads and with eager attention; posttrain in fp32 (model.dtype=fp32) instead of its automatic bf16
+    autocast."""
+    short = Settings(**{**asdict(settings), "steps": STUDY_STEPS, "warmup": STUDY_WARMUP})
+    rows: dict[str, Any] = {}
+    for threads in (1, 2):
+        for competing in (False, True):
+            tag = f"posttrain_{threads}_thread{'s' if threads > 1 else ''}{'_competing' if competing else '_alone'}"
+            print(f"running {tag} ...", file=sys.stderr, flush=True)
+            row = spawn("posttrain", paths, Settings(**{**asdict(short), "num_threads": threads}), work,
+                        competing=competing, tag=tag)
+            rows[tag] = {key: row[key] for key in ("real_tokens_per_s", "num_threads", "dtype")}
+    print("running tuned_trl_2_threads_alone ...", file=sys.stderr, flush=True)
+    row = spawn("tuned_trl", paths, Settings(**{**asdict(short), "num_threads": 2}), work,
+                tag="tuned_trl_2_threads_alone")
+    rows["tuned_trl_2_threads_alone"] = {key: row[key] for key in ("real_tokens_per_s", "num_threads", "dtype")}
+    print("running tuned_trl_eager_attention ...", file=sys.stderr, flush=True)
+    row = spawn("tuned_trl", paths, Settings(**{**asdict(short), "attn_implementation": "eager"}), work,
+                tag="tuned_trl_eager_attention")
+    rows["tuned_trl_eager_attention_1_thread_alone"] = {
+        key: row[key] for key in ("real_tokens_per_s", "num_threads", "dtype")}
+    print("running posttrain_fp32 ...", file=sys.stderr, flush=True)
+    row = spawn("posttrain", paths, Settings(**{**asdict(short), "model_dtype": "fp32"}), work, tag="posttrain_fp32")
+    rows["posttrain_fp32_1_thread_alone"] = {key: row[key] for key in ("real_tokens_per_s", "num_threads", "dtype")}
+    return {"steps": STUDY_STEPS, "warmup": STUDY_WARMUP, "runs": rows}
+
+
+def ratio(results: dict[str, dict[str, Any]], a: str, b: str) -> float | None:
+    if a in results and b in results:
+        return round(results[a]["real_tokens_per_s"] / results[b]["real_tokens_per_s"], 3)
+    return None
+
+
+def print_table(report: dict[str, Any]) -> None:
+    header = f"{'variant':<11} {'real tok/s':>10} {'final loss':>10} {'eval loss':>9} {'peak RSS MB':>11} " \
+             f"{'threads':>7}  dtype"
+    print(header)
+    for name, row in report["results"].items():
+        print(f"{name:<11} {row['real_tokens_per_s']:>10.0f} {row['final_loss']:>10.3f} {row['eval_loss']:>9.3f} "
+              f"{row['peak_rss_mb']:>11.0f} {row['num_threads']!s:>7}  {row['dtype']}")
+    for key, value in report["ratios"].items():
+        print(f"{key}: {value}")
+    for key, row in report.get("thread_and_dtype_study", {}).get("runs", {}).items():
+        print(f"{key}: {row['real_tokens_per_s']:.0f} real tok/s ({row['dtype']})")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="smoke run: tiny model, a few steps (seconds)")
+    parser.add_argument("--steps", type=int, help="optimizer steps per variant (default 40; quick 3)")
+    parser.add_argument("--warmup", type=int, help="steps excluded from timing (default 4; quick 1)")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset to run")
+    parser.add_argument("--output", type=Path, help=f"results JSON (default {DEFAULT_OUTPUT.relative_to(REPO_ROOT)})")
+    parser.add_argument("--no-study", action="store_true", help="skip the thread/dtype study (on by default, "
+                        "off with --quick)")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--tag", help=argparse.SUPPRESS)
+    parser.add_argument("--work", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--settings", help=argparse.SUPPRESS)
+    parser.add_argument("--paths", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    if args.child:
+        settings = Settings(**json.loads(args.settings))
+        tag = args.tag or args.child
+        row = run_variant(args.child, json.loads(args.paths), settings, args.work / tag)
+        (args.work / f"{tag}.result.json").write_text(json.dumps(row))
+        return 0
+
+    settings = Settings.quick() if args.quick else Settings()
+    if args.steps:
+        settings.steps = args.steps
+    if args.warmup is not None:
+        settings.warmup = args.warmup
+    if settings.warmup >= settings.steps:
+        parser.error("--warmup must be smaller than --steps")
+    variants = [name.strip() for name in args.variants.split(",") if name.strip()]
+    unknown = sorted(set(variants) - set(VARIANTS))
+    if unknown:
+        parser.error(f"unknown variants {unknown}; known: {', '.join(VARIANTS)}")
+    output = args.output or DEFAULT_OUTPUT
+    with tempfile.TemporaryDirectory(prefix="sft-bench-") as tmp:
+        work = Path(tmp)
+        machine = machine_info()
+        paths = prepare(work, settings)
+        results = {}
+        for variant in variants:
+            print(f"running {variant} ...", file=sys.stderr, flush=True)
+            results[variant] = spawn(variant, paths, settings, work)
+        study = None if args.quick or args.no_study else thread_and_dtype_study(paths, settings, work)
+    report = {
+        "results": results,
+        "ratios": {
+            "posttrain_over_plain_loop": ratio(results, "posttrain", "plain_loop"),
+            "posttrain_over_tuned_trl": ratio(results, "posttrain", "tuned_trl"),
+            "posttrain_over_stock_trl": ratio(results, "posttrain", "stock_trl"),
+        },
+        "settings": {**asdict(settings), "learning_rate": LEARNING_RATE, "seed": SEED, "eval_rows": EVAL_ROWS,
+                     "peft": "none (full fine-tune)", "quick": args.quick},
+        "machine": machine,
+    }
+    if study is not None:
+        report["thread_and_dtype_study"] = study
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(report, indent=2) + "\n")
+    print_table(report)
+    print(f"wrote {output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

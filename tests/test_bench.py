@@ -1,0 +1,95 @@
+"""The SFT throughput benchmark runs end to end, and posttrain's faster SFT path computes the same loss."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+from posttrain.data import load_training_data
+from posttrain.jobdir import JobDir
+from posttrain.modeling import load_tokenizer, resolve_placement
+from posttrain.recipes import RecipeInputs, build_trainer
+from posttrain.spec import spec_from_dict
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+VARIANTS = {"stock_trl", "tuned_trl", "plain_loop", "posttrain"}
+ROW_KEYS = {"real_tokens_per_s", "peak_rss_mb", "final_loss", "eval_loss", "num_threads", "dtype"}
+
+
+def test_quick_benchmark_writes_every_variant(tmp_path):
+    output = tmp_path / "sft_throughput.json"
+    subprocess.run([sys.executable, str(REPO_ROOT / "bench" / "sft_throughput.py"), "--quick", "--output",
+                    str(output)], check=True, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+
+    report = json.loads(output.read_text())
+
+    assert set(report["results"]) == VARIANTS
+    for name, row in report["results"].items():
+        assert set(row) >= ROW_KEYS, name
+        assert row["real_tokens_per_s"] > 0 and row["final_loss"] > 0 and row["num_threads"] >= 1
+    assert set(report["ratios"]) >= {"posttrain_over_plain_loop", "posttrain_over_tuned_trl"}
+    assert report["machine"]["cpu_count"] >= 1
+
+
+@pytest.fixture(scope="module")
+def sft_trainer(tmp_path_factory):
+    torch.set_num_threads(1)
+    spec = spec_from_dict({"peft": {"type": "none"}, "tracking": {"report_to": []},
+                           "training": {"max_steps": 1, "per_device_train_batch_size": 4}})
+    job_dir = JobDir(tmp_path_factory.mktemp("job")).create()
+    data = load_training_data(spec.data, "sft", seed=spec.training.seed)
+    inputs = RecipeInputs(spec, job_dir, resolve_placement(spec.model), data, load_tokenizer(spec), [])
+    trainer = build_trainer(inputs)
+    trainer.model.train()
+    return trainer
+
+
+def batch_loss(trainer, batch, plain_loss: bool) -> float:
+    labels = batch["labels"]
+    # The Trainer passes the batch's label count; padding-free batches already mask each row's first label.
+    num_items = (labels[:, 1:] != -100).sum()
+    trainer.plain_loss = plain_loss
+    with torch.no_grad():
+        return trainer.compute_loss(trainer.model, dict(batch), num_items_in_batch=num_items).item()
+
+
+def test_fast_sft_loss_equals_fused_head_padded_and_padding_free_losses(sft_trainer):
+    examples = [sft_trainer.train_dataset[i] for i in range(4)]
+    assert len({len(example["input_ids"]) for example in examples}) > 1, "need rows of different lengths"
+    collator = sft_trainer.data_collator
+    assert isinstance(collator, DataCollatorForLanguageModeling)
+    padded = collator(examples)
+    padding_free = dataclasses.replace(collator, padding_free=True)(examples)
+    assert (padded["labels"] == -100).any(), "prompt tokens and padding are masked out of the loss"
+
+    plain = batch_loss(sft_trainer, padded, plain_loss=True)
+    fused = batch_loss(sft_trainer, padded, plain_loss=False)
+    packed = batch_loss(sft_trainer, padding_free, plain_loss=True)
+    # Reference: every row on its own (no padding, no packing), token-mean over the batch.
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for example in examples:
+            ids = torch.tensor([example["input_ids"]])
+            labels = torch.tensor([example.get("labels", example["input_ids"])])
+            logits = sft_trainer.model(input_ids=ids).logits[0, :-1]
+            target = labels[0, 1:]
+            total += torch.nn.functional.cross_entropy(logits, target, ignore_index=-100, reduction="sum").item()
+            count += int((target != -100).sum())
+
+    assert plain == pytest.approx(fused, rel=1e-5)
+    assert plain == pytest.approx(total / count, rel=1e-5)
+    assert packed == pytest.approx(total / count, rel=1e-5)
+
+
+def test_cpu_sft_defaults_group_rows_by_length_without_padding_free(sft_trainer):
+    assert sft_trainer.args.train_sampling_strategy == "group_by_length"
+    assert sft_trainer.padding_free is False
+    assert not sft_trainer.args.activation_checkpointing
+    assert sft_trainer.plain_loss is not None
