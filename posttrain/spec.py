@@ -33,13 +33,17 @@ class ModelSpec(Section):
         description="Hub model id or local folder; 'posttrain:tiny' is the embedded tiny random-init model.",
     )
     dtype: Literal["auto", "bf16", "fp16", "fp32"] = Field(
-        "auto", description="Weights/compute dtype; auto picks bf16 on GPUs that support it, else fp32."
+        "auto",
+        description="Weights/compute dtype; auto: bf16 on GPUs that have it (else fp16), fp32 on CPU "
+        "(SFT adds bf16 autocast on CPUs with native bf16 instructions).",
     )
     device: Literal["auto", "cpu", "cuda", "mps"] = Field(
         "auto", description="Device to train on; auto picks cuda, then mps, then cpu."
     )
     attn_implementation: Literal["auto", "eager", "sdpa", "flash_attention_2"] = Field(
-        "auto", description="Attention kernel; auto lets transformers choose (sdpa where available)."
+        "auto",
+        description="Attention kernel; auto lets transformers choose (sdpa), except SFT on CPU with small "
+        "attention matrices, where eager was measured faster.",
     )
     trust_remote_code: bool = Field(False, description="Allow model code from the hub repository to run.")
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit) of the model.")
