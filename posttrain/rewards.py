@@ -104,9 +104,4 @@ def resolve_reward_function(name: str) -> RewardFunction:
 def resolve_reward_functions(names: list[str]) -> list[RewardFunction]:
     if not names:
         raise ConfigError("GRPO needs at least one reward function", "method.reward_functions")
-    functions = []
-    for name in names:
-        function = resolve_reward_function(name)
-        # TRL names logged reward columns after __name__; keep user names distinct and readable.
-        functions.append(function)
-    return functions
+    return [resolve_reward_function(name) for name in names]

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
+
+from trl.data_utils import is_conversational
 
 from posttrain.data import PreparedData
 from posttrain.jobdir import JobDir
-from posttrain.modeling import Placement
+from posttrain.modeling import Placement, ensure_chat_template
 from posttrain.spec import JobSpec
 
 # Above this size, activation memory starts to matter on a GPU; below it, recomputation only costs time.
@@ -98,5 +99,16 @@ def training_arguments(inputs: RecipeInputs, num_params: int) -> dict[str, Any]:
     return kwargs
 
 
-def tensorboard_dir(job_dir: JobDir) -> Path:
-    return job_dir.tensorboard_dir
+def shared_trainer_arguments(inputs: RecipeInputs) -> dict[str, Any]:
+    """The trainer arguments every method passes the same way: data, tokenizer, callbacks.
+
+    Conversational rows need a chat template; a tokenizer without one gets a ChatML template here.
+    """
+    if is_conversational(inputs.data.train[0]):
+        ensure_chat_template(inputs.tokenizer)
+    return {
+        "train_dataset": inputs.data.train,
+        "eval_dataset": inputs.data.eval,
+        "processing_class": inputs.tokenizer,
+        "callbacks": inputs.callbacks,
+    }

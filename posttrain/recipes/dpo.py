@@ -9,17 +9,14 @@ reference the base with the adapter disabled is the reference: same numbers, no 
 from __future__ import annotations
 
 from trl import DPOConfig, DPOTrainer
-from trl.data_utils import is_conversational
 
-from posttrain.modeling import ensure_chat_template, load_model, lora_config
-from posttrain.recipes.common import RecipeInputs, training_arguments
+from posttrain.modeling import load_model, lora_config
+from posttrain.recipes.common import RecipeInputs, shared_trainer_arguments, training_arguments
 
 
 def build_trainer(inputs: RecipeInputs) -> DPOTrainer:
     spec = inputs.spec
     method = spec.method
-    if is_conversational(inputs.data.train[0]):
-        ensure_chat_template(inputs.tokenizer)
     model = load_model(spec, inputs.placement)
     ref_model = None
     if method.use_reference_model and method.reference_model:
@@ -36,9 +33,6 @@ def build_trainer(inputs: RecipeInputs) -> DPOTrainer:
         model=model,
         ref_model=ref_model,
         args=config,
-        train_dataset=inputs.data.train,
-        eval_dataset=inputs.data.eval,
-        processing_class=inputs.tokenizer,
         peft_config=lora_config(spec),
-        callbacks=inputs.callbacks,
+        **shared_trainer_arguments(inputs),
     )

@@ -4,18 +4,15 @@ push the policy towards the better ones (TRL GRPOTrainer)."""
 from __future__ import annotations
 
 from trl import GRPOConfig, GRPOTrainer
-from trl.data_utils import is_conversational
 
-from posttrain.modeling import ensure_chat_template, load_model, lora_config
-from posttrain.recipes.common import RecipeInputs, training_arguments
+from posttrain.modeling import load_model, lora_config
+from posttrain.recipes.common import RecipeInputs, shared_trainer_arguments, training_arguments
 from posttrain.rewards import resolve_reward_functions
 
 
 def build_trainer(inputs: RecipeInputs) -> GRPOTrainer:
     spec = inputs.spec
     method = spec.method
-    if is_conversational(inputs.data.train[0]):
-        ensure_chat_template(inputs.tokenizer)
     # Generation batches prompts of different lengths: pad on the left so completions line up.
     inputs.tokenizer.padding_side = "left"
     model = load_model(spec, inputs.placement)
@@ -35,9 +32,6 @@ def build_trainer(inputs: RecipeInputs) -> GRPOTrainer:
         model=model,
         reward_funcs=resolve_reward_functions(method.reward_functions),
         args=config,
-        train_dataset=inputs.data.train,
-        eval_dataset=inputs.data.eval,
-        processing_class=inputs.tokenizer,
         peft_config=lora_config(spec),
-        callbacks=inputs.callbacks,
+        **shared_trainer_arguments(inputs),
     )

@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 from trl import RewardConfig, RewardTrainer
-from trl.data_utils import is_conversational
 
-from posttrain.modeling import ensure_chat_template, load_model, lora_config
-from posttrain.recipes.common import RecipeInputs, training_arguments
+from posttrain.modeling import load_model, lora_config
+from posttrain.recipes.common import RecipeInputs, shared_trainer_arguments, training_arguments
 
 
 def build_trainer(inputs: RecipeInputs) -> RewardTrainer:
     spec = inputs.spec
-    if is_conversational(inputs.data.train[0]):
-        ensure_chat_template(inputs.tokenizer)
     model = load_model(spec, inputs.placement, head="sequence_classification")
     model.config.pad_token_id = inputs.tokenizer.pad_token_id
     config = RewardConfig(
@@ -23,9 +20,6 @@ def build_trainer(inputs: RecipeInputs) -> RewardTrainer:
     return RewardTrainer(
         model=model,
         args=config,
-        train_dataset=inputs.data.train,
-        eval_dataset=inputs.data.eval,
-        processing_class=inputs.tokenizer,
         peft_config=lora_config(spec, head="sequence_classification"),
-        callbacks=inputs.callbacks,
+        **shared_trainer_arguments(inputs),
     )

@@ -22,10 +22,14 @@ from typing import Any
 
 import torch
 from trl import SFTConfig, SFTTrainer
-from trl.data_utils import is_conversational
 
-from posttrain.modeling import ensure_chat_template, load_model, lora_config
-from posttrain.recipes.common import RecipeInputs, cpu_bf16_autocast, training_arguments
+from posttrain.modeling import load_model, lora_config
+from posttrain.recipes.common import (
+    RecipeInputs,
+    cpu_bf16_autocast,
+    shared_trainer_arguments,
+    training_arguments,
+)
 
 log = logging.getLogger("posttrain.worker")
 
@@ -140,8 +144,6 @@ def use_group_by_length(inputs: RecipeInputs, padding_free: bool) -> bool:
 def build_trainer(inputs: RecipeInputs) -> PosttrainSFTTrainer:
     spec = inputs.spec
     method = spec.method
-    if is_conversational(inputs.data.train[0]):
-        ensure_chat_template(inputs.tokenizer)
     attention = cpu_attention(inputs)
     if attention is not None:
         spec = spec.model_copy(update={"model": spec.model.model_copy(update={"attn_implementation": attention})})
@@ -174,11 +176,8 @@ def build_trainer(inputs: RecipeInputs) -> PosttrainSFTTrainer:
     return PosttrainSFTTrainer(
         model=model,
         args=config,
-        train_dataset=inputs.data.train,
-        eval_dataset=inputs.data.eval,
-        processing_class=inputs.tokenizer,
         peft_config=lora_config(spec),
-        callbacks=inputs.callbacks,
+        **shared_trainer_arguments(inputs),
         plain_loss=plain_loss,
     )
 
