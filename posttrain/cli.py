@@ -166,7 +166,7 @@ def plot(
 @app.command()
 def demo(
     output: Annotated[Path, typer.Option("--output", "-o", help="Where the demo runs go.")] = Path("runs/demo"),
-    steps: Annotated[int, typer.Option(help="Optimizer steps per stage (SFT gets 8x).")] = 30,
+    steps: Annotated[int, typer.Option(help="Optimizer steps per stage (SFT gets 8x).")] = 60,
 ) -> None:
     """SFT -> DPO -> GRPO with LoRA on the embedded tiny model, with before/after samples."""
     from posttrain.demo import run_demo

@@ -101,6 +101,7 @@ def run_demo(output: Path, steps: int, console: Console) -> bool:
     samples.add_column("model")
     samples.add_column(f"answer to: {SAMPLE_PROMPT!r}")
     samples.add_row("tiny (random init)", _generate("posttrain:tiny", SAMPLE_PROMPT))
+    samples.add_row("after SFT", _generate(str(output / "sft-merged"), SAMPLE_PROMPT))
     samples.add_row("after SFT -> DPO -> GRPO", _generate(model, SAMPLE_PROMPT))
     console.print(samples)
     console.print(f"runs in [bold]{output}[/]; plot one with: posttrain plot {output / 'sft'}")

@@ -98,3 +98,11 @@ def test_train_help_lists_every_config_key_from_the_schema(tmp_path):
     text = posttrain("train", "--help", cwd=tmp_path).stdout
     for key, *_ in describe_fields():
         assert key in text, key
+
+
+def test_demo_runs_the_three_stages_and_shows_what_moved(tmp_path):
+    proc = posttrain("demo", "--steps", "15", "--output", str(tmp_path / "demo"), cwd=tmp_path)
+    assert "what moved" in proc.stderr and "before / after" in proc.stderr
+    for stage in ("sft", "dpo", "grpo"):
+        assert '"state": "succeeded"' in (tmp_path / "demo" / stage / "status.json").read_text()
+        assert (tmp_path / "demo" / f"{stage}-merged" / "config.json").exists()
