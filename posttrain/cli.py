@@ -64,6 +64,19 @@ def default_job_dir(spec: JobSpec) -> Path:
     return Path(spec.output.dir) if spec.output.dir else Path("runs") / (spec.name or spec.method.name)
 
 
+def remove_previous_run(job_dir: Path) -> None:
+    """Delete a previous run for --overwrite; refuse anything that does not look like one."""
+    from posttrain.jobdir import JobDir
+
+    run = JobDir(job_dir)
+    if not job_dir.is_dir():
+        raise PosttrainError(f"--overwrite: {job_dir} is not a directory")
+    if any(job_dir.iterdir()) and not (run.spec_path.exists() or run.status_path.exists()):
+        raise PosttrainError(f"--overwrite: {job_dir} is not a posttrain run (no spec.json or status.json); "
+                             "refusing to delete it")
+    shutil.rmtree(job_dir)
+
+
 def print_summary(result, spec: JobSpec) -> None:
     table = Table.grid(padding=(0, 2))
     table.add_row("state", f"[bold]{result.state}[/]" + (f" ({result.error})" if result.error else ""))
@@ -102,7 +115,7 @@ def train(
         spec = _load(config, overrides)
         job_dir = output or default_job_dir(spec)
         if overwrite and job_dir.exists() and not resume:
-            shutil.rmtree(job_dir)
+            remove_previous_run(job_dir)
         result = run_worker(spec, job_dir, resume=resume)
     except PosttrainError as exc:
         fail(exc.message)

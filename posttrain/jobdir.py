@@ -130,6 +130,11 @@ class JobDir:
                 continue  # a line cut by a crash mid-append
         return records
 
+    def truncate_metrics(self, last_step: int) -> None:
+        """Drop the records logged after ``last_step``: a run resumed from that step logs them again."""
+        kept = [record for record in self.read_metrics() if record.get("step", 0) <= last_step]
+        atomic_write_text(self.metrics_path, "".join(json.dumps(r, default=float) + "\n" for r in kept))
+
     # -- checkpoints --------------------------------------------------------------------------------
     def checkpoints(self, complete_only: bool = True) -> list[Path]:
         """Checkpoint folders sorted by step; by default only those whose marker file exists."""
@@ -141,6 +146,13 @@ class JobDir:
             if match and child.is_dir() and (not complete_only or (child / COMPLETE_MARKER).exists()):
                 found.append((int(match.group(1)), child))
         return [path for _, path in sorted(found)]
+
+    @staticmethod
+    def checkpoint_step(checkpoint: Path) -> int:
+        match = _CHECKPOINT_RE.match(checkpoint.name)
+        if not match:
+            raise ValueError(f"{checkpoint} is not a checkpoint-N folder")
+        return int(match.group(1))
 
     def latest_checkpoint(self) -> Path | None:
         complete = self.checkpoints()

@@ -13,6 +13,7 @@ from typing import Literal
 
 import torch
 
+from posttrain.data.sources import looks_like_local_path
 from posttrain.errors import ModelError, UnsupportedError
 from posttrain.spec import JobSpec, ModelSpec
 
@@ -40,10 +41,6 @@ class Placement:
     @property
     def mixed_precision(self) -> str:
         return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(self.dtype, "no")
-
-
-def looks_like_local_path(name: str) -> bool:
-    return name.startswith(("/", "./", "../", "~")) or (os.sep in name.rstrip(os.sep) and Path(name).suffix != "")
 
 
 def resolve_device(requested: str) -> str:
@@ -86,7 +83,7 @@ def resolve_model_path(name: str) -> str:
         if not (path / "config.json").exists() and not (path / "adapter_config.json").exists():
             raise ModelError(f"model.name_or_path {name!r} has no config.json: not a Hugging Face model folder")
         return str(path)
-    if looks_like_local_path(name) or name.count("/") > 1:
+    if looks_like_local_path(name):
         raise ModelError(f"model.name_or_path {name!r} does not exist")
     return name
 

@@ -32,7 +32,8 @@ class PreflightReport:
 
 
 def _check_model(spec: JobSpec) -> str:
-    from posttrain.modeling import TINY_MODEL, looks_like_local_path, resolve_model_path
+    from posttrain.data.sources import looks_like_local_path
+    from posttrain.modeling import TINY_MODEL, resolve_model_path
 
     name = spec.model.name_or_path
     if name == TINY_MODEL:
@@ -40,7 +41,10 @@ def _check_model(spec: JobSpec) -> str:
     path = Path(name).expanduser()
     if path.exists() or looks_like_local_path(name):
         resolve_model_path(name)
-        config = json.loads((path / "config.json").read_text()) if (path / "config.json").exists() else {}
+        try:
+            config = json.loads((path / "config.json").read_text()) if (path / "config.json").exists() else {}
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ModelError(f"{path}/config.json is not valid JSON ({exc})") from None
         if not config.get("model_type") and not (path / "adapter_config.json").exists():
             raise ModelError(f"{path}/config.json has no model_type: not a transformers model folder")
         return "local folder"
@@ -75,7 +79,7 @@ def check_options(spec: JobSpec, warnings: list[str]) -> None:
                 "training.per_device_train_batch_size",
             )
     if method.name == "dpo" and method.reference_model:
-        from posttrain.modeling import looks_like_local_path
+        from posttrain.data.sources import looks_like_local_path
 
         if looks_like_local_path(method.reference_model) and not Path(method.reference_model).expanduser().is_dir():
             raise ModelError(f"method.reference_model {method.reference_model!r} does not exist")

@@ -16,6 +16,7 @@ from posttrain.errors import ConfigError
 RewardFunction = Callable[..., list[float | None]]
 
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+_MODULE_FUNCTION = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*:[A-Za-z_]\w*$")
 _FINAL_ANSWER = re.compile(r"####\s*(-?[\d,]*\.?\d+)")
 
 
@@ -91,6 +92,9 @@ def resolve_reward_function(name: str) -> RewardFunction:
             "method.reward_functions",
         )
     module_name, _, attr = name.partition(":")
+    if not _MODULE_FUNCTION.match(name):
+        raise ConfigError(f"reward function {name!r} is not of the form 'package.module:function'",
+                          "method.reward_functions")
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:

@@ -235,7 +235,9 @@ class TrackingSpec(Section):
 class JobSpec(Section):
     """A complete training job: what to train, on what, how, and where to write it."""
 
-    name: str | None = Field(None, description="Job name (default: the config file's stem).")
+    name: str | None = Field(
+        None, min_length=1, max_length=200, description="Job name (default: the config file's stem)."
+    )
     model: ModelSpec = Field(default_factory=ModelSpec, description="Base model.")
     method: Method = Field(default_factory=SFTMethod, description="Training method and its parameters.")
     peft: PeftSpec = Field(default_factory=PeftSpec, description="Parameter-efficient fine-tuning.")

@@ -117,9 +117,14 @@ def _save_final(trainer, tokenizer, job_dir: JobDir) -> Path:
     try:
         trainer.save_model(str(tmp))
         tokenizer.save_pretrained(str(tmp))
+        # Move an old final/ aside rather than deleting it first: a crash in between must not leave
+        # the directory without any final/.
+        old = job_dir.root / ".final.old"
         if final.exists():
-            shutil.rmtree(final)
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
         os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -135,8 +140,15 @@ def check_fresh_job_dir(job_dir: JobDir) -> None:
 
 
 def run_worker(spec: JobSpec, job_dir: str | Path, resume: bool = False, log_to_file: bool = True) -> JobResult:
-    """Run one job to its end and record it in ``job_dir``. Never raises for job failures."""
-    jd = JobDir(job_dir).create()
+    """Run one job to its end and record it in ``job_dir``.
+
+    Never raises for job failures; raises ConfigError, touching nothing, when ``job_dir`` already
+    holds another run and ``resume`` is not set.
+    """
+    jd = JobDir(job_dir)
+    if not resume:
+        check_fresh_job_dir(jd)
+    jd.create()
     setup_logging(jd, log_to_file)
     from posttrain.callbacks import StopRequest  # imports transformers: after logging is set up
 
@@ -147,8 +159,6 @@ def run_worker(spec: JobSpec, job_dir: str | Path, resume: bool = False, log_to_
     status = jd.read_status()
     attempt = (status.attempt + 1) if status else 1
     try:
-        if not resume:
-            check_fresh_job_dir(jd)
         spec = spec.model_copy(update={"output": spec.output.model_copy(update={"dir": str(jd.root)})})
         jd.write_spec(spec_to_json(spec))
         jd.update_status(state="running", pid=os.getpid(), attempt=attempt, error=None, finished_at=None)
@@ -216,6 +226,7 @@ def _train(spec: JobSpec, jd: JobDir, resume: bool, stop, result: JobResult) -> 
             log.warning("removed incomplete checkpoint %s", path.name)
         checkpoint = jd.latest_checkpoint()
         log.info("resuming from %s", checkpoint if checkpoint else "the start (no complete checkpoint yet)")
+        jd.truncate_metrics(jd.checkpoint_step(checkpoint) if checkpoint else 0)
     output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
 
     result.step = trainer.state.global_step
@@ -253,7 +264,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {message}", file=sys.stderr)
         jd.update_status(state="failed", error=message)
         return EXIT_BAD_INPUT
-    result = run_worker(spec, jd.root, resume=args.resume, log_to_file=not args.no_log_file)
+    try:
+        result = run_worker(spec, jd.root, resume=args.resume, log_to_file=not args.no_log_file)
+    except PosttrainError as exc:  # the directory holds another run: report it, change nothing
+        print(f"error: {exc.message}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     return result.exit_code
 
 

@@ -106,3 +106,12 @@ def test_demo_runs_the_three_stages_and_shows_what_moved(tmp_path):
     for stage in ("sft", "dpo", "grpo"):
         assert '"state": "succeeded"' in (tmp_path / "demo" / stage / "status.json").read_text()
         assert (tmp_path / "demo" / f"{stage}-merged" / "config.json").exists()
+
+
+def test_overwrite_deletes_only_a_previous_run(tmp_path):
+    keep = tmp_path / "notes"
+    keep.mkdir()
+    (keep / "important.txt").write_text("keep me")
+    proc = posttrain("train", "training.max_steps=1", "--overwrite", "-o", str(keep), cwd=tmp_path, check=False)
+    assert proc.returncode == 2 and "is not a posttrain run" in proc.stderr
+    assert (keep / "important.txt").read_text() == "keep me"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from posttrain.errors import ConfigError, PosttrainError
 from posttrain.jobdir import COMPLETE_MARKER, JobDir
 from posttrain.spec import spec_from_dict
 from posttrain.worker import run_worker
@@ -69,6 +71,8 @@ def test_sigterm_cancels_cleanly_and_resume_continues_step_and_schedule(tmp_path
     assert not torn.exists()
     assert job.read_status().step == 200 and job.read_status().attempt == 2
 
+    logged_steps = [r["step"] for r in job.read_metrics() if "loss" in r]
+    assert logged_steps == sorted(set(logged_steps)), "steps after the checkpoint were logged twice"
     records = [r for r in job.read_metrics() if "learning_rate" in r and "loss" in r]
     after = [r for r in records if r["step"] > checkpoint_step]
     assert after[0]["step"] == checkpoint_step + 1  # the step count continues
@@ -96,10 +100,11 @@ def test_rerunning_into_an_existing_run_needs_resume(tmp_path, make_spec):
     first = run_worker(spec_from_dict(make_spec(training={"max_steps": 2})), tmp_path / "job")
     assert first.state == "succeeded"
     final_files = sorted(p.name for p in first.final_dir.iterdir())
-    again = run_worker(spec_from_dict(make_spec(training={"max_steps": 2})), tmp_path / "job")
-    assert again.state == "failed" and again.exit_code == 2
-    assert "already holds a run" in again.error and "--resume" in again.error
+    status = (tmp_path / "job" / "status.json").read_text()
+    with pytest.raises(ConfigError, match=r"already holds a run.*--resume"):
+        run_worker(spec_from_dict(make_spec(training={"max_steps": 2})), tmp_path / "job")
     assert sorted(p.name for p in first.final_dir.iterdir()) == final_files
+    assert (tmp_path / "job" / "status.json").read_text() == status
 
 
 @pytest.mark.parametrize(
@@ -161,3 +166,22 @@ def test_an_opt_in_tracker_that_is_not_installed_is_named(tmp_path, make_spec):
         pytest.skip("wandb is installed here, so there is nothing to refuse")
     result = run_worker(spec_from_dict(make_spec(tracking={"report_to": ["wandb"]})), tmp_path / "job")
     assert result.state == "failed" and "pip install 'posttrain[wandb]'" in result.error
+
+
+def test_unreadable_inputs_are_named_not_tracebacks(tmp_path, make_spec):
+    from posttrain.preflight import preflight
+
+    latin1 = tmp_path / "latin1.jsonl"
+    latin1.write_bytes('{"text": "caf\u00e9"}\n'.encode("latin-1"))
+    broken_model = tmp_path / "broken-model"
+    broken_model.mkdir()
+    (broken_model / "config.json").write_text("{")
+    cases = [
+        ({"data": {"source": str(latin1)}}, "latin1.jsonl: not UTF-8 text"),
+        ({"model": {"name_or_path": str(broken_model)}}, "config.json is not valid JSON"),
+        ({"method": {"name": "grpo", "reward_functions": ["..x:f"]}, "data": {"source": "posttrain:gsm8k"}},
+         "is not of the form 'package.module:function'"),
+    ]
+    for sections, message in cases:
+        with pytest.raises(PosttrainError, match=re.escape(message)):
+            preflight(spec_from_dict(make_spec(**sections)))

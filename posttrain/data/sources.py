@@ -73,15 +73,10 @@ def looks_like_local_path(source: str) -> bool:
 def read_file(path: Path, label: str | None = None) -> Iterator[RawRow]:
     """Rows of one .json (a list of objects or JSON lines), .jsonl, .csv or .parquet file."""
     label = label or str(path)
-    suffix = path.suffix.lower()
-    if suffix == ".jsonl":
-        return _read_json_lines(path, label)
-    if suffix == ".json":
-        return _read_json(path, label)
-    if suffix == ".csv":
-        return _read_csv(path, label)
-    if suffix == ".parquet":
-        return _read_parquet(path, label)
+    readers = {".jsonl": _read_json_lines, ".json": _read_json, ".csv": _read_csv, ".parquet": _read_parquet}
+    reader = readers.get(path.suffix.lower())
+    if reader is not None:
+        return _with_read_errors_named(reader(path, label), label)
     raise DatasetError(
         f"cannot read {path.suffix or 'extension-less'} files; use one of {', '.join(FILE_SUFFIXES)}", label
     )
@@ -89,6 +84,16 @@ def read_file(path: Path, label: str | None = None) -> Iterator[RawRow]:
 
 # ---------------------------------------------------------------------------------------------------
 # Files
+
+
+def _with_read_errors_named(rows: Iterator[RawRow], label: str) -> Iterator[RawRow]:
+    """Turn decoding and I/O failures met while reading lazily into errors that name the file."""
+    try:
+        yield from rows
+    except UnicodeDecodeError as exc:
+        raise DatasetError(f"not UTF-8 text (bad byte at offset {exc.start}); save the file as UTF-8", label) from None
+    except OSError as exc:
+        raise DatasetError(f"cannot read the file: {exc.strerror or exc}", label) from None
 
 
 def _read_json_lines(path: Path, label: str, text: str | None = None) -> Iterator[RawRow]:

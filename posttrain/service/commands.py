@@ -297,6 +297,9 @@ def serve(
     api_key_file: Annotated[Path | None, typer.Option(help="File of API keys (one per line: the key, or "
                                                            "sha256:HEX of it).")] = None,
     insecure: Annotated[bool, typer.Option("--insecure", help="Allow a non-loopback bind without API keys.")] = False,
+    allow_path: Annotated[list[Path] | None, typer.Option(
+        "--allow-path", help="With API keys, a server folder jobs may read data or models from (repeatable); "
+        "otherwise only uploads.")] = None,
     max_retries: Annotated[int, typer.Option(help="Requeues of a job whose worker died before giving up.")] = 2,
     cancel_grace: Annotated[float, typer.Option(help="Seconds between SIGTERM and SIGKILL on cancel.")] = 30.0,
     max_upload_mb: Annotated[int, typer.Option(help="Largest dataset upload, in MiB.")] = 1024,
@@ -326,6 +329,7 @@ def serve(
             data_dir=data_dir, db_url=db, slots=len(device_list) if device_list else slots, devices=device_list,
             api_key_hashes=key_hashes, max_retries=max_retries, cancel_grace_s=cancel_grace,
             max_upload_bytes=max_upload_mb * MiB, max_body_bytes=max_body_mb * MiB,
+            allowed_paths=list(allow_path or []),
         )
         logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         app = create_app(settings)

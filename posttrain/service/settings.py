@@ -28,9 +28,14 @@ class ServiceSettings:
     max_retries: int = 2  # requeues of a job whose worker died (killed, server restart)
     poll_interval_s: float = 0.25  # scheduler tick
     worker_command: list[str] = field(default_factory=default_worker_command)
+    # Server folders a spec may read data or models from. With API keys (a shared server) only these and
+    # the uploads folder are readable, so a client cannot make the server read /etc; without keys (a
+    # personal loopback server) any local path is allowed.
+    allowed_paths: list[Path] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.data_dir = Path(self.data_dir).resolve()
+        self.allowed_paths = [Path(path).resolve() for path in self.allowed_paths]
         if self.slots < 1:
             raise ValueError("slots must be at least 1")
         if self.devices is not None and len(self.devices) != self.slots:
@@ -43,6 +48,10 @@ class ServiceSettings:
     @property
     def files_dir(self) -> Path:
         return self.data_dir / "files"
+
+    @property
+    def restricts_local_paths(self) -> bool:
+        return bool(self.api_key_hashes)
 
     @property
     def database_url(self) -> str:

@@ -1,4 +1,4 @@
-"""Submitting a job: request body -> validated JobSpec -> preflight -> job directory -> store.
+"""Submitting a job: request body -> validated JobSpec -> allowed paths -> preflight -> job directory -> store.
 
 Everything that can be wrong with a job is found here, before anything is queued, and raised as a
 PosttrainError (the API answers 422 with its message).
@@ -12,8 +12,10 @@ import shutil
 import time
 from pathlib import Path
 
+from posttrain.data.sources import looks_like_local_path
 from posttrain.errors import ConfigError
 from posttrain.jobdir import JobDir, JobStatus
+from posttrain.preflight import preflight
 from posttrain.service.schemas import SubmitJobRequest
 from posttrain.service.settings import ServiceSettings
 from posttrain.service.store import JobRecord, JobStore
@@ -53,13 +55,30 @@ def absolutize_local_paths(spec: JobSpec) -> None:
         spec.method.reference_model = absolute(spec.method.reference_model)
 
 
-def run_preflight(spec: JobSpec) -> None:
-    """Check data, rows and local model paths without training (raises DatasetError, ModelError...)."""
-    try:
-        from posttrain.preflight import preflight
-    except ImportError:  # older trees without preflight: the worker reports these errors instead
+def local_paths(spec: JobSpec) -> dict[str, str]:
+    """The spec's fields that name files or folders on the server, by dotted key."""
+    fields = {"data.source": spec.data.source, "data.validation.source": spec.data.validation.source,
+              "model.name_or_path": spec.model.name_or_path}
+    if spec.method.name == "dpo":
+        fields["method.reference_model"] = spec.method.reference_model
+    return {key: value for key, value in fields.items()
+            if value and (os.path.isabs(value) or looks_like_local_path(value) or Path(value).exists())}
+
+
+def check_local_paths(spec: JobSpec, settings: ServiceSettings) -> None:
+    """On a shared (keyed) server, a spec may read only uploads and the folders given with --allow-path."""
+    if not settings.restricts_local_paths:
         return
-    preflight(spec)
+    roots = [settings.files_dir, *settings.allowed_paths]
+    for key, value in local_paths(spec).items():
+        path = Path(value).expanduser().resolve()
+        if not any(path.is_relative_to(root) for root in roots):
+            raise ConfigError(
+                f"{value!r} is a path on the server outside the folders jobs may read; upload the file "
+                "(POST /v1/files, or 'posttrain jobs submit --upload') or start the server with "
+                "--allow-path FOLDER",
+                key,
+            )
 
 
 def submit_job(body: SubmitJobRequest, store: JobStore, settings: ServiceSettings) -> JobRecord:
@@ -71,7 +90,8 @@ def submit_job(body: SubmitJobRequest, store: JobStore, settings: ServiceSetting
     spec.output.dir = str(root)
     if spec.name is None:
         spec.name = job_id
-    run_preflight(spec)
+    check_local_paths(spec, settings)
+    preflight(spec)
 
     now = time.time()
     job_dir = JobDir(root).create()

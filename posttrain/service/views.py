@@ -32,20 +32,22 @@ def job_info(record: JobRecord) -> JobInfo:
     )
 
 
-def _read_tail(path: Path, max_bytes: int) -> bytes:
+def _read_tail(path: Path, max_bytes: int) -> tuple[bytes, int]:
+    """The last ``max_bytes`` of a file and the offset just past what was read (where a follower goes on)."""
     try:
         with open(path, "rb") as handle:
             handle.seek(0, os.SEEK_END)
             size = handle.tell()
             handle.seek(max(0, size - max_bytes))
-            return handle.read()
+            data = handle.read()
+            return data, handle.tell()
     except FileNotFoundError:
-        return b""
+        return b"", 0
 
 
 def last_metrics(path: Path) -> dict | None:
     """The last complete JSON line of metrics.jsonl, without reading the whole file."""
-    for line in reversed(_read_tail(path, TAIL_CHUNK).splitlines()):
+    for line in reversed(_read_tail(path, TAIL_CHUNK)[0].splitlines()):
         try:
             record = json.loads(line)
         except (json.JSONDecodeError, UnicodeDecodeError):
@@ -59,11 +61,11 @@ def tail_lines(path: Path, count: int) -> tuple[list[str], int]:
     """The last ``count`` lines of a log and the byte offset where the file ended."""
     max_bytes = TAIL_CHUNK
     while True:
-        data = _read_tail(path, max_bytes)
-        size = path.stat().st_size if path.exists() else 0
+        data, end = _read_tail(path, max_bytes)
         lines = data.decode(errors="replace").replace("\r", "\n").splitlines()
-        if len(lines) > count or len(data) >= size or max_bytes >= 64 * TAIL_CHUNK:
-            return lines[-count:] if count else [], size
+        # Offset `end` is where this read stopped, so lines appended meanwhile are not skipped.
+        if len(lines) > count or len(data) >= end or max_bytes >= 64 * TAIL_CHUNK:
+            return lines[-count:] if count else [], end
         max_bytes *= 4
 
 

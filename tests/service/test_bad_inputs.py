@@ -24,7 +24,8 @@ def server(request, tmp_path_factory):
     # One key stored as its hash, one in plain text (hashed when the server reads it).
     keys.write_text(f"# team keys\nsha256:{hashlib.sha256(KEY.encode()).hexdigest()}\n{OTHER_KEY}\n")
     yield from module_server(request, tmp_path_factory, "--api-key-file", str(keys), "--max-upload-mb", "1",
-                             "--max-body-mb", "1", api_key=KEY)
+                             "--max-body-mb", "1", "--allow-path", str(tmp_path_factory.getbasetemp()),
+                             api_key=KEY)
 
 
 @pytest.fixture
@@ -74,6 +75,16 @@ def test_output_dir_outside_the_data_dir_is_refused(server: ServerProcess, tmp_p
         message = expect_error(lambda: client.submit({"output": {"dir": str(tmp_path / "elsewhere")}}), 422)
     assert "output.dir" in message and "remove output.dir" in message
     assert not (tmp_path / "elsewhere").exists()
+
+
+def test_a_keyed_server_reads_only_uploads_and_allowed_folders(server: ServerProcess):
+    with server.client() as client:
+        message = expect_error(lambda: client.submit({"data": {"source": "/etc"}}), 422)
+        assert "data.source" in message and "outside the folders jobs may read" in message
+        assert "passwd" not in message
+        message = expect_error(lambda: client.submit({"model": {"name_or_path": "/usr/lib"}}), 422)
+        assert "model.name_or_path" in message
+        assert client.list_jobs().total == 0
 
 
 def test_missing_dataset_and_bad_rows_are_rejected_at_submit(server: ServerProcess, tmp_path: Path):
