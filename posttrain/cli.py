@@ -14,7 +14,7 @@ from rich.table import Table
 
 from posttrain.errors import PosttrainError
 from posttrain.service.commands import jobs_app, serve
-from posttrain.spec import JobSpec, describe_fields, load_spec
+from posttrain.spec import JobSpec, describe_fields, load_spec, split_config_and_overrides
 
 console = Console(stderr=True)
 app = typer.Typer(
@@ -41,17 +41,8 @@ def config_keys_text() -> str:
     return "\n".join(lines)
 
 
-def _split_config_and_overrides(config: Path | None, overrides: list[str] | None) -> tuple[Path | None, list[str]]:
-    overrides = list(overrides or [])
-    # `posttrain train a.b=c` with no config file: the first argument is an override.
-    if config is not None and "=" in str(config) and not config.exists():
-        overrides.insert(0, str(config))
-        config = None
-    return config, overrides
-
-
 def _load(config: Path | None, overrides: list[str] | None) -> JobSpec:
-    config, overrides = _split_config_and_overrides(config, overrides)
+    config, overrides = split_config_and_overrides(config, overrides)
     return load_spec(config, overrides)
 
 

@@ -22,10 +22,11 @@ from urllib.parse import quote
 
 import httpx
 
+from posttrain.jobdir import TERMINAL_STATES
 from posttrain.service.schemas import ArtifactList, FileInfo, JobInfo, JobPage, LogTail, MetricsResponse
 
 DEFAULT_SERVER = "http://127.0.0.1:8322"
-TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
+TERMINAL = TERMINAL_STATES
 
 
 class ServiceError(Exception):

@@ -383,6 +383,15 @@ def load_yaml(text: str, source: str = "<yaml>") -> dict[str, Any]:
     return data
 
 
+def split_config_and_overrides(config: Path | None, overrides: list[str] | None) -> tuple[Path | None, list[str]]:
+    """`posttrain train a.b=c` with no config file: a first argument that is an override, not a file."""
+    overrides = list(overrides or [])
+    if config is not None and "=" in str(config) and not Path(config).exists():
+        overrides.insert(0, str(config))
+        config = None
+    return config, overrides
+
+
 def load_spec(path: str | Path | None = None, overrides: list[str] | None = None) -> JobSpec:
     """Load a YAML (or JSON) config file, apply dotted overrides and validate."""
     data: dict[str, Any] = {}

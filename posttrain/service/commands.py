@@ -14,6 +14,7 @@ import typer
 from posttrain.client import TERMINAL, Client, ServiceError
 from posttrain.errors import PosttrainError
 from posttrain.service.settings import DEFAULT_DATA_DIR, DEFAULT_PORT, MiB, ServiceSettings
+from posttrain.spec import split_config_and_overrides
 
 jobs_app = typer.Typer(help="Submit and manage jobs on a posttrain service.", no_args_is_help=True)
 
@@ -75,10 +76,7 @@ def submit(
     server: Server = None, api_key: ApiKey = None, as_json: AsJson = False,
 ) -> None:
     """Submit a job; prints its id (and with --follow, its progress; exit 1 if it does not succeed)."""
-    overrides = list(overrides or [])
-    if config is not None and "=" in str(config) and not config.exists():
-        overrides.insert(0, str(config))  # `posttrain jobs submit a.b=c` with no config file
-        config = None
+    config, overrides = split_config_and_overrides(config, overrides)
     try:
         text = config.read_text() if config is not None else ""
     except OSError as exc:

@@ -9,7 +9,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-JobStateName = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+from posttrain.jobdir import JobState as JobStateName
+
 UPLOAD_PREFIX = "upload:"  # data.source: "upload:<file id>" refers to a file sent to POST /v1/files
 
 
