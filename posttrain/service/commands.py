@@ -6,6 +6,8 @@ import ipaddress
 import json
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
@@ -30,8 +32,14 @@ def _fail(message: str, code: int = 1) -> NoReturn:
     raise typer.Exit(code)
 
 
-def _client(server: str | None, api_key: str | None) -> Client:
-    return Client(server, api_key)
+@contextmanager
+def _connected(server: str | None, api_key: str | None) -> Iterator[Client]:
+    """A client whose errors (the server's message, or 'cannot reach') end the command as one line."""
+    try:
+        with Client(server, api_key) as client:
+            yield client
+    except ServiceError as exc:
+        _fail(exc.message)
 
 
 def _print_json(value: Any) -> None:
@@ -81,19 +89,16 @@ def submit(
         text = config.read_text() if config is not None else ""
     except OSError as exc:
         _fail(f"cannot read {config}: {exc.strerror}")
-    try:
-        with _client(server, api_key) as client:
-            if upload:
-                overrides = _upload_data_source(client, text, str(config or "<defaults>"), overrides)
-            job = client.submit(yaml=text, overrides=overrides, priority=priority)
-            if as_json:
-                _print_json(job)
-            else:
-                typer.echo(job.id)
-            if follow:
-                raise typer.Exit(_follow(client, job.id))
-    except ServiceError as exc:
-        _fail(exc.message)
+    with _connected(server, api_key) as client:
+        if upload:
+            overrides = _upload_data_source(client, text, str(config or "<defaults>"), overrides)
+        job = client.submit(yaml=text, overrides=overrides, priority=priority)
+        if as_json:
+            _print_json(job)
+        else:
+            typer.echo(job.id)
+        if follow:
+            raise typer.Exit(_follow(client, job.id))
 
 
 def _upload_data_source(client: Client, text: str, source: str, overrides: list[str]) -> list[str]:
@@ -119,11 +124,8 @@ def list_jobs(
     server: Server = None, api_key: ApiKey = None, as_json: AsJson = False,
 ) -> None:
     """List jobs, newest first."""
-    try:
-        with _client(server, api_key) as client:
-            page = client.list_jobs(state, limit, offset)
-    except ServiceError as exc:
-        _fail(exc.message)
+    with _connected(server, api_key) as client:
+        page = client.list_jobs(state, limit, offset)
     if as_json:
         _print_json(page)
         return
@@ -142,11 +144,8 @@ def status(
     server: Server = None, api_key: ApiKey = None, as_json: AsJson = False,
 ) -> None:
     """Show a job's state, step, latest metrics and error."""
-    try:
-        with _client(server, api_key) as client:
-            job = client.get_job(job_id)
-    except ServiceError as exc:
-        _fail(exc.message)
+    with _connected(server, api_key) as client:
+        job = client.get_job(job_id)
     _print_json(job) if as_json else typer.echo(_progress(job))
 
 
@@ -157,13 +156,10 @@ def cancel(
     server: Server = None, api_key: ApiKey = None,
 ) -> None:
     """Cancel a queued or running job (SIGTERM to its worker, SIGKILL after the grace period)."""
-    try:
-        with _client(server, api_key) as client:
-            job = client.cancel(job_id)
-            if wait:
-                job = client.wait(job_id)
-    except ServiceError as exc:
-        _fail(exc.message)
+    with _connected(server, api_key) as client:
+        job = client.cancel(job_id)
+        if wait:
+            job = client.wait(job_id)
     typer.echo(f"{job.id} {job.state}" + (" (stopping)" if job.state == "running" else ""))
 
 
@@ -175,13 +171,10 @@ def logs(
     server: Server = None, api_key: ApiKey = None,
 ) -> None:
     """Print the worker's log."""
-    try:
-        with _client(server, api_key) as client:
-            lines = client.follow_logs(job_id, tail) if follow else client.logs(job_id, tail)
-            for line in lines:
-                typer.echo(line)
-    except ServiceError as exc:
-        _fail(exc.message)
+    with _connected(server, api_key) as client:
+        lines = client.follow_logs(job_id, tail) if follow else client.logs(job_id, tail)
+        for line in lines:
+            typer.echo(line)
 
 
 @jobs_app.command()
@@ -190,11 +183,8 @@ def metrics(
     server: Server = None, api_key: ApiKey = None,
 ) -> None:
     """Print the job's metrics, one JSON object per logging step."""
-    try:
-        with _client(server, api_key) as client:
-            records = client.metrics(job_id)
-    except ServiceError as exc:
-        _fail(exc.message)
+    with _connected(server, api_key) as client:
+        records = client.metrics(job_id)
     for record in records:
         typer.echo(json.dumps(record))
 
@@ -205,11 +195,8 @@ def artifacts(
     server: Server = None, api_key: ApiKey = None, as_json: AsJson = False,
 ) -> None:
     """List checkpoints and final output with sizes."""
-    try:
-        with _client(server, api_key) as client:
-            listing = client.artifacts(job_id)
-    except ServiceError as exc:
-        _fail(exc.message)
+    with _connected(server, api_key) as client:
+        listing = client.artifacts(job_id)
     if as_json:
         _print_json(listing)
         return
@@ -228,20 +215,17 @@ def download(
 ) -> None:
     """Download one artifact file, or every file under a folder of the job."""
     prefix = path.strip("/")
-    try:
-        with _client(server, api_key) as client:
-            listed = [a.path for a in client.artifacts(job_id).artifacts]
-            under = [p for p in listed if p.startswith(prefix + "/")]
-            if under:  # a folder: keep its layout below OUTPUT
-                for item in under:
-                    client.download(job_id, item, output / item)
-                typer.echo(f"{len(under)} files -> {output / prefix}")
-                return
-            dest = output / Path(prefix).name if output.is_dir() else output
-            client.download(job_id, prefix, dest)
-            typer.echo(str(dest))
-    except ServiceError as exc:
-        _fail(exc.message)
+    with _connected(server, api_key) as client:
+        listed = [a.path for a in client.artifacts(job_id).artifacts]
+        under = [p for p in listed if p.startswith(prefix + "/")]
+        if under:  # a folder: keep its layout below OUTPUT
+            for item in under:
+                client.download(job_id, item, output / item)
+            typer.echo(f"{len(under)} files -> {output / prefix}")
+            return
+        dest = output / Path(prefix).name if output.is_dir() else output
+        client.download(job_id, prefix, dest)
+        typer.echo(str(dest))
 
 
 @jobs_app.command()
@@ -250,11 +234,8 @@ def delete(
     server: Server = None, api_key: ApiKey = None,
 ) -> None:
     """Delete a finished job and its files."""
-    try:
-        with _client(server, api_key) as client:
-            client.delete(job_id)
-    except ServiceError as exc:
-        _fail(exc.message)
+    with _connected(server, api_key) as client:
+        client.delete(job_id)
     typer.echo(f"{job_id} deleted")
 
 
@@ -266,11 +247,8 @@ def upload_file(
     """Upload a dataset file; prints the data.source value that refers to it."""
     if not path.is_file():
         _fail(f"{path} is not a file")
-    try:
-        with _client(server, api_key) as client:
-            info = client.upload(path)
-    except ServiceError as exc:
-        _fail(exc.message)
+    with _connected(server, api_key) as client:
+        info = client.upload(path)
     typer.echo(info.source)
 
 
