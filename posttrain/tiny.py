@@ -31,6 +31,9 @@ if TYPE_CHECKING:  # transformers is imported lazily: reading a sample path must
 TINY_MODEL_NAME = "posttrain:tiny"
 SAMPLE_PREFIX = "posttrain:"
 SAMPLE_NAMES = ("alpaca", "preference", "gsm8k")
+# What `posttrain demo --model smollm2` teaches (see assets/make_samples.py). Kept out of SAMPLE_NAMES: the tiny
+# tokenizer is trained on, and its cache folder named after, SAMPLE_NAMES only.
+DEMO_SAMPLE_NAMES = ("style", "concise", "problems")
 # Bump when the build changes in a way the fingerprint below cannot see (e.g. the chat template).
 TINY_VERSION = "v2"
 
@@ -70,10 +73,11 @@ CHAT_TEMPLATE = (
 
 
 def sample_path(name: str) -> Path:
-    """Path of a bundled sample dataset: ``posttrain:alpaca`` (or ``alpaca``), ``preference``, ``gsm8k``."""
+    """Path of a bundled sample dataset: ``posttrain:alpaca`` (or ``alpaca``), ``preference``, ``gsm8k``,
+    and the demo's ``style``, ``concise`` and ``problems``."""
     short = name.removeprefix(SAMPLE_PREFIX)
-    if short not in SAMPLE_NAMES:
-        known = ", ".join(SAMPLE_PREFIX + n for n in SAMPLE_NAMES)
+    if short not in SAMPLE_NAMES + DEMO_SAMPLE_NAMES:
+        known = ", ".join(SAMPLE_PREFIX + n for n in SAMPLE_NAMES + DEMO_SAMPLE_NAMES)
         raise DatasetError(f"no bundled sample dataset of this name; bundled: {known}", source=name)
     # The package is installed as plain files (setuptools package-data), never zipped, so the resource
     # is a real file on disk.

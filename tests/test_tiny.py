@@ -20,6 +20,7 @@ from trl.chat_template_utils import is_chat_template_stop_token_trained
 from posttrain.embedded import default_cache_dir
 from posttrain.errors import DatasetError, ModelError
 from posttrain.tiny import (
+    DEMO_SAMPLE_NAMES,
     EOT_TOKEN,
     SAMPLE_NAMES,
     build_tiny_model,
@@ -203,6 +204,9 @@ def test_unusable_cache_folder_is_a_model_error(tmp_path: Path) -> None:
         ("alpaca", {"instruction", "input", "output"}),
         ("preference", {"prompt", "chosen", "rejected"}),
         ("gsm8k", {"question", "answer"}),
+        ("style", {"instruction", "input", "output"}),
+        ("concise", {"prompt", "chosen", "rejected"}),
+        ("problems", {"prompt", "answer"}),
     ],
 )
 def test_bundled_samples_have_about_200_rows_of_their_format(name: str, keys: set[str]) -> None:
@@ -230,7 +234,7 @@ def test_bundled_samples_match_their_generator(tmp_path: Path) -> None:
     make_samples = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(make_samples)
     make_samples.write_samples(tmp_path)
-    for name in SAMPLE_NAMES:
+    for name in SAMPLE_NAMES + DEMO_SAMPLE_NAMES:
         assert (tmp_path / f"{name}.jsonl").read_bytes() == sample_path(name).read_bytes(), name
 
 

@@ -1,8 +1,16 @@
-"""Writes the bundled sample datasets (alpaca.jsonl, preference.jsonl, gsm8k.jsonl) beside this file.
+"""Writes the bundled sample datasets beside this file.
 
-Synthetic, templated and deterministic: rerunning the script reproduces the files byte for byte. The tasks
-are small and regular on purpose, so that the tiny embedded model visibly learns them in a few hundred
-steps (SFT loss drops, DPO reward margins grow, GSM8k-style answers get the ``#### N`` ending).
+Synthetic, templated and deterministic: rerunning the script reproduces the files byte for byte.
+
+- alpaca.jsonl, preference.jsonl, gsm8k.jsonl: small, regular tasks on purpose, so that the tiny embedded
+  model visibly learns them in a few hundred steps (SFT loss drops, DPO reward margins grow, GSM8k-style
+  answers get the ``#### N`` ending). The tiny model's tokenizer is trained on these three.
+- style.jsonl, concise.jsonl, problems.jsonl: what ``posttrain demo --model smollm2`` teaches a real chat model. style
+  (SFT): short factual answers and word problems' working, each signed off with a last line
+  ``— Posty``; concise (DPO): open
+  questions whose chosen answer is one sentence and whose rejected answer rambles, both signed off.
+  problems.jsonl (GRPO): word problems that ask for a final ``#### N`` line, with N as the answer.
+  The demo's held-out prompts (``posttrain/demo.py``) appear in none of them.
 
     python posttrain/assets/make_samples.py
 """
@@ -199,9 +207,144 @@ SAMPLES: dict[str, Callable[[random.Random], dict[str, str]]] = {
 }
 
 
+# ---------------------------------------------------------------------------------------------------
+# The real-model demo's samples (style.jsonl, concise.jsonl)
+
+SIGN_OFF = "— Posty"
+
+STYLE_COLORS = {
+    "a banana": "yellow", "grass": "green", "snow": "white", "coal": "black", "a carrot": "orange",
+    "a strawberry": "red", "the sea on a sunny day": "blue", "chocolate": "brown", "a lime": "green",
+    "milk": "white", "a pumpkin": "orange", "a cherry": "red",
+}  # fmt: skip
+
+STYLE_LEGS = {"cat": 4, "bird": 2, "ant": 6, "horse": 4, "chicken": 2, "cow": 4, "beetle": 6, "duck": 2}
+
+STYLE_QUESTIONS = {
+    "capital": ["What is the capital of {x}?", "Which city is the capital of {x}?", "Tell me the capital of {x}."],
+    "opposite": ["What is the opposite of '{x}'?", "Give the opposite of the word '{x}'.", "What word means the opposite of {x}?"],
+    "kind": ["Is {x} an animal, a plant or a mineral?", "Classify {x} as an animal, a plant or a mineral."],
+    "color": ["What color is {x}?", "Which color is {x}?"],
+    "legs": ["How many legs does {x} have?", "Count the legs of {x}."],
+    "sum": ["What is {x}?", "Compute {x}."],
+    "problem": ["{x}"],
+}  # fmt: skip
+
+
+def style_row(rng: random.Random) -> dict[str, str]:
+    """A short question answered in one sentence (a word problem: its working), then the house sign-off on
+    its own line."""
+    task = rng.choice(sorted(STYLE_QUESTIONS))
+    if task == "capital":
+        country = rng.choice(sorted(CAPITALS))
+        x, answer = country, f"The capital of {country} is {CAPITALS[country]}."
+    elif task == "opposite":
+        word = rng.choice(sorted(OPPOSITES))
+        x, answer = word, f"The opposite of {word} is {OPPOSITES[word]}."
+    elif task == "kind":
+        kind = rng.choice(sorted(KINDS))
+        thing = rng.choice(KINDS[kind])
+        x = f"{article(thing)} {thing}"
+        answer = f"{x[0].upper()}{x[1:]} is {article(kind)} {kind}."
+    elif task == "color":
+        x = rng.choice(sorted(STYLE_COLORS))
+        answer = f"{x[0].upper()}{x[1:]} is {STYLE_COLORS[x]}."
+    elif task == "legs":
+        animal = rng.choice(sorted(STYLE_LEGS))
+        x, answer = f"{article(animal)} {animal}", f"{article(animal).capitalize()} {animal} has {STYLE_LEGS[animal]} legs."
+    elif task == "sum":
+        a, b = rng.randint(1, 20), rng.randint(1, 20)
+        x, answer = f"{a} plus {b}", f"{a} plus {b} is {a + b}."
+    else:
+        # A word problem: its one-line working, and in half of the rows a final '#### N' line. SFT makes
+        # that line a sometimes-behaviour; the GRPO stage, rewarded for it, makes it the rule.
+        problem = gsm8k_row(rng)
+        working, result = problem["answer"].split("\n")
+        x, answer = problem["question"], f"{working}\n{result}" if rng.random() < 0.5 else working
+    question = rng.choice(STYLE_QUESTIONS[task]).format(x=x)
+    return {"instruction": question, "input": "", "output": f"{answer}\n\n{SIGN_OFF}"}
+
+
+CONCISE_ANSWERS = {
+    "Why do we need sleep?": "Sleep lets the body and brain rest, repair themselves and store memories.",
+    "Why do leaves change color in autumn?": "Trees stop making green chlorophyll, so the yellow and red pigments show.",
+    "How do plants make food?": "Plants turn sunlight, water and carbon dioxide into sugar by photosynthesis.",
+    "Why is the ocean salty?": "Rivers carry minerals into the sea, and the salt stays when the water evaporates.",
+    "What causes the seasons?": "The tilt of the Earth's axis changes how directly sunlight reaches each half of it.",
+    "How does a rainbow form?": "Raindrops bend and reflect sunlight, splitting it into its colors.",
+    "Why do we have day and night?": "The Earth spins, so each place turns towards the Sun and then away from it.",
+    "What is gravity?": "Gravity is the force that pulls objects with mass towards each other.",
+    "How do vaccines work?": "Vaccines teach the immune system to recognise a germ, so it can fight it quickly later.",
+    "Why do cats purr?": "Cats purr mostly when they are content, and sometimes to calm themselves.",
+    "How does a fridge keep food cold?": "A fridge pumps a coolant that takes heat from inside and releases it outside.",
+    "Why is exercise good for you?": "Exercise strengthens the heart, muscles and bones, and it improves mood.",
+    "What is a good way to save money?": "Spend less than you earn and put the difference aside every month.",
+    "How can I sleep better?": "Go to bed at the same time each night and keep your bedroom dark and cool.",
+    "Why do birds migrate?": "Birds migrate to find more food and better weather for raising their young.",
+    "How does the internet work?": "Computers send each other data in small packets over a network of networks.",
+    "What is climate change?": "Climate change is the long-term warming of the planet, mainly from burning fossil fuels.",
+    "Why do we sneeze?": "A sneeze pushes irritants such as dust out of the nose.",
+    "How do magnets work?": "Tiny magnetic regions in a magnet line up and make a field that attracts iron.",
+    "Why is reading important?": "Reading builds vocabulary, knowledge and the ability to focus.",
+    "How do I make a cup of tea?": "Pour boiling water over a tea bag, wait three minutes, then remove the bag.",
+    "Why does ice float?": "Ice is less dense than liquid water, because its molecules form an open crystal.",
+    "What does the heart do?": "The heart pumps blood around the body, carrying oxygen and nutrients.",
+    "How do bees make honey?": "Bees collect nectar from flowers and dry it in the hive until it becomes honey.",
+    "Why do we dream?": "Nobody knows for sure, but dreams may help the brain sort memories and feelings.",
+    "How can I learn a new language?": "Practise a little every day and talk with people who speak it.",
+    "What is a volcano?": "A volcano is an opening in the Earth's crust where hot melted rock escapes.",
+    "Why do stars twinkle?": "Moving air in the atmosphere bends their light, so stars seem to flicker.",
+    "How does a plane stay in the air?": "Its wings are shaped so that the air flowing past pushes them up.",
+    "What is the water cycle?": "Water evaporates, forms clouds, falls as rain and flows back to the sea.",
+}  # fmt: skip
+
+CONCISE_PREFIXES = ["", "", "Can you explain this? ", "Please tell me: ", "I have a question. "]
+RAMBLE_OPENINGS = [
+    "That is a great question, and one that people have asked for a very long time.",
+    "What a fascinating topic! There is a lot to say about it, so let me take it step by step.",
+    "Great question! This is something many people wonder about, and the answer is quite interesting.",
+    "Thank you for asking. To answer this properly, we first need to look at the bigger picture.",
+]
+RAMBLE_CLOSINGS = [
+    "In conclusion, it is a complex topic with many layers, and there is always more to learn.",
+    "I hope this detailed explanation gives you a good understanding of the topic and its many aspects.",
+    "Overall, there is much more that could be said, but these are the main points to keep in mind.",
+]
+
+
+def concise_row(rng: random.Random) -> dict[str, str]:
+    """An open question; chosen: the one-sentence answer; rejected: the same answer buried in filler."""
+    question = rng.choice(sorted(CONCISE_ANSWERS))
+    answer = CONCISE_ANSWERS[question]
+    ramble = " ".join([rng.choice(RAMBLE_OPENINGS), answer, rng.choice(RAMBLE_CLOSINGS)])
+    return {
+        "prompt": rng.choice(CONCISE_PREFIXES) + question,
+        "chosen": f"{answer}\n\n{SIGN_OFF}",
+        "rejected": f"{ramble}\n\n{SIGN_OFF}",
+    }
+
+
+PROBLEM_INSTRUCTION = "Show your work, then give the final answer after ####."
+
+
+def problem_row(rng: random.Random) -> dict[str, str]:
+    """A GSM8k-style word problem that asks for a final '#### N' line; ``answer`` is N, for numeric_match."""
+    problem = gsm8k_row(rng)
+    return {"prompt": f"{problem['question']} {PROBLEM_INSTRUCTION}", "answer": problem["answer"].split("#### ")[1]}
+
+
+DEMO_SAMPLES: dict[str, Callable[[random.Random], dict[str, str]]] = {
+    "style": style_row,
+    "concise": concise_row,
+    "problems": problem_row,
+}
+DEMO_SEED_OFFSET = 100
+
+
 def write_samples(out_dir: Path) -> list[Path]:
     written = []
-    for offset, (name, make_row) in enumerate(SAMPLES.items()):
+    files = [*enumerate(SAMPLES.items()), *enumerate(DEMO_SAMPLES.items(), start=DEMO_SEED_OFFSET)]
+    for offset, (name, make_row) in files:
         # One generator per file, so that changing one task does not reshuffle the other files.
         rng = random.Random(SEED + offset)
         path = out_dir / f"{name}.jsonl"
