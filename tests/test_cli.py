@@ -101,11 +101,18 @@ def test_train_help_lists_every_config_key_from_the_schema(tmp_path):
 
 
 def test_demo_runs_the_three_stages_and_shows_what_moved(tmp_path):
-    proc = posttrain("demo", "--steps", "15", "--output", str(tmp_path / "demo"), cwd=tmp_path)
-    assert "what moved" in proc.stderr and "before / after" in proc.stderr
+    proc = posttrain("demo", "--model", "tiny", "--steps", "15", "--output", str(tmp_path / "demo"), cwd=tmp_path)
+    for title in ("what moved", "held-out measures after each stage", "before / after", "What is the capital"):
+        assert title in proc.stderr, title
     for stage in ("sft", "dpo", "grpo"):
         assert '"state": "succeeded"' in (tmp_path / "demo" / stage / "status.json").read_text()
         assert (tmp_path / "demo" / f"{stage}-merged" / "config.json").exists()
+
+
+def test_demo_help_names_the_models_steps_and_output(tmp_path):
+    text = posttrain("demo", "--help", cwd=tmp_path).stdout
+    for option in ("--model", "tiny", "smollm2", "--steps", "--output"):
+        assert option in text, option
 
 
 def test_overwrite_deletes_only_a_previous_run(tmp_path):
