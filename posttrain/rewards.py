@@ -82,19 +82,40 @@ BUILTIN_REWARDS: dict[str, RewardFunction] = {
 }
 
 
-def resolve_reward_function(name: str) -> RewardFunction:
+def is_user_reward(name: str) -> bool:
+    """True for a ``module:function`` reward: code from outside posttrain that the worker imports."""
+    return name not in BUILTIN_REWARDS
+
+
+def check_reward_name(name: str) -> None:
+    """A built-in name or well-formed ``module:function``, checked without importing anything: the
+    service's API process never imports user code (the worker does, in its own process)."""
     if name in BUILTIN_REWARDS:
-        return BUILTIN_REWARDS[name]
+        return
     if ":" not in name:
         raise ConfigError(
             f"unknown reward function {name!r}; built-ins are {', '.join(BUILTIN_REWARDS)}, "
             "or give 'module:function'",
             "method.reward_functions",
         )
-    module_name, _, attr = name.partition(":")
     if not _MODULE_FUNCTION.match(name):
         raise ConfigError(f"reward function {name!r} is not of the form 'package.module:function'",
                           "method.reward_functions")
+
+
+def check_reward_names(names: list[str]) -> None:
+    if not names:
+        raise ConfigError("GRPO needs at least one reward function", "method.reward_functions")
+    for name in names:
+        check_reward_name(name)
+
+
+def resolve_reward_function(name: str) -> RewardFunction:
+    """The function itself: a built-in, or ``module:function`` imported (in the worker only)."""
+    check_reward_name(name)
+    if name in BUILTIN_REWARDS:
+        return BUILTIN_REWARDS[name]
+    module_name, _, attr = name.partition(":")
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
@@ -106,6 +127,5 @@ def resolve_reward_function(name: str) -> RewardFunction:
 
 
 def resolve_reward_functions(names: list[str]) -> list[RewardFunction]:
-    if not names:
-        raise ConfigError("GRPO needs at least one reward function", "method.reward_functions")
+    check_reward_names(names)
     return [resolve_reward_function(name) for name in names]

@@ -8,10 +8,10 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
+from waiting import wait_for
 
 from posttrain.errors import ConfigError, PosttrainError
 from posttrain.jobdir import COMPLETE_MARKER, JobDir
@@ -27,15 +27,6 @@ def start_worker(job_dir: Path, spec: dict, *extra: str) -> subprocess.Popen:
         [sys.executable, "-m", "posttrain.worker", "--spec", str(spec_file), "--job-dir", str(job_dir), *extra],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
-
-
-def wait_for(predicate, timeout: float = 120.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def slow_spec(make_spec, steps: int = 200) -> dict:

@@ -9,7 +9,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -106,16 +106,6 @@ def module_server(request: Any, tmp_path_factory: Any, *args: str,
     yield server
     server.stop()
     kill_workers(server.data_dir)
-
-
-def wait_for(predicate: Callable[[], object], timeout: float = 120, what: str = "condition") -> object:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 def train_spec(**training: object) -> dict:

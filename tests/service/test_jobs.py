@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 import typer
-from service_harness import ServerProcess, module_server, train_spec, wait_for
+from service_harness import ServerProcess, module_server, train_spec
 from typer.testing import CliRunner
+from waiting import wait_for
 
 from posttrain.client import ServiceError
 from posttrain.jobdir import JobDir

@@ -5,7 +5,8 @@ from __future__ import annotations
 import os
 import signal
 
-from service_harness import train_spec, wait_for, worker_processes
+from service_harness import train_spec, worker_processes
+from waiting import wait_for
 
 from posttrain.jobdir import JobDir
 
