@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 import textwrap
 
 import pytest
@@ -150,4 +149,15 @@ def test_spec_json_records_what_ran(tmp_path, make_spec):
     recorded = json.loads(job.spec_path.read_text())
     assert recorded["output"]["dir"] == str(tmp_path / "run")
     assert recorded["training"]["max_steps"] == 1
-    assert sys.modules.get("posttrain.worker") is not None
+    assert recorded["tracking"]["report_to"] == [] and recorded["method"]["name"] == "sft"
+
+
+def test_one_rule_reads_gsm8k_final_answers_for_data_and_rewards():
+    from posttrain.data.formats import prompt_row
+    from posttrain.rewards import extract_answer, final_answer
+
+    assert final_answer("work\n####  1,200 \n") == "1,200"
+    assert final_answer("no marker") is None and final_answer("####") == ""
+    assert prompt_row({"question": "q?", "answer": "work\n####  1,200 \n"}, "grpo")["answer"] == "1,200"
+    assert extract_answer("3 + 4 = 7\n#### 7") == 7 and extract_answer("#### -2.5 apples") == -2.5
+    assert extract_answer("about 3, then 9") == 9
