@@ -269,3 +269,18 @@ def test_listing_reads_only_the_database(server: ServerProcess):
         assert listed.metrics is None and listed.started_at is None  # a page of jobs: only their records
         assert listed.step == client.get_job(job.id).step
         client.delete(job.id)
+
+
+def test_every_route_but_health_needs_a_key(server: ServerProcess):
+    # Auth is a dependency of the routers, not of each route: a route added later is not public by accident.
+    paths = json.loads(httpx.get(f"{server.url}/openapi.json").text)["paths"]
+    with httpx.Client(base_url=server.url) as anonymous:
+        checked = 0
+        for path, operations in paths.items():
+            url = path.replace("{job_id}", "job-x").replace("{file_id}", "file-x").replace("{path}", "final/x")
+            for method in operations:
+                response = anonymous.request(method.upper(), url)
+                expected = 200 if path in ("/healthz", "/readyz") else 401
+                assert response.status_code == expected, (method, path, response.status_code)
+                checked += 1
+    assert checked >= 14
