@@ -1,4 +1,4 @@
-"""The SFT throughput benchmark runs end to end, and posttrain's faster SFT path computes the same loss."""
+"""The SFT throughput benchmark runs end to end, and posttrain's faster SFT path computes the same loss and gradients."""
 
 from __future__ import annotations
 
@@ -51,13 +51,27 @@ def sft_trainer(tmp_path_factory):
     return trainer
 
 
-def batch_loss(trainer, batch, plain_loss: bool) -> float:
+def batch_loss(trainer, batch, fused_loss: bool) -> float:
     labels = batch["labels"]
     # The Trainer passes the batch's label count; padding-free batches already mask each row's first label.
     num_items = (labels[:, 1:] != -100).sum()
-    trainer.plain_loss = plain_loss
-    with torch.no_grad():
-        return trainer.compute_loss(trainer.model, dict(batch), num_items_in_batch=num_items).item()
+    default, trainer.fused_loss = trainer.fused_loss, fused_loss
+    try:
+        with torch.no_grad():
+            return trainer.compute_loss(trainer.model, dict(batch), num_items_in_batch=num_items).item()
+    finally:
+        trainer.fused_loss = default
+
+
+def batch_gradients(trainer, batch, fused_loss: bool) -> dict[str, torch.Tensor]:
+    default, trainer.fused_loss = trainer.fused_loss, fused_loss
+    try:
+        trainer.model.zero_grad(set_to_none=True)
+        trainer.compute_loss(trainer.model, dict(batch)).backward()
+        return {name: p.grad.clone() for name, p in trainer.model.named_parameters() if p.grad is not None}
+    finally:
+        trainer.model.zero_grad(set_to_none=True)
+        trainer.fused_loss = default
 
 
 def test_fast_sft_loss_equals_fused_head_padded_and_padding_free_losses(sft_trainer):
@@ -69,9 +83,9 @@ def test_fast_sft_loss_equals_fused_head_padded_and_padding_free_losses(sft_trai
     padding_free = dataclasses.replace(collator, padding_free=True)(examples)
     assert (padded["labels"] == -100).any(), "prompt tokens and padding are masked out of the loss"
 
-    plain = batch_loss(sft_trainer, padded, plain_loss=True)
-    fused = batch_loss(sft_trainer, padded, plain_loss=False)
-    packed = batch_loss(sft_trainer, padding_free, plain_loss=True)
+    ours = batch_loss(sft_trainer, padded, fused_loss=True)
+    trl = batch_loss(sft_trainer, padded, fused_loss=False)
+    packed = batch_loss(sft_trainer, padding_free, fused_loss=True)
     # Reference: every row on its own (no padding, no packing), token-mean over the batch.
     total, count = 0.0, 0
     with torch.no_grad():
@@ -83,13 +97,23 @@ def test_fast_sft_loss_equals_fused_head_padded_and_padding_free_losses(sft_trai
             total += torch.nn.functional.cross_entropy(logits, target, ignore_index=-100, reduction="sum").item()
             count += int((target != -100).sum())
 
-    assert plain == pytest.approx(fused, rel=1e-5)
-    assert plain == pytest.approx(total / count, rel=1e-5)
+    assert ours == pytest.approx(trl, rel=1e-5)
+    assert ours == pytest.approx(total / count, rel=1e-5)
     assert packed == pytest.approx(total / count, rel=1e-5)
+
+
+def test_trained_positions_loss_has_trl_gradients_including_the_tied_head(sft_trainer):
+    batch = sft_trainer.data_collator([sft_trainer.train_dataset[i] for i in range(4)])
+    ours = batch_gradients(sft_trainer, batch, fused_loss=True)
+    trl = batch_gradients(sft_trainer, batch, fused_loss=False)
+    assert sft_trainer.model.config.tie_word_embeddings and "model.embed_tokens.weight" in ours
+    assert set(ours) == set(trl)
+    for name, grad in trl.items():
+        torch.testing.assert_close(ours[name], grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
 def test_cpu_sft_defaults_group_rows_by_length_without_padding_free(sft_trainer):
     assert sft_trainer.args.train_sampling_strategy == "group_by_length"
     assert sft_trainer.padding_free is False
     assert not sft_trainer.args.activation_checkpointing
-    assert sft_trainer.plain_loss is not None
+    assert sft_trainer.fused_loss is True
