@@ -36,7 +36,7 @@ class ModelSpec(Section):
     dtype: Literal["auto", "bf16", "fp16", "fp32"] = Field(
         "auto",
         description="Weights/compute dtype; auto: bf16 on GPUs that have it (else fp16), fp32 on CPU "
-        "(SFT adds bf16 autocast on CPUs with native bf16 instructions).",
+        "(every method trains fp32 weights under bf16 autocast on CPUs with native bf16 instructions).",
     )
     device: Literal["auto", "cpu", "cuda", "mps"] = Field(
         "auto", description="Device to train on; auto picks cuda, then mps, then cpu."

@@ -27,6 +27,7 @@ from posttrain.modeling import load_model, lora_config
 from posttrain.recipes.common import (
     RecipeInputs,
     cpu_bf16_autocast,
+    record_settings,
     shared_trainer_arguments,
     training_arguments,
 )
@@ -165,12 +166,9 @@ def build_trainer(inputs: RecipeInputs) -> PosttrainSFTTrainer:
     if group_by_length:
         kwargs["train_sampling_strategy"] = "group_by_length"
     autocast = cpu_bf16_autocast(spec, inputs.placement)
-    if autocast:
-        kwargs["bf16"] = True
-    # In metrics.jsonl "dtype" stays the weights' dtype; "autocast" says the matmuls ran in bf16.
-    _record(inputs, autocast="bf16" if autocast else None, padding_free=padding_free, group_by_length=group_by_length,
-            gradient_checkpointing=bool(kwargs.get("activation_checkpointing")),
-            attn_implementation=model.config._attn_implementation)
+    record_settings(inputs, padding_free=padding_free, group_by_length=group_by_length,
+                    gradient_checkpointing=bool(kwargs.get("activation_checkpointing")),
+                    attn_implementation=model.config._attn_implementation)
     fused_loss = use_fused_loss(inputs)
     log.info("sft: padding_free=%s group_by_length=%s gradient_checkpointing=%s bf16_autocast=%s fused_loss=%s "
              "attention=%s", padding_free, group_by_length, bool(kwargs.get("activation_checkpointing")), autocast,
@@ -192,10 +190,3 @@ def build_trainer(inputs: RecipeInputs) -> PosttrainSFTTrainer:
         fused_loss=fused_loss,
     )
 
-
-def _record(inputs: RecipeInputs, **settings: object) -> None:
-    """Add the chosen settings to every metrics.jsonl record (the worker's metrics callback has ``extra``)."""
-    for callback in inputs.callbacks:
-        extra = getattr(callback, "extra", None)
-        if isinstance(extra, dict):
-            extra.update(settings)
