@@ -117,3 +117,40 @@ def test_cpu_sft_defaults_group_rows_by_length_without_padding_free(sft_trainer)
     assert sft_trainer.padding_free is False
     assert not sft_trainer.args.activation_checkpointing
     assert sft_trainer.fused_loss is True
+
+
+def test_quick_real_model_suite_writes_every_variant_with_mfu(tmp_path, smollm2_dir):
+    output = tmp_path / "sft_throughput.json"
+    output.write_text(json.dumps({"results": {"kept": {}}}))  # a real-suite run keeps the synthetic results
+    subprocess.run([sys.executable, str(REPO_ROOT / "bench" / "sft_throughput.py"), "--quick", "--suite", "real",
+                    "--output", str(output)], check=True, cwd=REPO_ROOT, capture_output=True, text=True, timeout=900)
+
+    report = json.loads(output.read_text())
+
+    assert report["results"] == {"kept": {}}
+    real = report["real_model"]
+    for method in ("lora", "full"):
+        assert set(real[method]) == {"stock_trl", "tuned_trl", "posttrain", "ratios"}
+        for variant in ("stock_trl", "tuned_trl", "posttrain"):
+            row = real[method][variant]
+            assert row["real_tokens_per_s"] > 0 and row["peak_rss_mb"] > 100, (method, variant)
+            assert 0 < row["mfu"] < 1 and row["eval_loss"] > 0, (method, variant)
+    assert real["dpo"]["posttrain"]["pairs_per_s"] > 0
+    assert real["grpo"]["posttrain"]["generated_tokens_per_s"] > 0
+    assert real["grpo"]["stock_trl"]["update_tokens_per_s"] > 0
+
+
+def test_model_flops_count_every_weight_of_smollm2_once_per_matmul(smollm2_dir):
+    from transformers import AutoConfig
+
+    from bench.real_model import model_flops_per_token
+
+    config = AutoConfig.from_pretrained(smollm2_dir)
+    params, norms = 134_515_008, 30 * 2 * 576 + 576  # embedding (tied head) + linear layers + RMSNorm gains
+    no_attention = {"trained_fraction": 1.0, "mean_context": 0.0}
+    # Full fine-tune: forward 2, input gradient 2, weight gradient 2 FLOPs per weight and token.
+    assert model_flops_per_token(config, "full", no_attention, 0) == 6 * (params - norms)
+    lora = model_flops_per_token(config, "lora", no_attention, 1000)
+    assert lora == 4 * (params - norms) + 6 * 1000
+    half_trained = model_flops_per_token(config, "full", {"trained_fraction": 0.5, "mean_context": 0.0}, 0)
+    assert half_trained == 6 * (params - norms) - 3 * 576 * 49152
