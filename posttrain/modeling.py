@@ -19,7 +19,6 @@ from posttrain.spec import JobSpec, ModelSpec
 
 log = logging.getLogger(__name__)
 
-TINY_MODEL = "posttrain:tiny"
 ModelHead = Literal["causal_lm", "sequence_classification"]
 
 # Used only when a tokenizer ships without a chat template and the data is conversational.
@@ -71,11 +70,12 @@ def resolve_placement(spec: ModelSpec) -> Placement:
 
 
 def resolve_model_path(name: str) -> str:
-    """A local folder, the embedded tiny model, or a hub id (returned unchanged)."""
-    if name == TINY_MODEL:
-        from posttrain.tiny import tiny_model_path
+    """A local folder, an embedded model (``posttrain:tiny``, ``posttrain:smollm2``), or a hub id (unchanged)."""
+    from posttrain.embedded import embedded_model_path
 
-        return str(tiny_model_path())
+    embedded = embedded_model_path(name)
+    if embedded is not None:
+        return str(embedded)
     path = Path(name).expanduser()
     if path.exists():
         if not path.is_dir():

@@ -33,10 +33,13 @@ class PreflightReport:
 
 def _check_model(spec: JobSpec) -> str:
     from posttrain.data.sources import is_local_path
-    from posttrain.modeling import TINY_MODEL, resolve_model_path
+    from posttrain.embedded import EMBEDDED_MODEL_NAMES, SMOLLM2_MODEL_NAME, smollm2_gguf_path
+    from posttrain.modeling import resolve_model_path
 
     name = spec.model.name_or_path
-    if name == TINY_MODEL:
+    if name in EMBEDDED_MODEL_NAMES:
+        if name == SMOLLM2_MODEL_NAME:
+            smollm2_gguf_path()  # names the missing package; the conversion itself waits for the worker
         return "embedded"
     path = Path(name).expanduser()
     if is_local_path(name):

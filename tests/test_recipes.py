@@ -15,6 +15,14 @@ from posttrain.worker import run_worker
 METRIC_KEYS = {"step", "epoch", "loss", "learning_rate", "grad_norm", "tokens_per_s", "num_threads", "dtype"}
 
 
+# Every method trains under bf16 autocast on CPUs with native bf16 instructions, in fp32 elsewhere.
+NATIVE_BF16 = bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+
+
+def assert_cpu_autocast_recorded(job: JobDir) -> None:
+    assert {r.get("autocast") for r in job.read_metrics() if "loss" in r} == {"bf16" if NATIVE_BF16 else None}
+
+
 def train(tmp_path, spec: dict, name: str = "run"):
     result = run_worker(spec_from_dict(spec), tmp_path / name)
     assert result.state == "succeeded", result.error
@@ -85,6 +93,7 @@ def test_dpo_with_lora_uses_the_base_as_implicit_reference(tmp_path, make_spec):
     margins = [r["rewards/margins"] for r in job.read_metrics() if "rewards/margins" in r]
     assert margins[0] == pytest.approx(0.0, abs=1e-3)  # policy == reference at step 1
     assert max(margins[-3:]) > 0
+    assert_cpu_autocast_recorded(job)
 
 
 def test_dpo_full_fine_tune_with_and_without_an_explicit_reference(tmp_path, make_spec, tiny_model_dir):
@@ -104,6 +113,7 @@ def test_reward_model_adapter_scores_sequences(tmp_path, make_spec):
     result, job = train(tmp_path, make_spec(method="reward", data={"source": "posttrain:preference"},
                                             training={"max_steps": 6}))
     assert any("accuracy" in r for r in job.read_metrics())
+    assert_cpu_autocast_recorded(job)
     model = AutoPeftModelForSequenceClassification.from_pretrained(result.final_dir, num_labels=1)
     tokenizer = AutoTokenizer.from_pretrained(result.final_dir)
     model.config.pad_token_id = tokenizer.pad_token_id
@@ -125,6 +135,7 @@ def test_grpo_with_builtin_and_user_reward_functions(tmp_path, make_spec, monkey
     _, job = train(tmp_path, spec)
     logged = [r for r in job.read_metrics() if "reward" in r]
     assert logged and "rewards/short/mean" in logged[0] and "rewards/numeric_match/mean" in logged[0]
+    assert_cpu_autocast_recorded(job)
 
 
 def test_grpo_rejects_batches_that_do_not_hold_whole_groups(tmp_path, make_spec):

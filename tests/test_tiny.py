@@ -17,12 +17,12 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl.chat_template_utils import is_chat_template_stop_token_trained
 
+from posttrain.embedded import default_cache_dir
 from posttrain.errors import DatasetError, ModelError
 from posttrain.tiny import (
     EOT_TOKEN,
     SAMPLE_NAMES,
     build_tiny_model,
-    default_cache_dir,
     sample_path,
     tiny_model_path,
 )
