@@ -5,7 +5,8 @@ order: stock TRL (its defaults), TRL tuned by hand (every setting a TRL user can
 posttrain (its defaults). Each runs in a fresh subprocess; the same ``StepClock`` callback times every
 variant (wall time and real tokens between the end of the warm-up steps and the last step). Each is scored
 on the same held-out rows (loss over the reply tokens, fp32). MFU is model FLOPs per real token times real
-tokens/s over the matmul peak of this core at the same dtype and thread count, measured in the same run.
+tokens/s over the matmul peak of this core at the same dtype and thread count, measured in the same run
+(the higher of the suite's first measurement and the one in the variant's own process just before it trains).
 DPO (pairs/s) and GRPO (generated tokens/s, update tokens/s) are compared with TRL's defaults too.
 """
 
@@ -421,10 +422,15 @@ def run_real_child(tag: str, paths: dict[str, str], settings: RealSettings, out_
     method, variant = parts[1], parts[2]
     if method in ("dpo", "grpo"):
         return run_method_line(method, variant, paths, settings, out_dir)
+    # The peak is measured again in each variant's own process, just before it trains: other work on the
+    # machine moves both numbers, so each variant's MFU is taken against the peak of its own moment.
+    peak = matmul_peak_gflops(repeats=3)
     clock = StepClock(settings.warmup)
     if variant == "posttrain":
-        return run_real_posttrain(method, paths, settings, out_dir, clock)
-    return run_real_trl(method, variant, paths, settings, out_dir, clock)
+        row = run_real_posttrain(method, paths, settings, out_dir, clock)
+    else:
+        row = run_real_trl(method, variant, paths, settings, out_dir, clock)
+    return {**row, "matmul_peak_gflops_at_start": peak}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -454,7 +460,8 @@ def run_real_suite(work: Path, settings: RealSettings, spawn,
         flops = model_flops_per_token(config, method, stats, lora_params)
         for row in rows.values():
             row["model_flops_per_real_token"] = round(flops)
-            peak_gflops = peak["bf16" if "bf16" in row["dtype"] else "fp32"]
+            dtype = "bf16" if "bf16" in row["dtype"] else "fp32"
+            peak_gflops = max(peak[dtype], row["matmul_peak_gflops_at_start"][dtype])
             row["matmul_peak_gflops"] = peak_gflops
             row["mfu"] = round(flops * row["real_tokens_per_s"] / (peak_gflops * 1e9), 4)
         rows["ratios"] = {
