@@ -28,6 +28,8 @@ from pathlib import Path
 from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:  # run as a script: bench.real_model must import as a package module
+    sys.path.insert(0, str(REPO_ROOT))
 DEFAULT_OUTPUT = REPO_ROOT / "bench" / "results" / "sft_throughput.json"
 VARIANTS = ("stock_trl", "tuned_trl", "plain_loop", "posttrain")
 LEARNING_RATE = 2e-4
@@ -158,6 +160,22 @@ class StepClock:
             self.start = (now, tokens_seen)
         self.end = (now, tokens_seen)
 
+    def callback(self):
+        """The TrainerCallback that feeds this clock; every Trainer-based variant is timed through it."""
+        from transformers import TrainerCallback
+
+        clock = self
+
+        class Clock(TrainerCallback):
+            def on_step_end(self, args, state, control, **_):
+                clock.step_done(state.global_step, int(state.num_input_tokens_seen))
+
+            def on_log(self, args, state, control, logs=None, **_):
+                if logs and "loss" in logs:
+                    clock.losses.append(float(logs["loss"]))
+
+        return Clock()
+
     def result(self) -> dict[str, float]:
         assert self.start is not None and self.end is not None, "fewer steps ran than the warm-up"
         seconds, tokens = self.end[0] - self.start[0], self.end[1] - self.start[1]
@@ -178,7 +196,7 @@ def final_loss(losses: list[float]) -> float:
 def run_trl(variant: str, paths: dict[str, str], settings: Settings, out_dir: Path) -> dict[str, Any]:
     import datasets
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
     tuned = variant == "tuned_trl"
@@ -190,14 +208,6 @@ def run_trl(variant: str, paths: dict[str, str], settings: Settings, out_dir: Pa
         torch.set_num_threads(settings.num_threads or 1)
     bf16 = cpu_has_native_bf16() if tuned else None
     clock = StepClock(settings.warmup)
-
-    class Clock(TrainerCallback):
-        def on_step_end(self, args, state, control, **_):
-            clock.step_done(state.global_step, int(state.num_input_tokens_seen))
-
-        def on_log(self, args, state, control, logs=None, **_):
-            if logs and "loss" in logs:
-                clock.losses.append(float(logs["loss"]))
 
     tokenizer = AutoTokenizer.from_pretrained(paths["model"])
     attention = {"attn_implementation": settings.attn_implementation} if settings.attn_implementation else {}
@@ -222,7 +232,7 @@ def run_trl(variant: str, paths: dict[str, str], settings: Settings, out_dir: Pa
     config = SFTConfig(**config_kwargs)
     trainer = SFTTrainer(model=model, args=config, processing_class=tokenizer,
                          train_dataset=datasets.load_dataset("json", data_files=paths["train"], split="train"),
-                         callbacks=[Clock()])
+                         callbacks=[clock.callback()])
     trainer.train()
     row = {
         **clock.result(),
@@ -307,23 +317,18 @@ def run_posttrain(paths: dict[str, str], settings: Settings, out_dir: Path) -> d
         "training": {"max_steps": settings.steps, "per_device_train_batch_size": settings.batch_size,
                      "learning_rate": LEARNING_RATE, "seed": SEED, "num_threads": settings.num_threads},
     })
-    result = run_worker(spec, out_dir, log_to_file=False)
+    clock = StepClock(settings.warmup)
+    result = run_worker(spec, out_dir, log_to_file=False, extra_callbacks=[clock.callback()])
     if result.state != "succeeded":
         raise RuntimeError(f"posttrain run {result.state}: {result.error}")
-    # The worker logs every step (its default) with a wall-clock time and the real tokens seen so far.
     records = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
-    steps = {rec["step"]: rec for rec in records if "loss" in rec}
-    first, last = steps[settings.warmup], steps[settings.steps]
-    seconds = last["time"] - first["time"]
-    tokens = last["num_tokens_seen"] - first["num_tokens_seen"]
+    last = [rec for rec in records if "loss" in rec][-1]
     final = out_dir / "final"
     tokenizer = AutoTokenizer.from_pretrained(final)
     model = AutoModelForCausalLM.from_pretrained(final, dtype=torch.float32)
     return {
-        "timed_seconds": round(seconds, 3),
-        "timed_real_tokens": tokens,
-        "real_tokens_per_s": round(tokens / seconds, 1),
-        "final_loss": final_loss([steps[s]["loss"] for s in sorted(steps)]),
+        **clock.result(),
+        "final_loss": final_loss(clock.losses),
         "eval_loss": round(eval_loss(model, tokenizer, paths["eval"]), 4),
         "peak_rss_mb": round(peak_rss_mb(), 1),
         # What posttrain chose by itself, as its metrics.jsonl records it.
@@ -388,13 +393,14 @@ def _version(package: str) -> str:
     return version(package)
 
 
-def spawn(variant: str, paths: dict[str, str], settings: Settings, work: Path, competing: bool = False,
-          tag: str | None = None) -> dict[str, Any]:
+def spawn(variant: str, paths: dict[str, str], settings: Settings | dict[str, Any], work: Path,
+          competing: bool = False, tag: str | None = None) -> dict[str, Any]:
     """Run one variant in a fresh interpreter; with ``competing``, next to a process that keeps a core busy."""
-    tag = tag or variant
+    tag = (tag or variant).replace(":", "_")
     result_file = work / f"{tag}.result.json"
+    settings_json = json.dumps(settings if isinstance(settings, dict) else asdict(settings))
     command = [sys.executable, str(Path(__file__).resolve()), "--child", variant, "--tag", tag, "--work", str(work),
-               "--settings", json.dumps(asdict(settings)), "--paths", json.dumps(paths)]
+               "--settings", settings_json, "--paths", json.dumps(paths)]
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(REPO_ROOT)}
     competitor = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if competing else None
     started = time.perf_counter()
@@ -460,7 +466,12 @@ def print_table(report: dict[str, Any]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="smoke run: tiny model, a few steps (seconds)")
+    parser.add_argument("--quick", action="store_true", help="smoke run: a few short steps of each variant")
+    parser.add_argument("--suite", choices=("synthetic", "real", "all"), default="all",
+                        help="synthetic: random-init hidden-256 model (results); real: SmolLM2-135M (real_model); "
+                        "all: both (default). A run keeps the other suite's results already in the output file.")
+    parser.add_argument("--real-methods", default="lora,full,dpo,grpo",
+                        help="real-model suite: comma-separated subset of lora, full, dpo, grpo")
     parser.add_argument("--steps", type=int, help="optimizer steps per variant (default 40; quick 3)")
     parser.add_argument("--warmup", type=int, help="steps excluded from timing (default 4; quick 1)")
     parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset to run")
@@ -475,9 +486,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     if args.child:
-        settings = Settings(**json.loads(args.settings))
         tag = args.tag or args.child
-        row = run_variant(args.child, json.loads(args.paths), settings, args.work / tag)
+        if args.child.startswith("real:"):
+            from bench.real_model import RealSettings, run_real_child
+
+            row = run_real_child(args.child, json.loads(args.paths), RealSettings(**json.loads(args.settings)),
+                                 args.work / tag)
+        else:
+            row = run_variant(args.child, json.loads(args.paths), Settings(**json.loads(args.settings)),
+                              args.work / tag)
         (args.work / f"{tag}.result.json").write_text(json.dumps(row))
         return 0
 
@@ -493,16 +510,43 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown variants {unknown}; known: {', '.join(VARIANTS)}")
     output = args.output or DEFAULT_OUTPUT
+    # A run of one suite keeps the other suite's numbers already in the file.
+    report: dict[str, Any] = json.loads(output.read_text()) if output.exists() else {}
     with tempfile.TemporaryDirectory(prefix="sft-bench-") as tmp:
         work = Path(tmp)
-        machine = machine_info()
-        paths = prepare(work, settings)
-        results = {}
-        for variant in variants:
-            print(f"running {variant} ...", file=sys.stderr, flush=True)
-            results[variant] = spawn(variant, paths, settings, work)
-        study = None if args.quick or args.no_study else thread_and_dtype_study(paths, settings, work)
-    report = {
+        report["machine"] = machine_info()
+        if args.suite in ("synthetic", "all"):
+            section, paths = synthetic_suite(work, settings, variants, quick=args.quick)
+            report.update(section)
+            report.pop("thread_and_dtype_study", None)
+            if not (args.quick or args.no_study):
+                report["thread_and_dtype_study"] = thread_and_dtype_study(paths, settings, work)
+        if args.suite in ("real", "all"):
+            from bench.real_model import RealSettings, print_real_table, run_real_suite
+
+            real_settings = RealSettings.quick() if args.quick else RealSettings()
+            (work / "real").mkdir()
+            methods = tuple(name.strip() for name in args.real_methods.split(",") if name.strip())
+            report["real_model"] = run_real_suite(work / "real", real_settings, spawn, methods)
+            report["real_model"]["quick"] = args.quick
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(report, indent=2) + "\n")
+    if args.suite in ("synthetic", "all"):
+        print_table(report)
+    if args.suite in ("real", "all"):
+        print_real_table(report["real_model"])
+    print(f"wrote {output}")
+    return 0
+
+
+def synthetic_suite(work: Path, settings: Settings, variants: list[str],
+                    quick: bool) -> tuple[dict[str, Any], dict[str, str]]:
+    paths = prepare(work, settings)
+    results = {}
+    for variant in variants:
+        print(f"running {variant} ...", file=sys.stderr, flush=True)
+        results[variant] = spawn(variant, paths, settings, work)
+    section = {
         "results": results,
         "ratios": {
             "posttrain_over_plain_loop": ratio(results, "posttrain", "plain_loop"),
@@ -510,16 +554,9 @@ def main(argv: list[str] | None = None) -> int:
             "posttrain_over_stock_trl": ratio(results, "posttrain", "stock_trl"),
         },
         "settings": {**asdict(settings), "learning_rate": LEARNING_RATE, "seed": SEED, "eval_rows": EVAL_ROWS,
-                     "peft": "none (full fine-tune)", "quick": args.quick},
-        "machine": machine,
+                     "peft": "none (full fine-tune)", "quick": quick},
     }
-    if study is not None:
-        report["thread_and_dtype_study"] = study
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(report, indent=2) + "\n")
-    print_table(report)
-    print(f"wrote {output}")
-    return 0
+    return section, paths
 
 
 if __name__ == "__main__":

@@ -54,7 +54,8 @@ class JobDirCallback(TrainerCallback):
         self._last_time = time.perf_counter()
         self._last_tokens = int(state.num_input_tokens_seen or 0)
         self._last_step = state.global_step
-        self.job_dir.update_status(state="running", step=state.global_step, total_steps=state.max_steps)
+        if state.is_world_process_zero:
+            self.job_dir.update_status(state="running", step=state.global_step, total_steps=state.max_steps)
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **_: Any):
         if self.stop.is_set():

@@ -141,10 +141,21 @@ class Client:
         except httpx.TransportError as exc:
             raise ServiceError(0, f"lost the log stream from {self.server}: {exc}") from None
 
-    def metrics(self, job_id: str, since_step: int | None = None) -> list[dict[str, Any]]:
-        params = {"since_step": since_step} if since_step is not None else {}
-        response = self._request("GET", f"/v1/jobs/{_seg(job_id)}/metrics", params=params)
-        return MetricsResponse.model_validate(response.json()).metrics
+    def metrics(self, job_id: str, since_step: int | None = None, limit: int | None = None) -> list[dict[str, Any]]:
+        """The job's metrics records logged after ``since_step``: every one (fetched page by page), or the
+        first ``limit``."""
+        records: list[dict[str, Any]] = []
+        while True:
+            params: dict[str, Any] = {"since_step": since_step} if since_step is not None else {}
+            if limit is not None:
+                params["limit"] = min(limit - len(records), 10_000)
+            response = self._request("GET", f"/v1/jobs/{_seg(job_id)}/metrics", params=params)
+            page = MetricsResponse.model_validate(response.json())
+            records.extend(page.metrics)
+            last_step = page.metrics[-1].get("step") if page.metrics else None
+            if not page.more or (limit is not None and len(records) >= limit) or not isinstance(last_step, int):
+                return records
+            since_step = last_step
 
     def artifacts(self, job_id: str) -> ArtifactList:
         return ArtifactList.model_validate(self._request("GET", f"/v1/jobs/{_seg(job_id)}/artifacts").json())

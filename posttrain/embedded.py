@@ -15,7 +15,8 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
 
@@ -52,6 +53,21 @@ SMOLLM2_CHAT_TEMPLATE = (
     "{%- endfor %}"
     "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
 )
+
+
+@contextmanager
+def quiet_transformers_bars() -> Iterator[None]:
+    """No "Loading weights" / "Writing model shards" bars while an embedded model is built (seconds of work
+    that the caller already announces)."""
+    from transformers.utils import logging as transformers_logging
+
+    bars_were_on = transformers_logging.is_progress_bar_enabled()
+    transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if bars_were_on:
+            transformers_logging.enable_progress_bar()
 
 
 def default_cache_dir() -> Path:
@@ -121,7 +137,6 @@ def build_smollm2(gguf_file: Path, out_dir: Path) -> Path:
     """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
-    from transformers.utils import logging as transformers_logging
 
     try:
         import gguf  # noqa: F401
@@ -129,9 +144,7 @@ def build_smollm2(gguf_file: Path, out_dir: Path) -> Path:
         raise ModelError(f"building {SMOLLM2_MODEL_NAME} needs the 'gguf' package: pip install gguf") from None
     folder, name = str(gguf_file.parent), gguf_file.name
     log.info("building %s from %s (once; about 30 s)", SMOLLM2_MODEL_NAME, gguf_file)
-    bars_were_on = transformers_logging.is_progress_bar_enabled()
-    transformers_logging.disable_progress_bar()
-    try:
+    with quiet_transformers_bars():
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
         loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
         config = loaded.config
@@ -151,9 +164,6 @@ def build_smollm2(gguf_file: Path, out_dir: Path) -> Path:
         out_dir.mkdir(parents=True, exist_ok=True)
         model.save_pretrained(out_dir)
         tokenizer.save_pretrained(out_dir)
-    finally:
-        if bars_were_on:
-            transformers_logging.enable_progress_bar()
     return out_dir
 
 

@@ -45,8 +45,19 @@ class JobStatus(BaseModel):
     finished_at: float | None = None
 
 
+def fsync_dir(path: Path) -> None:
+    """Make a rename inside ``path`` durable: the new directory entry reaches the disk too, so after a
+    power loss the file is the new one or the old one, never missing."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` so readers never see a partial file."""
+    """Write ``text`` to ``path`` so readers never see a partial file, and durably (file and directory
+    entry synced)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
@@ -58,6 +69,7 @@ def atomic_write_text(path: Path, text: str) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    fsync_dir(path.parent)
 
 
 def atomic_write_json(path: Path, payload: Any) -> None:
@@ -91,9 +103,11 @@ class JobDir:
 
     # -- status -------------------------------------------------------------------------------------
     def read_status(self) -> JobStatus | None:
+        """The status, or None when there is none or it cannot be read (writes are atomic, so only damage
+        from outside makes an unreadable one; readers then treat the run as not having recorded a state)."""
         try:
             return JobStatus.model_validate_json(self.status_path.read_text())
-        except FileNotFoundError:
+        except (OSError, ValueError):
             return None
 
     def write_status(self, status: JobStatus) -> JobStatus:

@@ -30,6 +30,10 @@ DEFAULT_CHAT_TEMPLATE = (
 )
 
 
+# The spec's dtype names (model.dtype, quantization.compute_dtype).
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
 @dataclass(frozen=True)
 class Placement:
     """Where and in which precision a job trains."""
@@ -56,9 +60,8 @@ def resolve_device(requested: str) -> str:
 
 def resolve_placement(spec: ModelSpec) -> Placement:
     device = resolve_device(spec.device)
-    names = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
     if spec.dtype != "auto":
-        dtype = names[spec.dtype]
+        dtype = DTYPES[spec.dtype]
         if device == "cpu" and dtype is torch.float16:
             raise UnsupportedError("model.dtype=fp16 cannot train on the CPU; use fp32 (fastest here) or bf16")
         return Placement(device, dtype)
@@ -134,9 +137,8 @@ def quantization_config(spec: JobSpec, placement: Placement):
         raise UnsupportedError(f"4-bit loading needs bitsandbytes: {exc}") from None
     if placement.device == "mps":
         raise UnsupportedError("QLoRA (4-bit bitsandbytes) is not supported on MPS; use peft.type=lora")
-    names = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
     compute = spec.quantization.compute_dtype
-    compute_dtype = placement.dtype if compute == "auto" else names[compute]
+    compute_dtype = placement.dtype if compute == "auto" else DTYPES[compute]
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type=spec.quantization.quant_type,

@@ -32,7 +32,7 @@ class PreflightReport:
 
 
 def _check_model(spec: JobSpec) -> str:
-    from posttrain.data.sources import looks_like_local_path
+    from posttrain.data.sources import is_local_path
     from posttrain.embedded import EMBEDDED_MODEL_NAMES, SMOLLM2_MODEL_NAME, smollm2_gguf_path
     from posttrain.modeling import resolve_model_path
 
@@ -42,7 +42,7 @@ def _check_model(spec: JobSpec) -> str:
             smollm2_gguf_path()  # names the missing package; the conversion itself waits for the worker
         return "embedded"
     path = Path(name).expanduser()
-    if path.exists() or looks_like_local_path(name):
+    if is_local_path(name):
         resolve_model_path(name)
         try:
             config = json.loads((path / "config.json").read_text()) if (path / "config.json").exists() else {}
@@ -65,15 +65,19 @@ def check_tracking(spec: JobSpec) -> None:
             )
 
 
-def check_options(spec: JobSpec, warnings: list[str]) -> None:
-    """Checks that need neither the model nor the data: the worker runs them before loading anything."""
+def check_options(spec: JobSpec, warnings: list[str], *, import_rewards: bool = False) -> None:
+    """Checks that need neither the model nor the data: the worker runs them before loading anything
+    (with ``import_rewards``, so a missing reward module fails before the model loads)."""
     check_tracking(spec)
     method = spec.method
     training = spec.training
     if method.name == "grpo":
-        from posttrain.rewards import resolve_reward_functions
+        from posttrain.rewards import check_reward_names, resolve_reward_functions
 
-        resolve_reward_functions(method.reward_functions)
+        if import_rewards:
+            resolve_reward_functions(method.reward_functions)
+        else:  # importing a 'module:function' reward runs its code
+            check_reward_names(method.reward_functions)
         batch = training.per_device_train_batch_size * training.gradient_accumulation_steps
         if batch % method.num_generations:
             raise ConfigError(
@@ -82,9 +86,9 @@ def check_options(spec: JobSpec, warnings: list[str]) -> None:
                 "training.per_device_train_batch_size",
             )
     if method.name == "dpo" and method.reference_model:
-        from posttrain.data.sources import looks_like_local_path
+        from posttrain.data.sources import is_local_path
 
-        if looks_like_local_path(method.reference_model) and not Path(method.reference_model).expanduser().is_dir():
+        if is_local_path(method.reference_model) and not Path(method.reference_model).expanduser().is_dir():
             raise ModelError(f"method.reference_model {method.reference_model!r} does not exist")
         if not method.use_reference_model:
             warnings.append("method.reference_model is ignored because method.use_reference_model is false")
@@ -103,8 +107,36 @@ def _check_quantization(spec: JobSpec, device: str) -> None:
         raise UnsupportedError("QLoRA (bitsandbytes 4-bit) does not run on MPS; use peft.type=lora")
 
 
-def preflight(spec: JobSpec) -> PreflightReport:
-    """Validate everything that can be checked without training. Raises PosttrainError subclasses."""
+@dataclass(frozen=True)
+class DataBudget:
+    """How much of a dataset a bounded check may read (the service's submit-time check): the first
+    ``rows`` rows of each local source, no hub downloads, and no ``.json`` list file over ``json_bytes``
+    (a JSON list is parsed whole before its first row). What is not read here, the worker checks."""
+
+    rows: int = 2000
+    json_bytes: int = 32 * 1024 * 1024
+
+
+def data_within_budget(source: str, budget: DataBudget) -> bool:
+    """Whether a bounded check can read ``source``: bundled samples and local files and folders, except
+    large ``.json`` list files; never a hub id (that would download it)."""
+    from posttrain.data.sources import BUNDLED_PREFIX, is_local_path
+
+    if source.startswith(BUNDLED_PREFIX):
+        return True
+    if not is_local_path(source):
+        return False
+    path = Path(source).expanduser()
+    files = [path] if path.is_file() else sorted(path.glob("*.json")) if path.is_dir() else []
+    return all(file.suffix.lower() != ".json" or file.stat().st_size <= budget.json_bytes for file in files)
+
+
+def preflight(spec: JobSpec, *, import_rewards: bool = True, budget: DataBudget | None = None) -> PreflightReport:
+    """Validate everything that can be checked without training. Raises PosttrainError subclasses.
+
+    With a ``budget`` (the service), reward modules are not imported and only a bounded sample of the
+    data is read: row counts and steps then describe that sample.
+    """
     from posttrain.data import load_training_data
     from posttrain.modeling import resolve_placement
 
@@ -112,14 +144,27 @@ def preflight(spec: JobSpec) -> PreflightReport:
     placement = resolve_placement(spec.model)
     _check_quantization(spec, placement.device)
     location = _check_model(spec)
-    check_options(spec, warnings)
-    data = load_training_data(spec.data, spec.method.name, seed=spec.training.seed)
+    check_options(spec, warnings, import_rewards=import_rewards and budget is None)
+    data_spec = spec.data
+    if budget is not None:
+        sources = [spec.data.source, spec.data.validation.source]
+        if not all(data_within_budget(source, budget) for source in sources if source is not None):
+            return _report(spec, location, placement, [*warnings, "data not checked here (hub or large file)"])
+        data_spec = spec.data.model_copy(update={"max_samples": min(spec.data.max_samples or budget.rows,
+                                                                    budget.rows)})
+    data = load_training_data(data_spec, spec.method.name, seed=spec.training.seed,
+                              validation_limit=budget.rows if budget is not None else None)
     if len(data.train) == 0:
         raise ConfigError(f"{data.source}: no training rows left", "data.source")
     if data.skipped:
         warnings.append(f"{data.skipped} malformed rows will be skipped (data.on_bad_row=skip)")
+    return _report(spec, location, placement, warnings, data)
+
+
+def _report(spec: JobSpec, location: str, placement, warnings: list[str], data=None) -> PreflightReport:
+    train_rows = len(data.train) if data is not None else 0
     batch = spec.training.per_device_train_batch_size * spec.training.gradient_accumulation_steps
-    steps_per_epoch = max(1, -(-len(data.train) // batch))
+    steps_per_epoch = max(1, -(-train_rows // batch))
     total = spec.training.max_steps if spec.training.max_steps > 0 else int(
         steps_per_epoch * spec.training.num_train_epochs + 0.999
     )
@@ -129,11 +174,11 @@ def preflight(spec: JobSpec) -> PreflightReport:
         model_location=location,
         device=placement.device,
         dtype=str(placement.dtype).removeprefix("torch."),
-        data_source=data.source,
-        data_format=data.format,
-        train_rows=len(data.train),
-        eval_rows=len(data.eval) if data.eval is not None else None,
-        skipped_rows=data.skipped,
+        data_source=spec.data.source,
+        data_format=data.format if data is not None else "unchecked",
+        train_rows=train_rows,
+        eval_rows=len(data.eval) if data is not None and data.eval is not None else None,
+        skipped_rows=data.skipped if data is not None else 0,
         steps_per_epoch=steps_per_epoch,
         total_steps=total,
         warnings=warnings,

@@ -16,8 +16,23 @@ from posttrain.errors import ConfigError
 RewardFunction = Callable[..., list[float | None]]
 
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+_LEADING_NUMBER = re.compile(r"-?[\d,]*\.?\d+")
 _MODULE_FUNCTION = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*:[A-Za-z_]\w*$")
-_FINAL_ANSWER = re.compile(r"####\s*(-?[\d,]*\.?\d+)")
+# GSM8k's answer convention, the one place it is written: reasoning, then '#### <final answer>'.
+FINAL_ANSWER = re.compile(r"####\s*(.*?)\s*$", re.DOTALL)
+
+
+def final_answer(text: str) -> str | None:
+    """What follows the '####' marker (stripped; may be empty), or None when there is no marker."""
+    match = FINAL_ANSWER.search(text)
+    return match.group(1) if match else None
+
+
+def _final_number(text: str) -> str | None:
+    """The number right after '####', if the text has the marker and a number follows it."""
+    final = final_answer(text)
+    match = _LEADING_NUMBER.match(final) if final is not None else None
+    return match.group(0) if match else None
 
 
 def completion_text(completion: Any) -> str:
@@ -38,9 +53,9 @@ def _to_number(text: str) -> float | None:
 
 def extract_answer(text: str) -> float | None:
     """The final numeric answer: after '####' if present, else the last number in the text."""
-    match = _FINAL_ANSWER.search(text)
-    if match:
-        return _to_number(match.group(1))
+    number = _final_number(text)
+    if number is not None:
+        return _to_number(number)
     numbers = _NUMBER.findall(text)
     return _to_number(numbers[-1]) if numbers else None
 
@@ -64,7 +79,7 @@ def answer_format(completions: list[Any], **_: Any) -> list[float]:
         score = 0.0
         if "####" in text:
             score += 0.5
-        if _FINAL_ANSWER.search(text):
+        if _final_number(text) is not None:
             score += 0.5
         rewards.append(score)
     return rewards
@@ -82,19 +97,40 @@ BUILTIN_REWARDS: dict[str, RewardFunction] = {
 }
 
 
-def resolve_reward_function(name: str) -> RewardFunction:
+def is_user_reward(name: str) -> bool:
+    """True for a ``module:function`` reward: code from outside posttrain that the worker imports."""
+    return name not in BUILTIN_REWARDS
+
+
+def check_reward_name(name: str) -> None:
+    """A built-in name or well-formed ``module:function``, checked without importing anything: the
+    service's API process never imports user code (the worker does, in its own process)."""
     if name in BUILTIN_REWARDS:
-        return BUILTIN_REWARDS[name]
+        return
     if ":" not in name:
         raise ConfigError(
             f"unknown reward function {name!r}; built-ins are {', '.join(BUILTIN_REWARDS)}, "
             "or give 'module:function'",
             "method.reward_functions",
         )
-    module_name, _, attr = name.partition(":")
     if not _MODULE_FUNCTION.match(name):
         raise ConfigError(f"reward function {name!r} is not of the form 'package.module:function'",
                           "method.reward_functions")
+
+
+def check_reward_names(names: list[str]) -> None:
+    if not names:
+        raise ConfigError("GRPO needs at least one reward function", "method.reward_functions")
+    for name in names:
+        check_reward_name(name)
+
+
+def resolve_reward_function(name: str) -> RewardFunction:
+    """The function itself: a built-in, or ``module:function`` imported (in the worker only)."""
+    check_reward_name(name)
+    if name in BUILTIN_REWARDS:
+        return BUILTIN_REWARDS[name]
+    module_name, _, attr = name.partition(":")
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
@@ -106,6 +142,5 @@ def resolve_reward_function(name: str) -> RewardFunction:
 
 
 def resolve_reward_functions(names: list[str]) -> list[RewardFunction]:
-    if not names:
-        raise ConfigError("GRPO needs at least one reward function", "method.reward_functions")
+    check_reward_names(names)
     return [resolve_reward_function(name) for name in names]

@@ -20,11 +20,20 @@ from posttrain.errors import ConfigError
 MethodName = Literal["sft", "dpo", "reward", "grpo"]
 DataFormat = Literal["auto", "alpaca", "sharegpt", "messages", "text", "preference", "prompt"]
 
+# Bounds of a spec's integers: generous for any real job, small enough that every count fits a 64-bit
+# column and every seed fits numpy's 32-bit seeds. Counts of steps, rows or tokens stay below MAX_COUNT.
+MAX_COUNT = 10**12
+MAX_STEPS = 10**9
+MAX_SEED = 2**32 - 1
+# Deepest nesting of lists and mappings a config may have (a real one has 4 levels).
+MAX_DEPTH = 32
+
 
 class Section(BaseModel):
-    """Base of every spec section: unknown keys are errors, assignments are validated."""
+    """Base of every spec section: unknown keys are errors, assignments are validated, no inf/nan."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=(),
+                              allow_inf_nan=False)
 
 
 class ModelSpec(Section):
@@ -36,7 +45,7 @@ class ModelSpec(Section):
     dtype: Literal["auto", "bf16", "fp16", "fp32"] = Field(
         "auto",
         description="Weights/compute dtype; auto: bf16 on GPUs that have it (else fp16), fp32 on CPU "
-        "(SFT adds bf16 autocast on CPUs with native bf16 instructions).",
+        "(every method trains fp32 weights under bf16 autocast on CPUs with native bf16 instructions).",
     )
     device: Literal["auto", "cpu", "cuda", "mps"] = Field(
         "auto", description="Device to train on; auto picks cuda, then mps, then cpu."
@@ -88,8 +97,8 @@ class RewardMethod(Section):
 
 class GRPOMethod(Section):
     name: Literal["grpo"] = Field("grpo", description="Group Relative Policy Optimization with reward functions.")
-    num_generations: int = Field(4, ge=2, description="Completions sampled per prompt (the group size).")
-    max_completion_length: int = Field(64, gt=0, description="Longest completion sampled, in tokens.")
+    num_generations: int = Field(4, ge=2, le=1024, description="Completions sampled per prompt (the group size).")
+    max_completion_length: int = Field(64, gt=0, le=2**20, description="Longest completion sampled, in tokens.")
     temperature: float = Field(1.0, gt=0, description="Sampling temperature for completions.")
     beta: float = Field(0.0, ge=0, description="KL coefficient towards the reference model (0 = no reference).")
     loss_type: Literal["grpo", "dr_grpo", "dapo", "bnpo", "cispo", "sapo", "luspo", "vespo"] = Field(
@@ -118,8 +127,8 @@ class PeftSpec(Section):
     type: Literal["none", "lora", "qlora"] = Field(
         "lora", description="none = full fine-tune; lora; qlora = LoRA on a 4-bit NF4 base."
     )
-    r: int = Field(16, gt=0, description="LoRA rank.")
-    alpha: int = Field(32, gt=0, description="LoRA scaling factor (lora_alpha).")
+    r: int = Field(16, gt=0, le=65536, description="LoRA rank.")
+    alpha: int = Field(32, gt=0, le=2**20, description="LoRA scaling factor (lora_alpha).")
     dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA path.")
     target_modules: str | list[str] = Field(
         "all-linear", description="Modules to adapt: 'all-linear' or a list of module names."
@@ -152,7 +161,7 @@ class DataSpec(Section):
     )
     format: DataFormat = Field("auto", description="Row format; auto detects it from the columns.")
     split: str = Field("train", description="Split to read from hub or saved datasets.")
-    max_samples: int | None = Field(None, gt=0, description="Use at most this many rows (after shuffling: no).")
+    max_samples: int | None = Field(None, gt=0, le=MAX_COUNT, description="Use at most this many rows (after shuffling: no).")
     columns: dict[str, str] = Field(
         default_factory=dict,
         description="Rename source columns to the format's names, e.g. {question: prompt}.",
@@ -167,22 +176,22 @@ class DataSpec(Section):
 
 
 class TrainingSpec(Section):
-    num_train_epochs: float = Field(1.0, gt=0, description="Passes over the data (ignored when max_steps > 0).")
-    max_steps: int = Field(-1, description="Optimizer steps to run; -1 = derived from num_train_epochs.")
+    num_train_epochs: float = Field(1.0, gt=0, le=10**6, description="Passes over the data (ignored when max_steps > 0).")
+    max_steps: int = Field(-1, ge=-1, le=MAX_STEPS, description="Optimizer steps to run; -1 = derived from num_train_epochs.")
     learning_rate: float = Field(2e-4, gt=0, description="Peak learning rate.")
     lr_scheduler_type: Literal[
         "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
         "inverse_sqrt", "cosine_with_min_lr", "warmup_stable_decay",
     ] = Field("linear", description="Learning-rate schedule after warmup.")
     warmup_ratio: float = Field(0.0, ge=0, lt=1, description="Fraction of steps spent warming up.")
-    warmup_steps: int = Field(0, ge=0, description="Warmup steps (overrides warmup_ratio when > 0).")
+    warmup_steps: int = Field(0, ge=0, le=MAX_STEPS, description="Warmup steps (overrides warmup_ratio when > 0).")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
     optim: str = Field("adamw_torch", description="Optimizer name as transformers knows it (adamw_8bit, ...).")
-    per_device_train_batch_size: int = Field(8, gt=0, description="Rows per device per micro-batch.")
-    per_device_eval_batch_size: int = Field(8, gt=0, description="Rows per device per evaluation batch.")
-    gradient_accumulation_steps: int = Field(1, gt=0, description="Micro-batches per optimizer step.")
-    max_seq_length: int = Field(1024, gt=0, description="Truncate tokenized rows to this many tokens.")
+    per_device_train_batch_size: int = Field(8, gt=0, le=2**20, description="Rows per device per micro-batch.")
+    per_device_eval_batch_size: int = Field(8, gt=0, le=2**20, description="Rows per device per evaluation batch.")
+    gradient_accumulation_steps: int = Field(1, gt=0, le=2**20, description="Micro-batches per optimizer step.")
+    max_seq_length: int = Field(1024, gt=0, le=2**24, description="Truncate tokenized rows to this many tokens.")
     packing: bool = Field(False, description="Concatenate short rows into full-length sequences (SFT).")
     padding_free: Literal["auto", True, False] = Field(
         "auto",
@@ -196,16 +205,16 @@ class TrainingSpec(Section):
         "auto", description="Recompute activations to save memory; auto: only on CUDA for >1B models."
     )
     num_threads: int | None = Field(
-        None, gt=0, description="CPU threads for torch; default 1 per process on CPU (fastest measured here)."
+        None, gt=0, le=4096, description="CPU threads for torch; default 1 per process on CPU (fastest measured here)."
     )
-    seed: int = Field(42, description="Random seed for data order and initialisation.")
-    logging_steps: int = Field(1, gt=0, description="Write metrics every N optimizer steps.")
-    eval_steps: int | None = Field(None, gt=0, description="Evaluate every N steps (needs validation data).")
+    seed: int = Field(42, ge=0, le=MAX_SEED, description="Random seed for data order and initialisation.")
+    logging_steps: int = Field(1, gt=0, le=MAX_STEPS, description="Write metrics every N optimizer steps.")
+    eval_steps: int | None = Field(None, gt=0, le=MAX_STEPS, description="Evaluate every N steps (needs validation data).")
     save_steps: int | None = Field(
-        None, gt=0, description="Save a checkpoint every N steps (default: at the end of each epoch)."
+        None, gt=0, le=MAX_STEPS, description="Save a checkpoint every N steps (default: at the end of each epoch)."
     )
-    save_total_limit: int | None = Field(2, gt=0, description="Keep at most this many checkpoints.")
-    dataloader_num_workers: int = Field(0, ge=0, description="Worker processes feeding batches.")
+    save_total_limit: int | None = Field(2, gt=0, le=10**6, description="Keep at most this many checkpoints.")
+    dataloader_num_workers: int = Field(0, ge=0, le=1024, description="Worker processes feeding batches.")
 
 
 class OutputSpec(Section):
@@ -324,6 +333,53 @@ def _format_errors(exc: ValidationError, data: Any) -> ConfigError:
     return ConfigError("invalid job spec:\n  " + "\n  ".join(lines) if len(lines) > 1 else lines[0], None) if lines else ConfigError(str(exc))
 
 
+class _PlainYAMLLoader(yaml.SafeLoader):
+    """YAML without anchors and aliases: a few hundred bytes of nested aliases expand to gigabytes once
+    the document is copied (an alias bomb), and a recursive alias makes a structure that contains itself.
+    A config never needs them; they are refused before anything is built."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self.depth = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
+            mark = event.start_mark
+            raise ConfigError(f"line {mark.line + 1}: YAML anchors and aliases (&name, *name) are not "
+                              "allowed in a config; write the values out")
+        if self.depth >= MAX_DEPTH:  # bounded here, before the recursive composer runs out of stack
+            raise ConfigError(f"line {event.start_mark.line + 1}: nested more than {MAX_DEPTH} levels deep")
+        self.depth += 1
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
+
+
+def _safe_yaml(text: str) -> Any:
+    """``yaml.safe_load`` without anchors/aliases and with bounded nesting (ConfigError otherwise)."""
+    loader = _PlainYAMLLoader(text)
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
+
+
+def check_depth(data: Any, what: str = "config", limit: int = MAX_DEPTH) -> None:
+    """Raise ConfigError if ``data`` nests lists/mappings deeper than ``limit`` (checked without recursion,
+    so a hostile document cannot exhaust the stack here or later, when it is copied or validated)."""
+    stack = [(data, 1)]
+    while stack:
+        value, depth = stack.pop()
+        children = value.values() if isinstance(value, dict) else value if isinstance(value, list | tuple) else ()
+        for child in children:
+            if isinstance(child, dict | list | tuple):
+                if depth + 1 > limit:
+                    raise ConfigError(f"{what} is nested more than {limit} levels deep")
+                stack.append((child, depth + 1))
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     """Split ``a.b=c`` into (['a', 'b'], value), with the value parsed as YAML (numbers, lists...)."""
     if "=" not in text:
@@ -333,7 +389,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not key or any(not part for part in key.split(".")):
         raise ConfigError(f"override {text!r} has an empty key")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = _safe_yaml(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
     return key.split("."), value
@@ -363,6 +419,7 @@ def spec_from_dict(data: dict[str, Any], overrides: list[str] | None = None) -> 
     """Validate a plain dict (from YAML, JSON or a REST body) into a JobSpec."""
     if not isinstance(data, dict):
         raise ConfigError(f"a job spec must be a mapping of sections, got {type(data).__name__}")
+    check_depth(data, "the job spec")
     data = apply_overrides(data, overrides or [])
     try:
         return JobSpec.model_validate(data)
@@ -372,7 +429,9 @@ def spec_from_dict(data: dict[str, Any], overrides: list[str] | None = None) -> 
 
 def load_yaml(text: str, source: str = "<yaml>") -> dict[str, Any]:
     try:
-        data = yaml.safe_load(text)
+        data = _safe_yaml(text)
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {exc.message}") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{source}:{mark.line + 1}" if mark else source

@@ -22,7 +22,7 @@ from importlib.resources import files
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from posttrain.embedded import cached_build
+from posttrain.embedded import cached_build, quiet_transformers_bars
 from posttrain.errors import DatasetError
 
 if TYPE_CHECKING:  # transformers is imported lazily: reading a sample path must stay cheap
@@ -152,7 +152,6 @@ def build_tiny_model(
     """
     import torch
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
-    from transformers.utils import logging as transformers_logging
 
     tokenizer = build_tokenizer()
     bos_id, eos_id, pad_id, eot_id = tokenizer.convert_tokens_to_ids(
@@ -190,14 +189,9 @@ def build_tiny_model(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     # A first run would otherwise print a "Writing model shards" bar for a 700 KB file.
-    bars_were_on = transformers_logging.is_progress_bar_enabled()
-    transformers_logging.disable_progress_bar()
-    try:
+    with quiet_transformers_bars():
         model.save_pretrained(out_dir)
         tokenizer.save_pretrained(out_dir)
-    finally:
-        if bars_were_on:
-            transformers_logging.enable_progress_bar()
     return out_dir
 
 

@@ -15,11 +15,11 @@ import os
 import shutil
 import signal
 import sys
-import tempfile
 import threading
 import time
 import traceback
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -110,12 +110,32 @@ def _restore_signal_handlers(previous: dict[int, Any]) -> None:
         signal.signal(signum, handler)
 
 
+def is_main_process() -> bool:
+    """Rank 0 writes the job directory; other ranks of a distributed run (torchrun sets RANK) only train."""
+    dist = sys.modules.get("torch.distributed")  # not imported: no process group can have been set up
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        return dist.get_rank() == 0
+    return int(os.environ.get("RANK", "0") or 0) == 0
+
+
+def _record(jd: JobDir, **changes: Any) -> None:
+    """Update status.json, on rank 0 only."""
+    if is_main_process():
+        jd.update_status(**changes)
+
+
 def _save_final(trainer, tokenizer, job_dir: JobDir) -> Path:
-    """Save the adapter (or full model) + tokenizer to final/ via a temp folder and a rename."""
+    """Save the adapter (or full model) + tokenizer to final/ via a temp folder and a rename. Every rank
+    calls the trainer's save (a sharded model gathers its weights there); only rank 0 writes files."""
     final = job_dir.final_dir
-    tmp = Path(tempfile.mkdtemp(prefix=".final.", dir=job_dir.root))
+    main = is_main_process()
+    tmp = job_dir.root / ".final.partial"  # one name for every rank
+    if main:
+        shutil.rmtree(tmp, ignore_errors=True)
     try:
         trainer.save_model(str(tmp))
+        if not main:
+            return final
         tokenizer.save_pretrained(str(tmp))
         # Move an old final/ aside rather than deleting it first: a crash in between must not leave
         # the directory without any final/.
@@ -126,7 +146,8 @@ def _save_final(trainer, tokenizer, job_dir: JobDir) -> Path:
         os.replace(tmp, final)
         shutil.rmtree(old, ignore_errors=True)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if main:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
     return final
 
@@ -139,8 +160,12 @@ def check_fresh_job_dir(job_dir: JobDir) -> None:
         )
 
 
-def run_worker(spec: JobSpec, job_dir: str | Path, resume: bool = False, log_to_file: bool = True) -> JobResult:
+def run_worker(spec: JobSpec, job_dir: str | Path, resume: bool = False, log_to_file: bool = True,
+               extra_callbacks: Sequence[Any] = ()) -> JobResult:
     """Run one job to its end and record it in ``job_dir``.
+
+    ``extra_callbacks`` are ``transformers.TrainerCallback`` objects added after posttrain's own (Python API
+    users and the benchmark, which times every variant with the same callback).
 
     Never raises for job failures; raises ConfigError, touching nothing, when ``job_dir`` already
     holds another run and ``resume`` is not set.
@@ -160,9 +185,10 @@ def run_worker(spec: JobSpec, job_dir: str | Path, resume: bool = False, log_to_
     attempt = (status.attempt + 1) if status else 1
     try:
         spec = spec.model_copy(update={"output": spec.output.model_copy(update={"dir": str(jd.root)})})
-        jd.write_spec(spec_to_json(spec))
-        jd.update_status(state="running", pid=os.getpid(), attempt=attempt, error=None, finished_at=None)
-        result = _train(spec, jd, resume, stop, result)
+        if is_main_process():
+            jd.write_spec(spec_to_json(spec))
+        _record(jd, state="running", pid=os.getpid(), attempt=attempt, error=None, finished_at=None)
+        result = _train(spec, jd, resume, stop, result, extra_callbacks)
     except KeyboardInterrupt as exc:
         result.state, result.cancelled_by = "cancelled", str(exc) or "SIGINT"
     except PosttrainError as exc:
@@ -178,11 +204,12 @@ def run_worker(spec: JobSpec, job_dir: str | Path, resume: bool = False, log_to_
             result.state, result.cancelled_by = "cancelled", stop.signal_name
         status = jd.read_status()
         result.step = status.step if status else result.step
-        jd.update_status(state=result.state, error=result.error, step=result.step)
+        _record(jd, state=result.state, error=result.error, step=result.step)
     return result
 
 
-def _train(spec: JobSpec, jd: JobDir, resume: bool, stop, result: JobResult) -> JobResult:
+def _train(spec: JobSpec, jd: JobDir, resume: bool, stop, result: JobResult,
+           extra_callbacks: Sequence[Any] = ()) -> JobResult:
     from transformers import set_seed
     from transformers.trainer_callback import PrinterCallback
     from transformers.trainer_callback import ProgressCallback as HFProgressCallback
@@ -193,7 +220,7 @@ def _train(spec: JobSpec, jd: JobDir, resume: bool, stop, result: JobResult) -> 
     from posttrain.preflight import check_options
     from posttrain.recipes import RecipeInputs, build_trainer
 
-    check_options(spec, warnings := [])
+    check_options(spec, warnings := [], import_rewards=True)
     for warning in warnings:
         log.warning("%s", warning)
     placement = resolve_placement(spec.model)
@@ -211,7 +238,7 @@ def _train(spec: JobSpec, jd: JobDir, resume: bool, stop, result: JobResult) -> 
              f", {len(data.eval)} validation rows" if data.eval is not None else "")
     tokenizer = load_tokenizer(spec)
     metrics_cb = JobDirCallback(jd, stop, {"num_threads": threads, "dtype": str(placement.dtype).removeprefix("torch.")})
-    callbacks = [metrics_cb, ProgressCallback(metrics_cb, f"{spec.method.name}")]
+    callbacks = [metrics_cb, ProgressCallback(metrics_cb, f"{spec.method.name}"), *extra_callbacks]
     trainer = build_trainer(RecipeInputs(spec, jd, placement, data, tokenizer, callbacks))
     for unwanted in (PrinterCallback, HFProgressCallback):
         trainer.remove_callback(unwanted)
@@ -240,7 +267,7 @@ def _train(spec: JobSpec, jd: JobDir, resume: bool, stop, result: JobResult) -> 
         return result
     if spec.output.save_final:
         result.final_dir = _save_final(trainer, tokenizer, jd)
-    jd.update_status(step=result.step, total_steps=result.total_steps)
+    _record(jd, step=result.step, total_steps=result.total_steps)
     result.state = "succeeded"
     return result
 
@@ -262,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, PosttrainError) as exc:
         message = exc.message if isinstance(exc, PosttrainError) else f"cannot read spec {args.spec}: {exc}"
         print(f"error: {message}", file=sys.stderr)
-        jd.update_status(state="failed", error=message)
+        _record(jd, state="failed", error=message)
         return EXIT_BAD_INPUT
     try:
         result = run_worker(spec, jd.root, resume=args.resume, log_to_file=not args.no_log_file)

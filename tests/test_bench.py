@@ -1,4 +1,4 @@
-"""The SFT throughput benchmark runs end to end, and posttrain's faster SFT path computes the same loss."""
+"""The SFT throughput benchmark runs end to end, and posttrain's faster SFT path computes the same loss and gradients."""
 
 from __future__ import annotations
 
@@ -51,13 +51,27 @@ def sft_trainer(tmp_path_factory):
     return trainer
 
 
-def batch_loss(trainer, batch, plain_loss: bool) -> float:
+def batch_loss(trainer, batch, fused_loss: bool) -> float:
     labels = batch["labels"]
     # The Trainer passes the batch's label count; padding-free batches already mask each row's first label.
     num_items = (labels[:, 1:] != -100).sum()
-    trainer.plain_loss = plain_loss
-    with torch.no_grad():
-        return trainer.compute_loss(trainer.model, dict(batch), num_items_in_batch=num_items).item()
+    default, trainer.fused_loss = trainer.fused_loss, fused_loss
+    try:
+        with torch.no_grad():
+            return trainer.compute_loss(trainer.model, dict(batch), num_items_in_batch=num_items).item()
+    finally:
+        trainer.fused_loss = default
+
+
+def batch_gradients(trainer, batch, fused_loss: bool) -> dict[str, torch.Tensor]:
+    default, trainer.fused_loss = trainer.fused_loss, fused_loss
+    try:
+        trainer.model.zero_grad(set_to_none=True)
+        trainer.compute_loss(trainer.model, dict(batch)).backward()
+        return {name: p.grad.clone() for name, p in trainer.model.named_parameters() if p.grad is not None}
+    finally:
+        trainer.model.zero_grad(set_to_none=True)
+        trainer.fused_loss = default
 
 
 def test_fast_sft_loss_equals_fused_head_padded_and_padding_free_losses(sft_trainer):
@@ -69,9 +83,9 @@ def test_fast_sft_loss_equals_fused_head_padded_and_padding_free_losses(sft_trai
     padding_free = dataclasses.replace(collator, padding_free=True)(examples)
     assert (padded["labels"] == -100).any(), "prompt tokens and padding are masked out of the loss"
 
-    plain = batch_loss(sft_trainer, padded, plain_loss=True)
-    fused = batch_loss(sft_trainer, padded, plain_loss=False)
-    packed = batch_loss(sft_trainer, padding_free, plain_loss=True)
+    ours = batch_loss(sft_trainer, padded, fused_loss=True)
+    trl = batch_loss(sft_trainer, padded, fused_loss=False)
+    packed = batch_loss(sft_trainer, padding_free, fused_loss=True)
     # Reference: every row on its own (no padding, no packing), token-mean over the batch.
     total, count = 0.0, 0
     with torch.no_grad():
@@ -83,13 +97,60 @@ def test_fast_sft_loss_equals_fused_head_padded_and_padding_free_losses(sft_trai
             total += torch.nn.functional.cross_entropy(logits, target, ignore_index=-100, reduction="sum").item()
             count += int((target != -100).sum())
 
-    assert plain == pytest.approx(fused, rel=1e-5)
-    assert plain == pytest.approx(total / count, rel=1e-5)
+    assert ours == pytest.approx(trl, rel=1e-5)
+    assert ours == pytest.approx(total / count, rel=1e-5)
     assert packed == pytest.approx(total / count, rel=1e-5)
+
+
+def test_trained_positions_loss_has_trl_gradients_including_the_tied_head(sft_trainer):
+    batch = sft_trainer.data_collator([sft_trainer.train_dataset[i] for i in range(4)])
+    ours = batch_gradients(sft_trainer, batch, fused_loss=True)
+    trl = batch_gradients(sft_trainer, batch, fused_loss=False)
+    assert sft_trainer.model.config.tie_word_embeddings and "model.embed_tokens.weight" in ours
+    assert set(ours) == set(trl)
+    for name, grad in trl.items():
+        torch.testing.assert_close(ours[name], grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
 def test_cpu_sft_defaults_group_rows_by_length_without_padding_free(sft_trainer):
     assert sft_trainer.args.train_sampling_strategy == "group_by_length"
     assert sft_trainer.padding_free is False
     assert not sft_trainer.args.activation_checkpointing
-    assert sft_trainer.plain_loss is not None
+    assert sft_trainer.fused_loss is True
+
+
+def test_quick_real_model_suite_writes_every_variant_with_mfu(tmp_path, smollm2_dir):
+    output = tmp_path / "sft_throughput.json"
+    output.write_text(json.dumps({"results": {"kept": {}}}))  # a real-suite run keeps the synthetic results
+    subprocess.run([sys.executable, str(REPO_ROOT / "bench" / "sft_throughput.py"), "--quick", "--suite", "real",
+                    "--output", str(output)], check=True, cwd=REPO_ROOT, capture_output=True, text=True, timeout=900)
+
+    report = json.loads(output.read_text())
+
+    assert report["results"] == {"kept": {}}
+    real = report["real_model"]
+    for method in ("lora", "full"):
+        assert set(real[method]) == {"stock_trl", "tuned_trl", "posttrain", "ratios"}
+        for variant in ("stock_trl", "tuned_trl", "posttrain"):
+            row = real[method][variant]
+            assert row["real_tokens_per_s"] > 0 and row["peak_rss_mb"] > 100, (method, variant)
+            assert 0 < row["mfu"] < 1 and row["eval_loss"] > 0, (method, variant)
+    assert real["dpo"]["posttrain"]["pairs_per_s"] > 0
+    assert real["grpo"]["posttrain"]["generated_tokens_per_s"] > 0
+    assert real["grpo"]["stock_trl"]["update_tokens_per_s"] > 0
+
+
+def test_model_flops_count_every_weight_of_smollm2_once_per_matmul(smollm2_dir):
+    from transformers import AutoConfig
+
+    from bench.real_model import model_flops_per_token
+
+    config = AutoConfig.from_pretrained(smollm2_dir)
+    params, norms = 134_515_008, 30 * 2 * 576 + 576  # embedding (tied head) + linear layers + RMSNorm gains
+    no_attention = {"trained_fraction": 1.0, "mean_context": 0.0}
+    # Full fine-tune: forward 2, input gradient 2, weight gradient 2 FLOPs per weight and token.
+    assert model_flops_per_token(config, "full", no_attention, 0) == 6 * (params - norms)
+    lora = model_flops_per_token(config, "lora", no_attention, 1000)
+    assert lora == 4 * (params - norms) + 6 * 1000
+    half_trained = model_flops_per_token(config, "full", {"trained_fraction": 0.5, "mean_context": 0.0}, 0)
+    assert half_trained == 6 * (params - norms) - 3 * 576 * 49152

@@ -521,3 +521,16 @@ def test_hub_branch_loads_through_datasets_load_dataset(tmp_path, monkeypatch):
     assert rows[0].values["instruction"] == "Add the numbers."
     with pytest.raises(DatasetError, match=r"cannot load hub dataset .* \(split 'test'\)"):
         list(_read_hub_dataset(str(folder), "test"))
+
+
+@pytest.mark.parametrize(("value", "local"), [
+    ("./x", True), ("data.jsonl", True), ("a/b/c", True), ("~/d", True), ("/abs", True),
+    ("owner/name", False), ("gpt2", False), ("posttrain:alpaca", False), ("upload:file-1", False),
+])
+def test_one_rule_tells_local_paths_from_hub_ids(value: str, local: bool, tmp_path, monkeypatch):
+    from posttrain.data.sources import is_local_path
+
+    monkeypatch.chdir(tmp_path)
+    assert is_local_path(value) is local
+    (tmp_path / "gpt2").mkdir()
+    assert is_local_path("gpt2")  # a folder that exists here is local, whatever its shape

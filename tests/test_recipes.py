@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 import textwrap
 
 import pytest
@@ -14,6 +13,14 @@ from posttrain.spec import spec_from_dict
 from posttrain.worker import run_worker
 
 METRIC_KEYS = {"step", "epoch", "loss", "learning_rate", "grad_norm", "tokens_per_s", "num_threads", "dtype"}
+
+
+# Every method trains under bf16 autocast on CPUs with native bf16 instructions, in fp32 elsewhere.
+NATIVE_BF16 = bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+
+
+def assert_cpu_autocast_recorded(job: JobDir) -> None:
+    assert {r.get("autocast") for r in job.read_metrics() if "loss" in r} == {"bf16" if NATIVE_BF16 else None}
 
 
 def train(tmp_path, spec: dict, name: str = "run"):
@@ -86,6 +93,7 @@ def test_dpo_with_lora_uses_the_base_as_implicit_reference(tmp_path, make_spec):
     margins = [r["rewards/margins"] for r in job.read_metrics() if "rewards/margins" in r]
     assert margins[0] == pytest.approx(0.0, abs=1e-3)  # policy == reference at step 1
     assert max(margins[-3:]) > 0
+    assert_cpu_autocast_recorded(job)
 
 
 def test_dpo_full_fine_tune_with_and_without_an_explicit_reference(tmp_path, make_spec, tiny_model_dir):
@@ -105,6 +113,7 @@ def test_reward_model_adapter_scores_sequences(tmp_path, make_spec):
     result, job = train(tmp_path, make_spec(method="reward", data={"source": "posttrain:preference"},
                                             training={"max_steps": 6}))
     assert any("accuracy" in r for r in job.read_metrics())
+    assert_cpu_autocast_recorded(job)
     model = AutoPeftModelForSequenceClassification.from_pretrained(result.final_dir, num_labels=1)
     tokenizer = AutoTokenizer.from_pretrained(result.final_dir)
     model.config.pad_token_id = tokenizer.pad_token_id
@@ -126,6 +135,7 @@ def test_grpo_with_builtin_and_user_reward_functions(tmp_path, make_spec, monkey
     _, job = train(tmp_path, spec)
     logged = [r for r in job.read_metrics() if "reward" in r]
     assert logged and "rewards/short/mean" in logged[0] and "rewards/numeric_match/mean" in logged[0]
+    assert_cpu_autocast_recorded(job)
 
 
 def test_grpo_rejects_batches_that_do_not_hold_whole_groups(tmp_path, make_spec):
@@ -150,4 +160,15 @@ def test_spec_json_records_what_ran(tmp_path, make_spec):
     recorded = json.loads(job.spec_path.read_text())
     assert recorded["output"]["dir"] == str(tmp_path / "run")
     assert recorded["training"]["max_steps"] == 1
-    assert sys.modules.get("posttrain.worker") is not None
+    assert recorded["tracking"]["report_to"] == [] and recorded["method"]["name"] == "sft"
+
+
+def test_one_rule_reads_gsm8k_final_answers_for_data_and_rewards():
+    from posttrain.data.formats import prompt_row
+    from posttrain.rewards import extract_answer, final_answer
+
+    assert final_answer("work\n####  1,200 \n") == "1,200"
+    assert final_answer("no marker") is None and final_answer("####") == ""
+    assert prompt_row({"question": "q?", "answer": "work\n####  1,200 \n"}, "grpo")["answer"] == "1,200"
+    assert extract_answer("3 + 4 = 7\n#### 7") == 7 and extract_answer("#### -2.5 apples") == -2.5
+    assert extract_answer("about 3, then 9") == 9

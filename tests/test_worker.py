@@ -8,10 +8,10 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
+from waiting import wait_for
 
 from posttrain.errors import ConfigError, PosttrainError
 from posttrain.jobdir import COMPLETE_MARKER, JobDir
@@ -27,15 +27,6 @@ def start_worker(job_dir: Path, spec: dict, *extra: str) -> subprocess.Popen:
         [sys.executable, "-m", "posttrain.worker", "--spec", str(spec_file), "--job-dir", str(job_dir), *extra],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
-
-
-def wait_for(predicate, timeout: float = 120.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def slow_spec(make_spec, steps: int = 200) -> dict:
@@ -185,3 +176,41 @@ def test_unreadable_inputs_are_named_not_tracebacks(tmp_path, make_spec):
     for sections, message in cases:
         with pytest.raises(PosttrainError, match=re.escape(message)):
             preflight(spec_from_dict(make_spec(**sections)))
+
+
+def test_only_rank_zero_writes_the_job_directory(tmp_path, make_spec, monkeypatch):
+    # Fails in the worker's option checks (the reward module is imported there), before any model loads.
+    spec = spec_from_dict(make_spec(method={"name": "grpo", "reward_functions": ["no_such_module:fn"]},
+                                    data={"source": "posttrain:gsm8k"}))
+    monkeypatch.setenv("RANK", "1")
+    result = run_worker(spec, tmp_path / "rank1")
+    assert result.state == "failed" and "no_such_module" in result.error
+    assert not (tmp_path / "rank1" / "status.json").exists() and not (tmp_path / "rank1" / "spec.json").exists()
+    monkeypatch.setenv("RANK", "0")
+    result = run_worker(spec, tmp_path / "rank0")
+    assert JobDir(tmp_path / "rank0").read_status().state == "failed"
+
+
+def test_only_rank_zero_writes_final(tmp_path, monkeypatch):
+    from posttrain.worker import _save_final
+
+    class Trainer:  # like transformers on a rank that should not save: called, writes nothing
+        def __init__(self, writes: bool) -> None:
+            self.writes = writes
+
+        def save_model(self, path: str) -> None:
+            if self.writes:
+                Path(path).mkdir(parents=True, exist_ok=True)
+                (Path(path) / "model.safetensors").write_text("weights")
+
+    class Tokenizer:
+        def save_pretrained(self, path: str) -> None:
+            (Path(path) / "tokenizer.json").write_text("{}")
+
+    job = JobDir(tmp_path / "job").create()
+    monkeypatch.setenv("RANK", "1")
+    _save_final(Trainer(writes=False), Tokenizer(), job)
+    assert not job.final_dir.exists() and not (job.root / ".final.partial").exists()
+    monkeypatch.setenv("RANK", "0")
+    _save_final(Trainer(writes=True), Tokenizer(), job)
+    assert sorted(p.name for p in job.final_dir.iterdir()) == ["model.safetensors", "tokenizer.json"]

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from posttrain.data.formats import ConvertedRows, convert_rows
-from posttrain.data.sources import RawRow, read_rows, rows_from_records
+from posttrain.data.sources import RawRow, read_rows
 from posttrain.errors import ConfigError, DatasetError
 from posttrain.spec import DataSpec, MethodName
 
@@ -28,7 +28,6 @@ __all__ = [
     "convert_rows",
     "load_training_data",
     "read_rows",
-    "rows_from_records",
     "split_rows",
     "to_dataset",
 ]
@@ -44,13 +43,15 @@ class PreparedData:
 
 
 def load_training_data(
-    spec: DataSpec, method: MethodName, seed: int = 42, *, conversational: bool = True
+    spec: DataSpec, method: MethodName, seed: int = 42, *, conversational: bool = True,
+    validation_limit: int | None = None,
 ) -> PreparedData:
     """Read ``spec.source``, check and convert every row for ``method``, and hold out validation rows.
 
     ``max_samples`` caps the good rows taken from the source (in file order); a ``validation.split_ratio``
     is then held out of those, chosen with ``seed``. ``conversational=False`` keeps plain-string prompts
-    and answers as strings, for models without a chat template.
+    and answers as strings, for models without a chat template. ``validation_limit`` caps the rows read
+    from a separate validation source (a bounded check reads only a sample).
     """
     validation = spec.validation
     if validation.split_ratio is not None and validation.source is not None:
@@ -60,7 +61,8 @@ def load_training_data(
     if validation.split_ratio is not None:
         train_rows, eval_rows = split_rows(train.rows, validation.split_ratio, seed, spec.source)
     elif validation.source is not None:
-        held_out = _prepared_rows(spec, validation.source, validation.split, method, conversational, None)
+        held_out = _prepared_rows(spec, validation.source, validation.split, method, conversational,
+                                  validation_limit)
         eval_rows, skipped = held_out.rows, skipped + held_out.skipped
     return PreparedData(
         train=to_dataset(train_rows, spec.source),

@@ -17,7 +17,6 @@ grpo       ``{"prompt": [user], "answer": str}`` (the answer column reaches rewa
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from itertools import chain, islice
@@ -25,6 +24,7 @@ from typing import Any
 
 from posttrain.data.sources import RawRow
 from posttrain.errors import DatasetError
+from posttrain.rewards import final_answer
 from posttrain.spec import DataFormat, MethodName
 
 Message = dict[str, str]
@@ -54,7 +54,6 @@ METHOD_NEEDS: dict[str, str] = {
 ROLE_NAMES = {"user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant",
               "system": "system", "tool": "tool"}
 DETECTION_ROWS = 20
-_FINAL_ANSWER = re.compile(r"####\s*(.*)\s*$", re.DOTALL)
 
 
 class RowProblem(ValueError):
@@ -272,9 +271,8 @@ def _final_answer(values: Mapping[str, Any], require_marker: bool) -> str:
     if isinstance(answer, int | float) and not isinstance(answer, bool):
         return str(answer)
     answer = text_field(values, "answer")
-    match = _FINAL_ANSWER.search(answer)
-    if match:
-        final = match.group(1).strip()
+    final = final_answer(answer)
+    if final is not None:
         if not final:
             raise RowProblem("field 'answer' has nothing after '####'")
         return final

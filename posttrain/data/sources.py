@@ -50,15 +50,9 @@ def read_rows(source: str, split: str = "train") -> Iterator[RawRow]:
         if _is_saved_dataset(path):
             return _read_saved_dataset(path, split, label=source)
         return _read_folder(path, label=source)
-    if looks_like_local_path(source):
+    if is_local_path(source):
         raise DatasetError(f"dataset path {source} does not exist")
     return _read_hub_dataset(source, split)
-
-
-def rows_from_records(records: Iterable[Any], label: str = "rows") -> Iterator[RawRow]:
-    """Rows handed over in memory (a REST body, Llama Stack datasetio rows), numbered from 1."""
-    for index, record in enumerate(records, start=1):
-        yield _object_row(record, label, index)
 
 
 def looks_like_local_path(source: str) -> bool:
@@ -68,6 +62,13 @@ def looks_like_local_path(source: str) -> bool:
         or Path(source).suffix.lower() in _LOCAL_SUFFIXES
         or source.count("/") > 1  # hub ids are "name" or "owner/name"
     )
+
+
+def is_local_path(value: str) -> bool:
+    """The one rule for "this names a file or folder on this machine" (data sources, model and reference
+    model names, the service's path checks): it exists, or it can only be a path. Everything else is a
+    hub id (or a ``posttrain:``/``upload:`` reference, which never exists as a path)."""
+    return looks_like_local_path(value) or Path(value).expanduser().exists()
 
 
 def read_file(path: Path, label: str | None = None) -> Iterator[RawRow]:
@@ -97,14 +98,25 @@ def _with_read_errors_named(rows: Iterator[RawRow], label: str) -> Iterator[RawR
 
 
 def _read_json_lines(path: Path, label: str, text: str | None = None) -> Iterator[RawRow]:
-    text = path.read_text(encoding="utf-8") if text is None else text
-    for lineno, line in enumerate(text.splitlines(), start=1):
+    # Line by line from the file, so a caller that takes the first rows reads only those.
+    if text is not None:
+        yield from _json_line_rows(iter(text.splitlines()), label)
+        return
+    with path.open(encoding="utf-8", newline=None) as handle:
+        yield from _json_line_rows(handle, label)
+
+
+def _json_line_rows(lines: Iterable[str], label: str) -> Iterator[RawRow]:
+    for lineno, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         try:
             value = json.loads(line)
         except json.JSONDecodeError as exc:
             yield RawRow(label, lineno, {}, f"not valid JSON: {exc.msg} (line {lineno}, column {exc.colno})")
+            continue
+        except RecursionError:
+            yield RawRow(label, lineno, {}, "not usable JSON: nested too deeply")
             continue
         yield _object_row(value, label, lineno)
 
@@ -113,6 +125,8 @@ def _read_json(path: Path, label: str) -> Iterator[RawRow]:
     text = path.read_text(encoding="utf-8")
     try:
         value = json.loads(text)
+    except RecursionError:
+        raise DatasetError("not usable JSON: nested too deeply", label) from None
     except json.JSONDecodeError as exc:
         # "Extra data" after a first complete value means the file is JSON lines with a .json name.
         if exc.msg == "Extra data" and text.lstrip().startswith("{"):
@@ -137,15 +151,19 @@ def _object_row(value: Any, label: str, row: int) -> RawRow:
 
 
 def _read_csv(path: Path, label: str) -> Iterator[RawRow]:
+    index = 0
     with path.open(newline="", encoding="utf-8") as handle:
         reader = csv.DictReader(handle)
-        if reader.fieldnames is None:
-            return
-        for index, record in enumerate(reader, start=1):
-            if None in record:  # more cells than header columns
-                yield RawRow(label, index, {}, f"has more cells than the header's {len(reader.fieldnames)} columns")
-                continue
-            yield RawRow(label, index, dict(record))
+        try:
+            if reader.fieldnames is None:
+                return
+            for index, record in enumerate(reader, start=1):
+                if None in record:  # more cells than header columns
+                    yield RawRow(label, index, {}, f"has more cells than the header's {len(reader.fieldnames)} columns")
+                    continue
+                yield RawRow(label, index, dict(record))
+        except csv.Error as exc:  # e.g. a field over csv.field_size_limit(): the rest cannot be read
+            raise DatasetError(f"not readable CSV ({exc})", label, index + 1) from None
 
 
 def _read_parquet(path: Path, label: str) -> Iterator[RawRow]:

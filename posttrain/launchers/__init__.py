@@ -26,12 +26,15 @@ class WorkerExit:
     """How a worker ended. ``code`` is None when it is unknown (a re-adopted worker is not our child)."""
 
     code: int | None
+    gone: bool = False  # no worker was found at all (after a server restart, or an exit that was lost)
 
     @property
     def signal(self) -> int | None:
         return -self.code if self.code is not None and self.code < 0 else None
 
     def describe(self) -> str:
+        if self.gone:
+            return "the worker was no longer running when the server looked for it"
         if self.code is None:
             return "worker exited (exit code unknown: it was re-adopted after a server restart)"
         if self.signal is not None:
@@ -44,7 +47,9 @@ class WorkerExit:
 
 
 class WorkerHandle(ABC):
-    """A running worker: its process group can be signalled and its exit polled."""
+    """A running worker: its process group can be signalled and its exit polled. Once ``poll`` reports
+    the exit, whatever else the worker started in its group (data loader processes, children of user
+    code) has been killed too."""
 
     pid: int
 
@@ -54,7 +59,8 @@ class WorkerHandle(ABC):
 
     @abstractmethod
     def signal(self, sig: int) -> None:
-        """Send ``sig`` to the worker's whole process group (no error if it is already gone)."""
+        """Send ``sig`` to the worker's whole process group (no error if it is already gone), and only
+        while the worker is still the process that was started or adopted (never to a reused pid)."""
 
 
 class Launcher(ABC):

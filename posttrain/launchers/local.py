@@ -2,20 +2,46 @@
 
 Its own group means cancel can signal everything the worker started (data loader processes,
 compile workers) and a Ctrl-C or crash of the server does not reach the worker; its own session
-means the worker survives a server restart and can be re-adopted.
+means the worker survives a server restart and can be re-adopted. When the worker's main process
+exits, the rest of its group is killed, so nothing it started outlives the job.
+
+The worker gets a minimal environment (:func:`worker_environment`): what training needs, never the
+server's own settings or secrets (its database URL, its API key, whatever else its shell held).
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import subprocess
+from collections.abc import Mapping
 from pathlib import Path
 
 import psutil
 
 from posttrain.jobdir import JobDir
 from posttrain.launchers import Launcher, LaunchRequest, WorkerExit, WorkerHandle
+
+# Variables a worker inherits from the server, by name or by prefix; everything else is dropped.
+PASSED_VARIABLES = frozenset({
+    "PATH", "HOME", "USER", "LOGNAME", "SHELL", "LANG", "LANGUAGE", "TZ", "TMPDIR", "TERM",
+    "PYTHONPATH", "VIRTUAL_ENV", "LD_LIBRARY_PATH", "SSL_CERT_FILE", "SSL_CERT_DIR", "REQUESTS_CA_BUNDLE",
+    "CURL_CA_BUNDLE", "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "http_proxy", "https_proxy", "no_proxy",
+    "OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "TOKENIZERS_PARALLELISM",
+    "CUDA_VISIBLE_DEVICES", "CUDA_HOME", "CUDA_PATH", "PYTORCH_CUDA_ALLOC_CONF",
+})
+PASSED_PREFIXES = ("LC_", "HF_", "TRANSFORMERS_", "NCCL_", "TORCH_", "XDG_")
+
+
+def worker_environment(server_env: Mapping[str, str], extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment of a worker: the variables training needs from ``server_env`` plus ``extra``
+    (what the job asks for, e.g. its CUDA device or tracker settings)."""
+    env = {key: value for key, value in server_env.items()
+           if key in PASSED_VARIABLES or key.startswith(PASSED_PREFIXES)}
+    env["PYTHONUNBUFFERED"] = "1"
+    env.update(extra or {})
+    return env
 
 
 def _signal_group(pid: int, sig: int) -> None:
@@ -29,30 +55,59 @@ class LocalWorker(WorkerHandle):
         self.pid = process.pid
 
     def poll(self) -> WorkerExit | None:
-        code = self.process.poll()
-        return None if code is None else WorkerExit(code)
+        if self.process.returncode is not None:
+            return WorkerExit(self.process.returncode)
+        # Look without reaping: while the exited main process is an unreaped zombie its pid (= the group
+        # id) cannot be reused, so killing the rest of the group cannot hit anyone else.
+        try:
+            exited = os.waitid(os.P_PID, self.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+        except ChildProcessError:  # already reaped elsewhere
+            exited = True
+        if exited is None:
+            return None
+        _signal_group(self.pid, signal.SIGKILL)
+        return WorkerExit(self.process.wait())
 
     def signal(self, sig: int) -> None:
-        _signal_group(self.pid, sig)
+        if self.process.returncode is None:  # not reaped: the pid is still ours
+            _signal_group(self.pid, sig)
 
 
 class AdoptedWorker(WorkerHandle):
-    """A worker started by an earlier server process: watched through psutil, exit code unknown."""
+    """A worker started by an earlier server process: watched through psutil, exit code unknown.
 
-    def __init__(self, process: psutil.Process) -> None:
+    psutil identifies the process by pid and start time, so a pid reused after the worker ended is
+    never mistaken for it: it is neither reported running nor signalled."""
+
+    def __init__(self, process: psutil.Process, job_dir: Path) -> None:
         self.process = process
         self.pid = process.pid
+        self.job_dir = job_dir
+        self.started = process.create_time()
+
+    def is_same_process(self) -> bool:
+        try:
+            return (self.process.is_running() and self.process.create_time() == self.started
+                    and _is_worker_of(self.process, self.job_dir))
+        except psutil.Error:
+            return False
 
     def poll(self) -> WorkerExit | None:
-        try:
-            if self.process.is_running() and self.process.status() != psutil.STATUS_ZOMBIE:
-                return None
-        except psutil.NoSuchProcess:
-            pass
+        if self.is_same_process():
+            return None
+        self._kill_leftovers()
         return WorkerExit(None)
 
     def signal(self, sig: int) -> None:
-        _signal_group(self.pid, sig)
+        if self.is_same_process():
+            _signal_group(self.pid, sig)
+
+    def _kill_leftovers(self) -> None:
+        """Processes still in the worker's group, started after it (so not a group that reuses its id)."""
+        for process in psutil.process_iter():
+            with contextlib.suppress(psutil.Error, ProcessLookupError, PermissionError):
+                if os.getpgid(process.pid) == self.pid and process.create_time() >= self.started:
+                    process.kill()
 
 
 def _is_worker_of(process: psutil.Process, job_dir: Path) -> bool:
@@ -80,7 +135,7 @@ class LocalLauncher(Launcher):
                 "--no-log-file"]
         if request.resume:
             argv.append("--resume")
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "POSTTRAIN_JOB_ID": request.job_id, **request.env}
+        env = worker_environment(os.environ, {"POSTTRAIN_JOB_ID": request.job_id, **request.env})
         with open(job_dir.log_path, "ab") as log:
             process = subprocess.Popen(
                 argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env,
@@ -94,13 +149,12 @@ class LocalLauncher(Launcher):
             try:
                 process = psutil.Process(pid)
                 if _is_worker_of(process, job_dir):
-                    return AdoptedWorker(process)
+                    return AdoptedWorker(process, job_dir)
             except psutil.NoSuchProcess:
                 pass
         # The pid may not have been recorded (server killed right after starting the worker):
         # look for any process running this job directory, so a job never runs twice.
         for process in psutil.process_iter():
             if process.pid != os.getpid() and _is_worker_of(process, job_dir):
-                return AdoptedWorker(process)
+                return AdoptedWorker(process, job_dir)
         return None
-

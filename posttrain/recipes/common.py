@@ -29,7 +29,7 @@ class RecipeInputs:
 
 
 def cpu_bf16_autocast(spec: JobSpec, placement: Placement) -> bool:
-    """Whether ``model.dtype=auto`` on a CPU should train fp32 weights under bf16 autocast.
+    """Whether ``model.dtype=auto`` on a CPU should train fp32 weights under bf16 autocast (every method).
 
     Only CPUs with native bf16 instructions (AVX512-BF16 or AMX) qualify: there, bf16 autocast trained
     a hidden-256 Llama ~1.4-2x faster than fp32 at the same loss (bench/sft_throughput.py), while AVX2-only
@@ -57,6 +57,9 @@ def training_arguments(inputs: RecipeInputs, num_params: int) -> dict[str, Any]:
     training = spec.training
     has_eval = inputs.data.eval is not None
     checkpointing = use_gradient_checkpointing(spec, placement, num_params)
+    autocast = cpu_bf16_autocast(spec, placement)
+    # In metrics.jsonl "dtype" stays the weights' dtype; "autocast" says the matmuls ran in bf16.
+    record_settings(inputs, autocast="bf16" if autocast else None)
     kwargs: dict[str, Any] = {
         "output_dir": str(inputs.job_dir.checkpoints_dir),
         "num_train_epochs": training.num_train_epochs,
@@ -83,7 +86,7 @@ def training_arguments(inputs: RecipeInputs, num_params: int) -> dict[str, Any]:
         "save_total_limit": training.save_total_limit,
         "report_to": list(spec.tracking.report_to),
         "run_name": spec.tracking.run_name or spec.name,
-        "bf16": placement.mixed_precision == "bf16",
+        "bf16": placement.mixed_precision == "bf16" or autocast,
         "fp16": placement.mixed_precision == "fp16",
         "use_cpu": placement.device == "cpu",
         "dataloader_num_workers": training.dataloader_num_workers,
@@ -112,3 +115,11 @@ def shared_trainer_arguments(inputs: RecipeInputs) -> dict[str, Any]:
         "processing_class": inputs.tokenizer,
         "callbacks": inputs.callbacks,
     }
+
+
+def record_settings(inputs: RecipeInputs, **settings: object) -> None:
+    """Add the chosen settings to every metrics.jsonl record (the worker's metrics callback has ``extra``)."""
+    for callback in inputs.callbacks:
+        extra = getattr(callback, "extra", None)
+        if isinstance(extra, dict):
+            extra.update(settings)

@@ -9,10 +9,9 @@ Speed choices for ``auto`` settings, measured with bench/sft_throughput.py (see 
   which was measured ~1.4x slower on CPU than length-grouped padded batches;
 - fp32 weights under bf16 autocast on CPUs with native bf16 (see ``cpu_bf16_autocast``);
 - eager attention on CPU while its score matrices are small (see ``cpu_attention``);
-- on CPU, when the logits are small, the loss comes from the model's own logits instead of TRL's fused
-  LM head: that head (built to avoid materialising a 100k-vocabulary logits tensor on a GPU) runs in
-  fp32 tiles, scores padding positions too and recomputes the projection in its backward; it took ~16%
-  of a CPU training step (py-spy), for the same loss.
+- on CPU, the loss projects only the trained positions (``posttrain.losses``) instead of TRL's tiled LM
+  head, which on CPU scores every position (prompt and padding included) and recomputes the projection
+  in its backward: on SmolLM2-135M (49K vocabulary) with LoRA that head took over half of a step.
 """
 
 from __future__ import annotations
@@ -23,10 +22,12 @@ from typing import Any
 import torch
 from trl import SFTConfig, SFTTrainer
 
+from posttrain.losses import trained_token_loss
 from posttrain.modeling import load_model, lora_config
 from posttrain.recipes.common import (
     RecipeInputs,
     cpu_bf16_autocast,
+    record_settings,
     shared_trainer_arguments,
     training_arguments,
 )
@@ -34,28 +35,28 @@ from posttrain.recipes.common import (
 log = logging.getLogger("posttrain.worker")
 
 VARLEN_ATTENTION = ("flash_attention_2", "flash_attention_3")
-# Largest full-batch logits tensor (bytes, fp32) for which the plain loss is used instead of the fused head.
-PLAIN_LOSS_MAX_LOGITS_BYTES = 1 << 30
 # Largest total of per-layer attention score matrices (bytes, fp32, full batch at max_seq_length) for which
 # eager attention is used on CPU.
 EAGER_ATTENTION_MAX_BYTES = 2 << 30
 
 
 class PosttrainSFTTrainer(SFTTrainer):
-    """SFTTrainer whose loss, where ``plain_loss`` is set, comes from the model's full logits.
+    """SFTTrainer whose loss, where ``fused_loss`` is set, projects only the trained positions.
 
     The loss is the same token-mean negative log-likelihood (divided by ``num_items_in_batch`` when the
-    Trainer passes it), so only speed changes. The token-accuracy and token-count metrics are kept;
-    the entropy metric is dropped (it needs a softmax over the vocabulary for every token).
+    Trainer passes it), computed by :func:`posttrain.losses.trained_token_loss` from the model's final hidden
+    states; only speed and memory change. The token-accuracy and token-count metrics are kept; the entropy
+    metric is dropped (it needs a softmax over the vocabulary that the loss does not keep).
     """
 
-    def __init__(self, *args: Any, plain_loss: bool = False, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, fused_loss: bool = False, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.plain_loss = plain_loss
+        self.fused_loss = fused_loss
+        self._head_checked = False
 
-    def _plain_loss_applies(self, inputs: dict[str, Any]) -> bool:
+    def _fused_loss_applies(self, inputs: dict[str, Any]) -> bool:
         return (
-            self.plain_loss
+            self.fused_loss
             and self.compute_loss_func is None
             and self.label_smoother is None
             and self.args.loss_type == "nll"
@@ -65,21 +66,25 @@ class PosttrainSFTTrainer(SFTTrainer):
         )
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        if return_outputs or not self._plain_loss_applies(inputs):
+        if return_outputs or not self._fused_loss_applies(inputs):
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         mode = "train" if self.model.training else "eval"
-        inputs["use_cache"] = False
-        outputs = model(**inputs, num_items_in_batch=num_items_in_batch)
-        loss = outputs.loss
+        model_inputs = {key: value for key, value in inputs.items() if key != "labels"}
+        # Through the (DDP/PEFT) wrapper as usual; the model's own head projects only the last position.
+        outputs = model(**model_inputs, use_cache=False, output_hidden_states=True, logits_to_keep=1)
+        hidden = outputs.hidden_states[-1]
+        weight = self.accelerator.unwrap_model(model).get_output_embeddings().weight
+        if not self._head_checked and not self._plain_head(hidden, weight, outputs.logits):
+            self.fused_loss = False
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        loss_sum, correct, count = trained_token_loss(hidden, weight, inputs["labels"])
+        denominator = count.clamp(min=1) if num_items_in_batch is None else num_items_in_batch
+        loss = loss_sum / denominator
         # As in SFTTrainer.compute_loss: num_items_in_batch counts every rank's tokens; DDP averages gradients.
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             loss = loss * (self.accelerator.num_processes // self.get_tp_size())
-        with torch.no_grad():
-            labels = inputs["labels"][:, 1:]
-            valid = labels != -100
-            correct = ((outputs.logits[:, :-1].argmax(-1) == labels) & valid).sum()
-            num_valid = self.accelerator.gather_for_metrics(valid.sum()).sum()
-            num_correct = self.accelerator.gather_for_metrics(correct).sum()
+        num_valid = self.accelerator.gather_for_metrics(count).sum()
+        num_correct = self.accelerator.gather_for_metrics(correct).sum()
         self._metrics[mode]["mean_token_accuracy"].append((num_correct / num_valid).item() if num_valid > 0 else 0.0)
         if mode == "train":
             if "attention_mask" in inputs:
@@ -90,14 +95,21 @@ class PosttrainSFTTrainer(SFTTrainer):
         self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
         return loss
 
+    def _plain_head(self, hidden: torch.Tensor, weight: torch.Tensor, logits: torch.Tensor) -> bool:
+        """Whether the model's logits are exactly ``last hidden state @ head.T`` (no scaling, softcap or bias),
+        checked once on the last position, which the model projected itself."""
+        self._head_checked = True
+        with torch.no_grad():
+            ours = (hidden[:, -1].float() @ weight.float().t())
+            plain = ours.shape == logits[:, -1].shape and torch.allclose(ours, logits[:, -1].float(), rtol=0.05, atol=0.05)
+        if not plain:
+            log.warning("sft: this model's LM head is not a plain projection; using TRL's loss")
+        return plain
 
-def use_plain_loss(inputs: RecipeInputs, model) -> bool:
-    """On CPU, the model's own logits loss is faster than TRL's fused LM head while the logits stay small."""
-    if inputs.placement.device != "cpu":
-        return False
-    training = inputs.spec.training
-    vocab = model.config.get_text_config().vocab_size
-    return training.per_device_train_batch_size * training.max_seq_length * vocab * 4 <= PLAIN_LOSS_MAX_LOGITS_BYTES
+
+def use_fused_loss(inputs: RecipeInputs) -> bool:
+    """Where the trained-positions loss replaces TRL's tiled LM head: on CPU (measured there, see module doc)."""
+    return inputs.placement.device == "cpu"
 
 
 def use_padding_free(inputs: RecipeInputs) -> bool:
@@ -154,16 +166,13 @@ def build_trainer(inputs: RecipeInputs) -> PosttrainSFTTrainer:
     if group_by_length:
         kwargs["train_sampling_strategy"] = "group_by_length"
     autocast = cpu_bf16_autocast(spec, inputs.placement)
-    if autocast:
-        kwargs["bf16"] = True
-    # In metrics.jsonl "dtype" stays the weights' dtype; "autocast" says the matmuls ran in bf16.
-    _record(inputs, autocast="bf16" if autocast else None, padding_free=padding_free, group_by_length=group_by_length,
-            gradient_checkpointing=bool(kwargs.get("activation_checkpointing")),
-            attn_implementation=model.config._attn_implementation)
-    plain_loss = use_plain_loss(inputs, model)
-    log.info("sft: padding_free=%s group_by_length=%s gradient_checkpointing=%s bf16_autocast=%s plain_loss=%s "
+    record_settings(inputs, padding_free=padding_free, group_by_length=group_by_length,
+                    gradient_checkpointing=bool(kwargs.get("activation_checkpointing")),
+                    attn_implementation=model.config._attn_implementation)
+    fused_loss = use_fused_loss(inputs)
+    log.info("sft: padding_free=%s group_by_length=%s gradient_checkpointing=%s bf16_autocast=%s fused_loss=%s "
              "attention=%s", padding_free, group_by_length, bool(kwargs.get("activation_checkpointing")), autocast,
-             plain_loss, model.config._attn_implementation)
+             fused_loss, model.config._attn_implementation)
     config = SFTConfig(
         **kwargs,
         max_length=None if padding_free and not spec.training.packing else spec.training.max_seq_length,
@@ -178,13 +187,6 @@ def build_trainer(inputs: RecipeInputs) -> PosttrainSFTTrainer:
         args=config,
         peft_config=lora_config(spec),
         **shared_trainer_arguments(inputs),
-        plain_loss=plain_loss,
+        fused_loss=fused_loss,
     )
 
-
-def _record(inputs: RecipeInputs, **settings: object) -> None:
-    """Add the chosen settings to every metrics.jsonl record (the worker's metrics callback has ``extra``)."""
-    for callback in inputs.callbacks:
-        extra = getattr(callback, "extra", None)
-        if isinstance(extra, dict):
-            extra.update(settings)

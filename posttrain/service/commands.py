@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import sys
 import time
@@ -15,6 +14,7 @@ import typer
 
 from posttrain.client import TERMINAL, Client, ServiceError
 from posttrain.errors import PosttrainError
+from posttrain.service.hosts import is_loopback
 from posttrain.service.settings import DEFAULT_DATA_DIR, DEFAULT_PORT, MiB, ServiceSettings
 from posttrain.spec import split_config_and_overrides
 
@@ -218,14 +218,25 @@ def download(
     with _connected(server, api_key) as client:
         listed = [a.path for a in client.artifacts(job_id).artifacts]
         under = [p for p in listed if p.startswith(prefix + "/")]
-        if under:  # a folder: keep its layout below OUTPUT
-            for item in under:
-                client.download(job_id, item, output / item)
+        if under:  # a folder: keep its layout below OUTPUT, and never write outside it
+            targets = [(item, inside(output, item)) for item in under]
+            for item, target in targets:
+                client.download(job_id, item, target)
             typer.echo(f"{len(under)} files -> {output / prefix}")
             return
         dest = output / Path(prefix).name if output.is_dir() else output
         client.download(job_id, prefix, dest)
         typer.echo(str(dest))
+
+
+def inside(folder: Path, relative: str) -> Path:
+    """``folder / relative``, refused (as a one-line error) unless it stays inside ``folder``: the file
+    names come from the server, and a path such as ``final/../../.bashrc`` must not write elsewhere."""
+    parts = relative.replace("\\", "/").split("/")
+    target = (folder / relative).resolve()
+    if relative.startswith("/") or ".." in parts or not target.is_relative_to(folder.resolve()):
+        _fail(f"the server listed an artifact path {relative!r} that leads outside {folder}; nothing downloaded")
+    return folder / relative
 
 
 @jobs_app.command()
@@ -252,27 +263,26 @@ def upload_file(
     typer.echo(info.source)
 
 
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
-
-
 def serve(
     host: Annotated[str, typer.Option(help="Address to bind; non-loopback needs --api-key-file or --insecure.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to listen on.")] = DEFAULT_PORT,
     data_dir: Annotated[Path, typer.Option(help="Job directories, uploads and the SQLite database.")] = Path(DEFAULT_DATA_DIR),
-    db: Annotated[str | None, typer.Option(help="Database URL (default: SQLite in the data dir), e.g. "
-                                               "postgresql+psycopg://user@host/db.")] = None,
+    db: Annotated[str | None, typer.Option(envvar="POSTTRAIN_DB", show_envvar=True,
+                                           help="Database URL (default: SQLite in the data dir), e.g. "
+                                                "postgresql+psycopg://user@host/db. Put one with a password "
+                                                "in POSTTRAIN_DB rather than on the command line.")] = None,
     slots: Annotated[int, typer.Option(help="Jobs running at once (one per device).")] = 1,
     devices: Annotated[str | None, typer.Option(help="Comma-separated CUDA_VISIBLE_DEVICES value per slot, "
                                                     "e.g. '0,1' for two GPUs (sets --slots).")] = None,
-    api_key_file: Annotated[Path | None, typer.Option(help="File of API keys (one per line: the key, or "
-                                                           "sha256:HEX of it).")] = None,
+    api_key_file: Annotated[Path | None, typer.Option(help="File of API keys, one per line: 'KEY [OWNER [admin]]' "
+                                                           "(KEY itself or sha256:HEX of it).")] = None,
     insecure: Annotated[bool, typer.Option("--insecure", help="Allow a non-loopback bind without API keys.")] = False,
+    allow_user_code: Annotated[bool, typer.Option(
+        "--allow-user-code", help="With API keys, let jobs run code they bring (model.trust_remote_code, "
+        "'module:function' rewards): every key holder can then run code as this server's user.")] = False,
+    allow_host: Annotated[list[str] | None, typer.Option(
+        "--allow-host", help="Without API keys, a Host name to answer besides localhost/127.0.0.1/[::1] "
+        "(repeatable; guards against DNS rebinding).")] = None,
     allow_path: Annotated[list[Path] | None, typer.Option(
         "--allow-path", help="With API keys, a server folder jobs may read data or models from (repeatable); "
         "otherwise only uploads.")] = None,
@@ -280,6 +290,7 @@ def serve(
     cancel_grace: Annotated[float, typer.Option(help="Seconds between SIGTERM and SIGKILL on cancel.")] = 30.0,
     max_upload_mb: Annotated[int, typer.Option(help="Largest dataset upload, in MiB.")] = 1024,
     max_body_mb: Annotated[int, typer.Option(help="Largest JSON/YAML request body, in MiB.")] = 8,
+    max_log_followers: Annotated[int, typer.Option(help="Log streams (logs --follow) open at once.")] = 32,
     log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
 ) -> None:
     """Run the job service (REST API on port 8322, OpenAPI at /openapi.json)."""
@@ -288,24 +299,28 @@ def serve(
     import uvicorn
 
     from posttrain.service.app import create_app
-    from posttrain.service.auth import load_key_hashes
+    from posttrain.service.auth import load_api_keys
 
-    key_hashes: frozenset[str] = frozenset()
+    api_keys = {}
     if api_key_file is not None:
         try:
-            key_hashes = load_key_hashes(api_key_file)
+            api_keys = load_api_keys(api_key_file)
         except (OSError, ValueError) as exc:
             _fail(str(exc), 2)
-    if not is_loopback(host) and not key_hashes and not insecure:
+    if not is_loopback(host) and not api_keys and not insecure:
         _fail(f"refusing to listen on {host} without API keys: anyone who can reach it could run code on "
               "this machine. Pass --api-key-file KEYS (or --insecure on a trusted network).", 2)
+    hosts = list(allow_host or [])
+    if not api_keys and not is_loopback(host) and host not in ("0.0.0.0", "::", ""):
+        hosts.append(host)  # an --insecure server answers requests addressed to the address it binds
     device_list = [d.strip() for d in devices.split(",")] if devices else None
     try:
         settings = ServiceSettings(
             data_dir=data_dir, db_url=db, slots=len(device_list) if device_list else slots, devices=device_list,
-            api_key_hashes=key_hashes, max_retries=max_retries, cancel_grace_s=cancel_grace,
+            api_keys=api_keys, max_retries=max_retries, cancel_grace_s=cancel_grace,
             max_upload_bytes=max_upload_mb * MiB, max_body_bytes=max_body_mb * MiB,
-            allowed_paths=list(allow_path or []),
+            allowed_paths=list(allow_path or []), allow_user_code=allow_user_code, allowed_hosts=hosts,
+            max_log_followers=max_log_followers,
         )
         logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         app = create_app(settings)
@@ -313,7 +328,10 @@ def serve(
         _fail(str(exc), 2)
     except Exception as exc:  # e.g. an unreachable database URL
         _fail(f"cannot start: {type(exc).__name__}: {exc}", 2)
+    owners = len({principal.owner for principal in api_keys.values()})
+    auth = f"on, {owners} owner(s)" if api_keys else "off, loopback Host names only"
+    code = "allowed" if settings.runs_user_code else "refused (--allow-user-code to allow)"
     typer.echo(f"posttrain service on http://{host}:{port} (data: {settings.data_dir}, slots: {settings.slots}, "
-               f"auth: {'on' if key_hashes else 'off'})", err=True)
+               f"auth: {auth}, user code: {code})", err=True)
     uvicorn.run(app, host=host, port=port, log_level=log_level.lower(), timeout_graceful_shutdown=5)
     sys.stdout.flush()

@@ -3,7 +3,10 @@
 One background thread owns every worker handle; request threads only write the store (submit, cancel
 flag) and wake it. Order: higher priority first, then first come first served. A worker that dies
 without recording a result (SIGKILL, OOM, server restart) is requeued to resume from its newest
-complete checkpoint, at most ``max_retries`` times, then the job fails with the reason.
+complete checkpoint, at most ``max_retries`` times, then the job fails with the reason. Errors are handled
+per job: one job that cannot be polled, synced or recorded never stops the tick, and a job the store
+calls running without a worker here is settled on the next tick, so no job stays running for ever.
+A cancel always wins over a retry (the requeue is conditional on no cancel having been requested).
 
 A server only runs and recovers jobs whose directory is under its own data dir, so several servers
 (each with its own data dir) can share one PostgreSQL database without touching each other's jobs.
@@ -12,13 +15,15 @@ A server only runs and recovers jobs whose directory is under its own data dir, 
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from posttrain.jobdir import TERMINAL_STATES, JobDir, JobStatus
+from posttrain.jobdir import JobDir, JobStatus
 from posttrain.launchers import Launcher, LaunchRequest, WorkerExit, WorkerHandle
 from posttrain.service.settings import ServiceSettings
 from posttrain.service.store import JobRecord, JobStore
@@ -41,6 +46,8 @@ class Scheduler:
         self.launcher = launcher
         self.settings = settings
         self._running: dict[str, _Running] = {}
+        # Workers that ended but whose end is not recorded yet (the store failed): retried every tick.
+        self._exits: dict[str, WorkerExit] = {}
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -67,55 +74,84 @@ class Scheduler:
     def wake(self) -> None:
         self._wake.set()
 
-    def running_job_ids(self) -> list[str]:
-        return list(self._running)
-
     def _loop(self) -> None:
         while not self._stop.is_set():
             try:
                 self.tick()
-            except Exception:  # the loop must outlive any one bad job or a database hiccup
+            except Exception:  # the loop must outlive a database hiccup
                 log.exception("scheduler tick failed; retrying")
             self._wake.wait(self.settings.poll_interval_s)
             self._wake.clear()
 
     def tick(self) -> None:
+        """One pass. Each job is handled on its own: an error with one job is logged and retried on the
+        next tick, and never stops the others (or the queue) from moving."""
         self._reap()
+        records = {record.id: record for record in self.store.jobs_in_state("running", self._mine)}
+        self._settle_orphans(records)
         if self._running:
-            records = {record.id: record for record in self.store.jobs_in_state("running", self._mine)}
             self._stop_cancelled(records)
             self._sync_progress(records)
         self._fill_slots()
+
+    def _each(self, what: str, job_id: str, action: Callable[[], object]) -> None:
+        try:
+            action()
+        except Exception:
+            log.exception("job %s: %s failed; retrying on the next tick", job_id, what)
 
     # -- recovery -----------------------------------------------------------------------------------
     def recover(self) -> None:
         """Reconcile jobs the store says are running with what is actually running."""
         for record in self.store.jobs_in_state("running", self._mine):
-            job_dir = Path(record.job_dir)
-            handle = self.launcher.adopt(job_dir, record.pid)
-            if handle is not None:
-                log.info("re-adopted worker pid %s of job %s", handle.pid, record.id)
-                used = {running.slot for running in self._running.values()}
-                slot = record.slot if record.slot is not None and record.slot not in used else self._free_slot()
-                self.store.update_job(record.id, pid=handle.pid, slot=slot)
-                self._running[record.id] = _Running(handle, slot if slot is not None else -1)
+            self._each("recovery", record.id, lambda record=record: self._reconcile(record, None))
+
+    def _reconcile(self, record: JobRecord, exit_info: WorkerExit | None) -> None:
+        """A job the store calls running that has no worker handle here: re-adopt its worker if one is
+        still alive, else record how it ended (a terminal state, a cancel, or a retry)."""
+        job_dir = Path(record.job_dir)
+        handle = self.launcher.adopt(job_dir, record.pid) if exit_info is None else None
+        if handle is not None:
+            log.info("re-adopted worker pid %s of job %s", handle.pid, record.id)
+            used = {running.slot for running in self._running.values()}
+            slot = record.slot if record.slot is not None and record.slot not in used else self._free_slot()
+            self.store.update_job(record.id, pid=handle.pid, slot=slot)
+            self._running[record.id] = _Running(handle, slot if slot is not None else -1)
+            return
+        self._on_exit(record, exit_info or WorkerExit(None, gone=True))
+
+    def _settle_orphans(self, records: dict[str, JobRecord]) -> None:
+        """Running jobs without a worker handle: ones whose end could not be recorded before, or whose
+        recovery failed. They are settled here, so no job stays 'running' for ever."""
+        for job_id, record in records.items():
+            if job_id in self._running:
                 continue
-            status = JobDir(job_dir).read_status()
-            if status is not None and status.state in TERMINAL_STATES:
-                self._finish(record, status.state, status.error, status)  # ended while we were down
-            else:
-                self._worker_died(record, "the worker was gone when the server restarted")
+            exit_info = self._exits.get(job_id)
+            self._each("recording its end", job_id, lambda r=record, e=exit_info: self._reconcile(r, e))
+        for job_id in list(self._exits):
+            if job_id not in records or job_id in self._running:
+                self._exits.pop(job_id, None)
 
     # -- steps of a tick ----------------------------------------------------------------------------
     def _reap(self) -> None:
         for job_id, running in list(self._running.items()):
-            exit_info = running.handle.poll()
+            try:
+                exit_info = running.handle.poll()
+            except Exception:
+                log.exception("job %s: cannot poll its worker", job_id)
+                continue
             if exit_info is None:
                 continue
             del self._running[job_id]
-            record = self.store.get_job(job_id)
-            if record is not None:
-                self._on_exit(record, exit_info)
+            self._exits[job_id] = exit_info  # until the end is recorded (below, or by _settle_orphans)
+            self._each("recording its end", job_id, lambda job_id=job_id, exit_info=exit_info:
+                       self._record_exit(job_id, exit_info))
+
+    def _record_exit(self, job_id: str, exit_info: WorkerExit) -> None:
+        record = self.store.get_job(job_id)
+        if record is not None and record.state == "running":
+            self._on_exit(record, exit_info)
+        self._exits.pop(job_id, None)
 
     def _on_exit(self, record: JobRecord, exit_info: WorkerExit) -> None:
         job_dir = JobDir(record.job_dir)
@@ -125,7 +161,7 @@ class Scheduler:
             self._finish(record, "succeeded", None, status)
         elif record.cancel_requested:
             if state != "cancelled":  # killed before it could record it itself
-                status = job_dir.update_status(state="cancelled", pid=None)
+                status = _note_status(job_dir, record.id, state="cancelled", pid=None) or status
             self._finish(record, "cancelled", None, status)
         elif state in ("failed", "cancelled"):
             # The worker recorded its own end (bad input, an exception, an outside SIGTERM).
@@ -133,59 +169,71 @@ class Scheduler:
             self._finish(record, state, error or exit_info.describe(), status)
         else:
             self._worker_died(record, exit_info.describe() + " before recording a result")
+        self._exits.pop(record.id, None)
 
     def _finish(self, record: JobRecord, state: str, error: str | None, status: JobStatus | None) -> None:
-        values: dict[str, object] = {"state": state, "error": error, "pid": None, "finished_at": time.time()}
+        values: dict[str, object] = {"error": error}
         if status is not None:
             values.update(step=status.step, total_steps=status.total_steps)
-        self.store.update_job(record.id, **values)
+        self.store.finish(record.id, state, **values)
         log.info("job %s %s%s", record.id, state, f": {error}" if error else "")
 
     def _worker_died(self, record: JobRecord, reason: str) -> None:
         job_dir = JobDir(record.job_dir)
         if record.retries >= self.settings.max_retries:
             error = reason if record.retries == 0 else f"{reason}; gave up after {record.retries} retries"
-            job_dir.update_status(state="failed", error=error, pid=None)
+            _note_status(job_dir, record.id, state="failed", error=error, pid=None)
             self._finish(record, "failed", error, job_dir.read_status())
             return
         retry = record.retries + 1
         checkpoint = job_dir.latest_checkpoint()
         where = f"resuming from {checkpoint.name}" if checkpoint else "restarting from the beginning"
         note = f"{reason}; requeued, {where} (retry {retry} of {self.settings.max_retries})"
-        job_dir.update_status(state="queued", error=note, pid=None)
-        self.store.update_job(record.id, state="queued", error=note, retries=retry, resume=True, pid=None,
-                              slot=None)
+        # Conditional: a cancel that landed since the record was read wins over the retry.
+        if not self.store.requeue(record.id, error=note, retries=retry, resume=True, pid=None, slot=None):
+            current = self.store.get_job(record.id)
+            if current is not None and current.state == "running":
+                status = _note_status(job_dir, record.id, state="cancelled", pid=None)
+                self._finish(current, "cancelled", None, status)
+            return
+        _note_status(job_dir, record.id, state="queued", error=note, pid=None)
         log.warning("job %s: %s", record.id, note)
 
     def _stop_cancelled(self, records: dict[str, JobRecord]) -> None:
         now = time.time()
-        for job_id, running in self._running.items():
+        for job_id, running in list(self._running.items()):
             record = records.get(job_id)
             if record is None or not record.cancel_requested:
                 continue
-            if running.term_sent_at is None:
-                # The worker stops at the next step boundary and records "cancelled" itself.
-                running.handle.signal(signal.SIGTERM)
-                running.term_sent_at = now
-                log.info("job %s: SIGTERM sent to worker group %s", job_id, running.handle.pid)
-            elif not running.kill_sent and now - running.term_sent_at >= self.settings.cancel_grace_s:
-                running.handle.signal(signal.SIGKILL)
-                running.kill_sent = True
-                log.warning("job %s: worker ignored SIGTERM for %.0fs; SIGKILL sent", job_id,
-                            self.settings.cancel_grace_s)
+            self._each("stopping it", job_id, lambda job_id=job_id, running=running:
+                       self._signal_cancel(job_id, running, now))
+
+    def _signal_cancel(self, job_id: str, running: _Running, now: float) -> None:
+        if running.term_sent_at is None:
+            # The worker stops at the next step boundary and records "cancelled" itself.
+            running.handle.signal(signal.SIGTERM)
+            running.term_sent_at = now
+            log.info("job %s: SIGTERM sent to worker group %s", job_id, running.handle.pid)
+        elif not running.kill_sent and now - running.term_sent_at >= self.settings.cancel_grace_s:
+            running.handle.signal(signal.SIGKILL)
+            running.kill_sent = True
+            log.warning("job %s: worker ignored SIGTERM for %.0fs; SIGKILL sent", job_id,
+                        self.settings.cancel_grace_s)
 
     def _sync_progress(self, records: dict[str, JobRecord]) -> None:
         now = time.time()
         if now - self._last_sync < PROGRESS_SYNC_S:
             return
         self._last_sync = now
-        for job_id in self._running:
+        for job_id in list(self._running):
             record = records.get(job_id)
-            if record is None:
-                continue
-            status = JobDir(record.job_dir).read_status()
-            if status is not None and (status.step, status.total_steps) != (record.step, record.total_steps):
-                self.store.update_job(job_id, step=status.step, total_steps=status.total_steps)
+            if record is not None:
+                self._each("syncing its progress", job_id, lambda record=record: self._sync_one(record))
+
+    def _sync_one(self, record: JobRecord) -> None:
+        status = JobDir(record.job_dir).read_status()
+        if status is not None and (status.step, status.total_steps) != (record.step, record.total_steps):
+            self.store.update_job(record.id, step=status.step, total_steps=status.total_steps)
 
     def _free_slot(self) -> int | None:
         used = {running.slot for running in self._running.values()}
@@ -197,7 +245,7 @@ class Scheduler:
         if not free:
             return
         for record, slot in zip(self.store.next_queued(len(free), self._mine), free, strict=False):
-            self._launch(record, slot)
+            self._each("starting it", record.id, lambda record=record, slot=slot: self._launch(record, slot))
 
     def _launch(self, record: JobRecord, slot: int) -> None:
         job_dir = JobDir(record.job_dir)
@@ -207,14 +255,37 @@ class Scheduler:
         if not self.store.claim(record.id, slot):
             return  # cancelled (or claimed elsewhere) since we listed it
         env = {"CUDA_VISIBLE_DEVICES": self.settings.devices[slot]} if self.settings.devices else {}
+        env.update(spec_environment(record.spec_json))
         try:
             handle = self.launcher.launch(LaunchRequest(record.id, Path(record.job_dir), resume, env))
         except OSError as exc:
             error = f"could not start the worker ({self.launcher.name} launcher): {exc}"
-            job_dir.update_status(state="failed", error=error)
+            _note_status(job_dir, record.id, state="failed", error=error)
             self._finish(record, "failed", error, None)
             return
-        self.store.update_job(record.id, pid=handle.pid)
         self._running[record.id] = _Running(handle, slot)
+        self.store.update_job(record.id, pid=handle.pid)
         log.info("job %s started in slot %d (pid %d%s)", record.id, slot, handle.pid,
                  ", resuming" if resume else "")
+
+
+def _note_status(job_dir: JobDir, job_id: str, **changes: object) -> JobStatus | None:
+    """Mirror a state the scheduler decided into status.json. Best effort: the store is what the API
+    reads, so a job dir that cannot be written (deleted, disk full) must not keep the job from moving on."""
+    try:
+        return job_dir.update_status(**changes)
+    except (OSError, ValueError) as exc:
+        log.warning("job %s: could not write %s: %s", job_id, job_dir.status_path, exc)
+        return None
+
+
+def spec_environment(spec_json: str) -> dict[str, str]:
+    """Environment a job's spec asks for beyond the worker's minimal one: its trackers' settings."""
+    import json
+
+    try:
+        report_to = json.loads(spec_json).get("tracking", {}).get("report_to", [])
+    except (ValueError, AttributeError):
+        return {}
+    prefixes = tuple(f"{tracker.upper()}_" for tracker in report_to if tracker in ("wandb", "mlflow"))
+    return {key: value for key, value in os.environ.items() if prefixes and key.startswith(prefixes)}

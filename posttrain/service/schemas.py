@@ -12,6 +12,9 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from posttrain.jobdir import JobState as JobStateName
 
 UPLOAD_PREFIX = "upload:"  # data.source: "upload:<file id>" refers to a file sent to POST /v1/files
+# Bounds of the API's integers (query parameters and bodies): each fits a 64-bit database column.
+MAX_OFFSET = 10**9
+MAX_STEP = 2**62
 
 
 class SubmitJobRequest(BaseModel):
@@ -21,7 +24,8 @@ class SubmitJobRequest(BaseModel):
 
     spec: dict[str, Any] | None = Field(None, description="The JobSpec as a JSON object.")
     yaml: str | None = Field(None, description="The JobSpec as YAML text (what `posttrain train` reads).")
-    overrides: list[str] = Field(default_factory=list, description="Dotted overrides, e.g. training.max_steps=10.")
+    overrides: list[str] = Field(default_factory=list, max_length=1000,
+                                 description="Dotted overrides, e.g. training.max_steps=10.")
     priority: int = Field(0, ge=-1000, le=1000, description="Higher runs first; equal priorities run in order.")
 
     @model_validator(mode="after")
@@ -66,6 +70,7 @@ class LogTail(BaseModel):
 class MetricsResponse(BaseModel):
     job_id: str
     metrics: list[dict[str, Any]]
+    more: bool = Field(False, description="More records follow: ask again with since_step = the last step here.")
 
 
 class Artifact(BaseModel):

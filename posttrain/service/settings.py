@@ -5,6 +5,10 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from posttrain.service.auth import Principal
 
 DEFAULT_PORT = 8322
 DEFAULT_DATA_DIR = "posttrain-data"
@@ -21,7 +25,7 @@ class ServiceSettings:
     db_url: str | None = None  # default: SQLite file in data_dir
     slots: int = 1  # jobs running at once
     devices: list[str] | None = None  # CUDA_VISIBLE_DEVICES for each slot, when given
-    api_key_hashes: frozenset[str] = frozenset()  # sha256 hex of each accepted key; empty = no auth
+    api_keys: dict[str, Principal] = field(default_factory=dict)  # sha256 hex -> owner; empty = no auth
     max_body_bytes: int = 8 * MiB  # JSON/YAML request bodies
     max_upload_bytes: int = 1024 * MiB  # one dataset upload
     cancel_grace_s: float = 30.0  # SIGTERM -> SIGKILL
@@ -32,6 +36,14 @@ class ServiceSettings:
     # the uploads folder are readable, so a client cannot make the server read /etc; without keys (a
     # personal loopback server) any local path is allowed.
     allowed_paths: list[Path] = field(default_factory=list)
+    # Whether a keyed server runs code that jobs bring along (model.trust_remote_code, 'module:function'
+    # rewards). Off by default: any key holder could otherwise run code as the server's user. A server
+    # without keys (one local user) always allows it.
+    allow_user_code: bool = False
+    # Host names (besides loopback ones) a server without keys answers; see hosts.py (DNS rebinding).
+    allowed_hosts: list[str] = field(default_factory=list)
+    max_log_followers: int = 32  # log streams open at once; more get 429
+    max_metrics_records: int = 10_000  # largest page of GET /metrics
 
     def __post_init__(self) -> None:
         self.data_dir = Path(self.data_dir).resolve()
@@ -50,8 +62,17 @@ class ServiceSettings:
         return self.data_dir / "files"
 
     @property
+    def keyed(self) -> bool:
+        """A shared server: clients are told apart by key, and what they may make it do is restricted."""
+        return bool(self.api_keys)
+
+    @property
     def restricts_local_paths(self) -> bool:
-        return bool(self.api_key_hashes)
+        return self.keyed
+
+    @property
+    def runs_user_code(self) -> bool:
+        return self.allow_user_code or not self.keyed
 
     @property
     def database_url(self) -> str:

@@ -2,8 +2,11 @@
 
 The database indexes jobs and mirrors their state so listing and scheduling are queries; the job
 directory stays the truth about a run (the scheduler copies its status back here). Every state change
-that could race (claiming a queued job, cancelling one) is a conditional UPDATE, so two threads or two
-server processes can never both start the same job.
+that could race (claiming a queued job, cancelling one, requeueing one) is a conditional UPDATE, so two
+threads or two server processes can never both start the same job, and a cancel is never lost.
+
+Ownership lives in the queries: every read and change a request makes names the caller's owner
+(``owner=None`` only for admins and the scheduler), so another tenant's job is simply not found.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from sqlalchemy import (
+    BigInteger,
     Boolean,
     Float,
     Integer,
@@ -22,6 +26,7 @@ from sqlalchemy import (
     create_engine,
     event,
     func,
+    inspect,
     select,
     text,
     update,
@@ -39,14 +44,16 @@ class JobRecord(Base):
     __tablename__ = "jobs"
 
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    # None: created before owners existed (by the one user of an unkeyed server); only admins see it.
+    owner: Mapped[str | None] = mapped_column(String(64), index=True)
     name: Mapped[str | None] = mapped_column(String(256))
     method: Mapped[str] = mapped_column(String(32))
     state: Mapped[str] = mapped_column(String(16), index=True)
     priority: Mapped[int] = mapped_column(Integer, default=0)
     job_dir: Mapped[str] = mapped_column(Text)
     spec_json: Mapped[str] = mapped_column(Text)
-    step: Mapped[int] = mapped_column(Integer, default=0)
-    total_steps: Mapped[int | None] = mapped_column(Integer)
+    step: Mapped[int] = mapped_column(BigInteger, default=0)
+    total_steps: Mapped[int | None] = mapped_column(BigInteger)
     error: Mapped[str | None] = mapped_column(Text)
     attempt: Mapped[int] = mapped_column(Integer, default=0)  # launches so far
     retries: Mapped[int] = mapped_column(Integer, default=0)  # requeues after a worker died
@@ -64,9 +71,10 @@ class FileRecord(Base):
     __tablename__ = "files"
 
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    owner: Mapped[str | None] = mapped_column(String(64), index=True)
     filename: Mapped[str] = mapped_column(String(256))
     path: Mapped[str] = mapped_column(Text)
-    size: Mapped[int] = mapped_column(Integer)
+    size: Mapped[int] = mapped_column(BigInteger)
     sha256: Mapped[str] = mapped_column(String(64))
     created_at: Mapped[float] = mapped_column(Float)
 
@@ -90,6 +98,26 @@ def make_engine(url: str) -> Engine:
     return create_engine(url, pool_pre_ping=True, pool_size=20, max_overflow=30)
 
 
+def migrate(engine: Engine) -> None:
+    """Bring a database made by an earlier version up to this schema (create_all only adds tables):
+    add the ``owner`` columns, and widen PostgreSQL's 32-bit step and size columns to 64 bits."""
+    inspector = inspect(engine)
+    tables = set(inspector.get_table_names())
+    with engine.begin() as conn:
+        for table in ("jobs", "files"):
+            if table not in tables:
+                continue
+            columns = {column["name"]: column for column in inspector.get_columns(table)}
+            if "owner" not in columns:
+                conn.execute(text(f"ALTER TABLE {table} ADD COLUMN owner VARCHAR(64)"))
+                conn.execute(text(f"CREATE INDEX IF NOT EXISTS ix_{table}_owner ON {table} (owner)"))
+            if engine.dialect.name == "postgresql":
+                wide = ("step", "total_steps") if table == "jobs" else ("size",)
+                for name in wide:
+                    if isinstance(columns[name]["type"], Integer) and not isinstance(columns[name]["type"], BigInteger):
+                        conn.execute(text(f"ALTER TABLE {table} ALTER COLUMN {name} TYPE BIGINT"))
+
+
 def _inside(folder: str) -> ColumnElement[bool]:
     prefix = folder.rstrip("/") + "/"
     escaped = prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
@@ -101,6 +129,7 @@ class JobStore:
 
     def __init__(self, url: str) -> None:
         self.engine = make_engine(url)
+        migrate(self.engine)
         Base.metadata.create_all(self.engine)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
 
@@ -122,19 +151,24 @@ class JobStore:
             session.add(record)
         return record
 
-    def get_job(self, job_id: str) -> JobRecord | None:
+    def get_job(self, job_id: str, owner: str | None = None) -> JobRecord | None:
+        """The job, or None if it does not exist or (with ``owner``) belongs to someone else."""
         with self._session() as session:
-            return session.get(JobRecord, job_id)
+            record = session.get(JobRecord, job_id)
+        return record if record is not None and (owner is None or record.owner == owner) else None
 
     def list_jobs(
-        self, states: list[str] | None = None, limit: int = 50, offset: int = 0
+        self, states: list[str] | None = None, limit: int = 50, offset: int = 0, owner: str | None = None
     ) -> tuple[list[JobRecord], int]:
-        """Newest first, with the total count for paging."""
+        """Newest first, with the total count for paging; with ``owner``, only that owner's jobs."""
         query = select(JobRecord)
         count = select(func.count()).select_from(JobRecord)
         if states:
             query = query.where(JobRecord.state.in_(states))
             count = count.where(JobRecord.state.in_(states))
+        if owner is not None:
+            query = query.where(JobRecord.owner == owner)
+            count = count.where(JobRecord.owner == owner)
         query = query.order_by(JobRecord.created_at.desc(), JobRecord.id.desc()).limit(limit).offset(offset)
         with self._session() as session:
             return list(session.scalars(query)), int(session.scalar(count) or 0)
@@ -157,12 +191,12 @@ class JobStore:
             return list(session.scalars(query))
 
     def claim(self, job_id: str, slot: int) -> bool:
-        """queued -> running, only if still queued (so a job is started at most once)."""
+        """queued -> running, only if still queued and not cancelled (so a job is started at most once)."""
         now = time.time()
         with self._session() as session:
             result = session.execute(
                 update(JobRecord)
-                .where(JobRecord.id == job_id, JobRecord.state == "queued")
+                .where(JobRecord.id == job_id, JobRecord.state == "queued", JobRecord.cancel_requested.is_(False))
                 .values(state="running", slot=slot, pid=None, launched_at=now, updated_at=now,
                         attempt=JobRecord.attempt + 1)
             )
@@ -173,26 +207,45 @@ class JobStore:
         with self._session() as session:
             session.execute(update(JobRecord).where(JobRecord.id == job_id).values(**values))
 
-    def cancel_queued(self, job_id: str) -> bool:
-        """queued -> cancelled, only if still queued."""
-        now = time.time()
+    def requeue(self, job_id: str, **values: Any) -> bool:
+        """running -> queued for a retry, only if no cancel was requested meanwhile (a cancel always wins)."""
+        values.update(state="queued", updated_at=time.time())
         with self._session() as session:
             result = session.execute(
                 update(JobRecord)
-                .where(JobRecord.id == job_id, JobRecord.state == "queued")
-                .values(state="cancelled", cancel_requested=True, finished_at=now, updated_at=now)
+                .where(JobRecord.id == job_id, JobRecord.state == "running", JobRecord.cancel_requested.is_(False))
+                .values(**values)
             )
             return result.rowcount == 1
 
-    def request_cancel(self, job_id: str) -> bool:
-        """Flag a running job for the scheduler to stop; false if it is no longer running."""
+    def finish(self, job_id: str, state: str, **values: Any) -> None:
+        """Record a terminal state (succeeded, failed, cancelled)."""
+        now = time.time()
+        values.update(state=state, pid=None, finished_at=now, updated_at=now)
         with self._session() as session:
-            result = session.execute(
-                update(JobRecord)
-                .where(JobRecord.id == job_id, JobRecord.state == "running")
-                .values(cancel_requested=True, updated_at=time.time())
-            )
-            return result.rowcount == 1
+            session.execute(update(JobRecord).where(JobRecord.id == job_id).values(**values))
+
+    def cancel(self, job_id: str) -> str | None:
+        """Cancel a job: a queued one at once (-> "cancelled"), a running one by flagging it for the
+        scheduler (-> "running"); None if it had already finished. Each step is a conditional UPDATE, and a
+        job requeued between them is caught on the next pass, so the request is never lost."""
+        for _ in range(5):
+            now = time.time()
+            with self._session() as session:
+                flag = {"cancel_requested": True, "updated_at": now}
+                if session.execute(
+                    update(JobRecord).where(JobRecord.id == job_id, JobRecord.state == "queued")
+                    .values(state="cancelled", finished_at=now, **flag)
+                ).rowcount == 1:
+                    return "cancelled"
+                if session.execute(
+                    update(JobRecord).where(JobRecord.id == job_id, JobRecord.state == "running").values(**flag)
+                ).rowcount == 1:
+                    return "running"
+                state = session.scalar(select(JobRecord.state).where(JobRecord.id == job_id))
+            if state not in ("queued", "running"):
+                return None
+        return None
 
     def delete_job(self, job_id: str) -> None:
         with self._session() as session:
@@ -210,9 +263,16 @@ class JobStore:
         with self._session() as session:
             return session.get(FileRecord, file_id)
 
-    def list_files(self) -> list[FileRecord]:
+    def get_owned_file(self, file_id: str, owner: str | None) -> FileRecord | None:
+        record = self.get_file(file_id)
+        return record if record is not None and (owner is None or record.owner == owner) else None
+
+    def list_files(self, owner: str | None = None, limit: int = 1000) -> list[FileRecord]:
+        query = select(FileRecord).order_by(FileRecord.created_at.desc(), FileRecord.id).limit(limit)
+        if owner is not None:
+            query = query.where(FileRecord.owner == owner)
         with self._session() as session:
-            return list(session.scalars(select(FileRecord).order_by(FileRecord.created_at.desc())))
+            return list(session.scalars(query))
 
     def delete_file(self, file_id: str) -> None:
         with self._session() as session:

@@ -1,30 +1,56 @@
-"""Submitting a job: request body -> validated JobSpec -> allowed paths -> preflight -> job directory -> store.
+"""Submitting a job: request body -> validated JobSpec -> user-code and path policy -> bounded preflight ->
+job directory -> store.
 
-Everything that can be wrong with a job is found here, before anything is queued, and raised as a
-PosttrainError (the API answers 422 with its message).
+Everything that can be wrong with a job and can be found cheaply is found here, before anything is
+queued, and raised as a PosttrainError (the API answers 422, or 403 for what this server does not allow).
+The API process never imports user code or loads a model: rewards are checked by name, models by their
+config.json, and the data by a bounded sample (the worker checks every row before it trains).
 """
 
 from __future__ import annotations
 
 import os
-import secrets
 import shutil
 import time
 from pathlib import Path
 
-from posttrain.data.sources import looks_like_local_path
-from posttrain.errors import ConfigError
+from posttrain.data.sources import is_local_path
+from posttrain.errors import ConfigError, PosttrainError
 from posttrain.jobdir import JobDir, JobStatus
-from posttrain.preflight import preflight
+from posttrain.preflight import DataBudget, preflight
+from posttrain.rewards import is_user_reward
+from posttrain.service.auth import Principal
+from posttrain.service.ids import new_job_id
 from posttrain.service.schemas import SubmitJobRequest
 from posttrain.service.settings import ServiceSettings
 from posttrain.service.store import JobRecord, JobStore
 from posttrain.service.uploads import resolve_upload_references
 from posttrain.spec import JobSpec, load_yaml, spec_from_dict, spec_to_json
 
+SUBMIT_BUDGET = DataBudget()
 
-def new_job_id() -> str:
-    return "job-" + secrets.token_hex(6)
+
+class UserCodeRefused(PosttrainError):
+    """The spec would run code it brings along, and this (keyed) server was not started to allow that."""
+
+    status_code = 403
+
+
+def path_fields(spec: JobSpec) -> dict[str, str | None]:
+    """The spec's fields that may name files or folders on the server, by dotted key (the one list)."""
+    fields = {"data.source": spec.data.source, "data.validation.source": spec.data.validation.source,
+              "model.name_or_path": spec.model.name_or_path}
+    if spec.method.name == "dpo":
+        fields["method.reference_model"] = spec.method.reference_model
+    return fields
+
+
+def set_path_field(spec: JobSpec, key: str, value: str | None) -> None:
+    section, _, name = key.rpartition(".")
+    owner = spec
+    for part in section.split("."):
+        owner = getattr(owner, part)
+    setattr(owner, name, value)
 
 
 def build_spec(body: SubmitJobRequest) -> JobSpec:
@@ -42,27 +68,38 @@ def build_spec(body: SubmitJobRequest) -> JobSpec:
 def absolutize_local_paths(spec: JobSpec) -> None:
     """Relative paths in a spec mean the server's working directory (where preflight reads them); the
     worker runs in the job directory, so hand it absolute paths."""
-
-    def absolute(value: str | None) -> str | None:
-        if value and not os.path.isabs(value) and ":" not in value.split("/", 1)[0] and Path(value).exists():
-            return str(Path(value).resolve())
-        return value
-
-    spec.data.source = absolute(spec.data.source) or spec.data.source
-    spec.data.validation.source = absolute(spec.data.validation.source)
-    spec.model.name_or_path = absolute(spec.model.name_or_path) or spec.model.name_or_path
-    if spec.method.name == "dpo":
-        spec.method.reference_model = absolute(spec.method.reference_model)
+    for key, value in path_fields(spec).items():
+        if value and not os.path.isabs(value) and is_local_path(value) and Path(value).expanduser().exists():
+            set_path_field(spec, key, str(Path(value).expanduser().resolve()))
 
 
 def local_paths(spec: JobSpec) -> dict[str, str]:
     """The spec's fields that name files or folders on the server, by dotted key."""
-    fields = {"data.source": spec.data.source, "data.validation.source": spec.data.validation.source,
-              "model.name_or_path": spec.model.name_or_path}
-    if spec.method.name == "dpo":
-        fields["method.reference_model"] = spec.method.reference_model
-    return {key: value for key, value in fields.items()
-            if value and (os.path.isabs(value) or looks_like_local_path(value) or Path(value).exists())}
+    return {key: value for key, value in path_fields(spec).items() if value and is_local_path(value)}
+
+
+def user_code(spec: JobSpec) -> dict[str, str]:
+    """What in the spec would run code from outside posttrain, by dotted key."""
+    found = {}
+    if spec.model.trust_remote_code:
+        found["model.trust_remote_code"] = "true (runs the model repository's own Python code)"
+    if spec.method.name == "grpo":
+        custom = [name for name in spec.method.reward_functions if is_user_reward(name)]
+        if custom:
+            found["method.reward_functions"] = ", ".join(custom) + " (imports and runs that module)"
+    return found
+
+
+def check_user_code(spec: JobSpec, settings: ServiceSettings) -> None:
+    if settings.runs_user_code:
+        return
+    found = user_code(spec)
+    if found:
+        key, what = next(iter(found.items()))
+        raise UserCodeRefused(
+            f"{key}: {what} is not allowed on this server: a job may run only posttrain's own code unless "
+            "the server was started with --allow-user-code (use a built-in reward, or ask its operator)"
+        )
 
 
 def check_local_paths(spec: JobSpec, settings: ServiceSettings) -> None:
@@ -81,9 +118,10 @@ def check_local_paths(spec: JobSpec, settings: ServiceSettings) -> None:
             )
 
 
-def submit_job(body: SubmitJobRequest, store: JobStore, settings: ServiceSettings) -> JobRecord:
+def submit_job(body: SubmitJobRequest, store: JobStore, settings: ServiceSettings, caller: Principal) -> JobRecord:
     spec = build_spec(body)
-    resolve_upload_references(spec, store)
+    check_user_code(spec, settings)
+    resolve_upload_references(spec, store, None if caller.admin else caller.owner)
     absolutize_local_paths(spec)
     job_id = new_job_id()
     root = settings.jobs_dir / job_id
@@ -91,7 +129,7 @@ def submit_job(body: SubmitJobRequest, store: JobStore, settings: ServiceSetting
     if spec.name is None:
         spec.name = job_id
     check_local_paths(spec, settings)
-    preflight(spec)
+    preflight(spec, budget=SUBMIT_BUDGET)
 
     now = time.time()
     job_dir = JobDir(root).create()
@@ -99,9 +137,9 @@ def submit_job(body: SubmitJobRequest, store: JobStore, settings: ServiceSetting
         job_dir.write_spec(spec_to_json(spec))
         job_dir.write_status(JobStatus(state="queued", created_at=now))
         record = JobRecord(
-            id=job_id, name=spec.name, method=spec.method.name, state="queued", priority=body.priority,
-            job_dir=str(root), spec_json=spec_to_json(spec), step=0, total_steps=None, error=None,
-            attempt=0, retries=0, resume=False, cancel_requested=False, created_at=now, updated_at=now,
+            id=job_id, owner=caller.owner, name=spec.name, method=spec.method.name, state="queued",
+            priority=body.priority, job_dir=str(root), spec_json=spec_to_json(spec), step=0, total_steps=None,
+            error=None, attempt=0, retries=0, resume=False, cancel_requested=False, created_at=now, updated_at=now,
         )
         return store.add_job(record)
     except BaseException:

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import re
-import secrets
 import shutil
 import time
 from pathlib import Path
 from typing import BinaryIO
 
 from posttrain.errors import ConfigError
+from posttrain.service.ids import is_id, new_file_id
 from posttrain.service.schemas import UPLOAD_PREFIX, FileInfo
 from posttrain.service.store import FileRecord, JobStore
 from posttrain.spec import JobSpec
@@ -31,8 +31,9 @@ def safe_filename(name: str | None) -> str:
     return base or "data"
 
 
-def save_upload(source: BinaryIO, filename: str | None, files_dir: Path, limit: int, store: JobStore) -> FileRecord:
-    file_id = "file-" + secrets.token_hex(8)
+def save_upload(source: BinaryIO, filename: str | None, files_dir: Path, limit: int, store: JobStore,
+                owner: str) -> FileRecord:
+    file_id = new_file_id()
     folder = files_dir / file_id
     folder.mkdir(parents=True)
     target = folder / safe_filename(filename)
@@ -46,7 +47,7 @@ def save_upload(source: BinaryIO, filename: str | None, files_dir: Path, limit: 
                     raise UploadTooLarge(limit)
                 digest.update(chunk)
                 out.write(chunk)
-        record = FileRecord(id=file_id, filename=target.name, path=str(target), size=size,
+        record = FileRecord(id=file_id, owner=owner, filename=target.name, path=str(target), size=size,
                             sha256=digest.hexdigest(), created_at=time.time())
         return store.add_file(record)
     except BaseException:
@@ -59,12 +60,13 @@ def file_info(record: FileRecord) -> FileInfo:
                     created_at=record.created_at, source=UPLOAD_PREFIX + record.id)
 
 
-def resolve_upload_references(spec: JobSpec, store: JobStore) -> None:
-    """Replace ``upload:<id>`` data sources with the stored file's path on this server."""
+def resolve_upload_references(spec: JobSpec, store: JobStore, owner: str | None) -> None:
+    """Replace ``upload:<id>`` data sources with the stored file's path on this server; with ``owner``,
+    only that owner's uploads are found."""
 
     def resolve(value: str, key: str) -> str:
         file_id = value[len(UPLOAD_PREFIX):]
-        record = store.get_file(file_id) if re.fullmatch(r"[A-Za-z0-9_-]{1,64}", file_id) else None
+        record = store.get_owned_file(file_id, owner) if is_id(file_id) else None
         if record is None or not Path(record.path).is_file():
             raise ConfigError(f"no uploaded file {file_id!r} on this server (upload it with POST /v1/files)", key)
         return record.path

@@ -7,6 +7,7 @@ import json
 import os
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Any
 
 from posttrain.jobdir import TERMINAL_STATES, JobDir
 from posttrain.service.schemas import Artifact, ArtifactList, JobInfo
@@ -15,17 +16,21 @@ from posttrain.service.store import JobRecord
 TAIL_CHUNK = 64 * 1024
 
 
-def job_info(record: JobRecord) -> JobInfo:
+def job_info(record: JobRecord, live: bool = True) -> JobInfo:
+    """A job as the API shows it. ``live`` adds what only its directory knows (the step of a running job,
+    the latest metrics, started_at); without it nothing but the record is read (listings)."""
     job_dir = JobDir(record.job_dir)
-    step, total_steps, started_at = record.step, record.total_steps, None
-    status = job_dir.read_status()
+    step, total_steps, started_at, metrics = record.step, record.total_steps, None, None
+    status = job_dir.read_status() if live else None
     if status is not None:
         started_at = status.started_at
         if record.state == "running":  # the job dir is fresher than the mirrored copy
             step, total_steps = status.step, status.total_steps
+    if live:
+        metrics = last_metrics(job_dir.metrics_path)
     return JobInfo(
         id=record.id, name=record.name, method=record.method, state=record.state,  # type: ignore[arg-type]
-        priority=record.priority, step=step, total_steps=total_steps, metrics=last_metrics(job_dir.metrics_path),
+        priority=record.priority, step=step, total_steps=total_steps, metrics=metrics,
         error=record.error, attempt=record.attempt, retries=record.retries,
         cancel_requested=record.cancel_requested, created_at=record.created_at, launched_at=record.launched_at,
         started_at=started_at, finished_at=record.finished_at, updated_at=record.updated_at,
@@ -50,11 +55,36 @@ def last_metrics(path: Path) -> dict | None:
     for line in reversed(_read_tail(path, TAIL_CHUNK)[0].splitlines()):
         try:
             record = json.loads(line)
-        except (json.JSONDecodeError, UnicodeDecodeError):
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
             continue
         if isinstance(record, dict):
             return record
     return None
+
+
+def metrics_page(path: Path, since_step: int | None, limit: int) -> tuple[list[dict[str, Any]], bool]:
+    """Up to ``limit`` records of metrics.jsonl logged after ``since_step``, and whether more follow.
+    Read line by line and stopped at the limit: memory stays bounded however long the run."""
+    records: list[dict[str, Any]] = []
+    try:
+        handle = open(path, "rb")  # noqa: SIM115 - closed below; a missing file is an empty page
+    except FileNotFoundError:
+        return [], False
+    with handle:
+        for line in handle:
+            try:
+                record = json.loads(line)
+            except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
+                continue  # a line cut by a crash mid-append
+            if not isinstance(record, dict):
+                continue
+            step = record.get("step")
+            if since_step is not None and not (isinstance(step, int | float) and step > since_step):
+                continue
+            if len(records) == limit:
+                return records, True
+            records.append(record)
+    return records, False
 
 
 def tail_lines(path: Path, count: int) -> tuple[list[str], int]:

@@ -11,11 +11,13 @@ from service_harness import ServerProcess, kill_workers
 
 @pytest.fixture
 def start_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., ServerProcess]]:
-    """start_server(*serve_args, api_key=None, data_dir=None) -> a ready ServerProcess; all stopped after."""
+    """start_server(*serve_args, api_key=None, data_dir=None, env=None) -> a ready ServerProcess; all stopped after."""
     started: list[ServerProcess] = []
 
-    def start(*args: str, api_key: str | None = None, data_dir: Path | None = None) -> ServerProcess:
-        server = ServerProcess(data_dir or tmp_path_factory.mktemp("service") / "data", *args, api_key=api_key)
+    def start(*args: str, api_key: str | None = None, data_dir: Path | None = None,
+              env: dict[str, str] | None = None) -> ServerProcess:
+        server = ServerProcess(data_dir or tmp_path_factory.mktemp("service") / "data", *args, api_key=api_key,
+                               env=env)
         started.append(server)
         return server.start()
 

@@ -9,7 +9,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,10 +29,12 @@ def free_port() -> int:
 class ServerProcess:
     """`python -m posttrain.service` (= `posttrain serve`) as a subprocess; stop() or kill() it."""
 
-    def __init__(self, data_dir: Path, *args: str, api_key: str | None = None) -> None:
+    def __init__(self, data_dir: Path, *args: str, api_key: str | None = None,
+                 env: dict[str, str] | None = None) -> None:
         self.data_dir = data_dir
         self.args = list(args)
         self.api_key = api_key
+        self.env = env  # added to (or, with None values, removed from) the test's environment
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.process: subprocess.Popen[bytes] | None = None
@@ -42,7 +44,9 @@ class ServerProcess:
         argv = [sys.executable, "-m", "posttrain.service", "--port", str(self.port), "--data-dir", str(self.data_dir),
                 *self.args]
         log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child
-        self.process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        env = {**os.environ, **(self.env or {})}
+        self.process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                        env={key: value for key, value in env.items() if value is not None})
         log.close()
         deadline = time.monotonic() + STARTUP_TIMEOUT_S
         with Client(self.url, self.api_key, timeout=2) as client:
@@ -97,25 +101,20 @@ def kill_workers(data_dir: Path) -> None:
             os.killpg(process.pid, signal.SIGKILL)
 
 
-def module_server(request: Any, tmp_path_factory: Any, *args: str,
-                  api_key: str | None = None) -> Iterator[ServerProcess]:
+def module_server(request: Any, tmp_path_factory: Any, *args: str, api_key: str | None = None,
+                  env: dict[str, str] | None = None) -> Iterator[ServerProcess]:
     """Body of a module-scoped server fixture (one server shared by a module's tests)."""
     server = ServerProcess(tmp_path_factory.mktemp(request.module.__name__.rsplit(".", 1)[-1]) / "data", *args,
-                           api_key=api_key)
+                           api_key=api_key, env=env)
     server.start()
     yield server
     server.stop()
     kill_workers(server.data_dir)
 
 
-def wait_for(predicate: Callable[[], object], timeout: float = 120, what: str = "condition") -> object:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+def write_key_file(path: Path, lines: list[str]) -> Path:
+    path.write_text("\n".join(lines) + "\n")
+    return path
 
 
 def train_spec(**training: object) -> dict:

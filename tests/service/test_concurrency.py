@@ -6,7 +6,7 @@ import threading
 import time
 
 import pytest
-from service_harness import wait_for
+from waiting import wait_for
 
 SUBMISSIONS = 50
 

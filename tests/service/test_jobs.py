@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import json
 import os
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import httpx
 import pytest
 import typer
-from service_harness import ServerProcess, module_server, train_spec, wait_for
+from service_harness import ServerProcess, module_server, train_spec
 from typer.testing import CliRunner
+from waiting import wait_for
 
 from posttrain.client import ServiceError
 from posttrain.jobdir import JobDir
@@ -19,7 +23,8 @@ from posttrain.service.commands import jobs_app
 @pytest.fixture(scope="module")
 def server(request, tmp_path_factory):
     # One slot, a short cancel grace period; shared by this module's tests (each waits for its jobs).
-    yield from module_server(request, tmp_path_factory, "--slots", "1", "--cancel-grace", "5")
+    yield from module_server(request, tmp_path_factory, "--slots", "1", "--cancel-grace", "5",
+                             "--max-log-followers", "1")
 
 
 def test_submit_uploaded_dataset_runs_to_success_with_artifacts(server: ServerProcess, tmp_path: Path):
@@ -63,6 +68,14 @@ def test_submit_uploaded_dataset_runs_to_success_with_artifacts(server: ServerPr
 
         steps = [m["step"] for m in client.metrics(job.id) if "loss" in m]
         assert steps == [1, 2, 3, 4]
+        # Metrics come in pages: 'more' says where to go on; the client follows them.
+        with httpx.Client(base_url=server.url) as http:
+            first = http.get(f"/v1/jobs/{job.id}/metrics", params={"limit": 2}).json()
+            assert [m["step"] for m in first["metrics"]] == [1, 2] and first["more"] is True
+            rest = http.get(f"/v1/jobs/{job.id}/metrics", params={"since_step": 2, "limit": 100}).json()
+            assert [m["step"] for m in rest["metrics"] if "loss" in m] == [3, 4] and rest["more"] is False
+            assert http.get(f"/v1/jobs/{job.id}/metrics", params={"limit": 10_001}).status_code == 422
+        assert [m["step"] for m in client.metrics(job.id, since_step=1, limit=2)] == [2, 3]
         assert any("step 4/4" in line for line in client.logs(job.id, tail=50))
         assert job.id in [j.id for j in client.list_jobs(state="succeeded").jobs]
 
@@ -145,3 +158,78 @@ def test_cli_is_registered_on_the_main_app():
 
     command = typer.main.get_command(app)
     assert {"serve", "jobs"} <= set(command.commands)  # type: ignore[attr-defined]
+
+
+def test_an_unkeyed_server_answers_only_loopback_host_names(server: ServerProcess):
+    # DNS rebinding: a web page makes the browser send requests for its own name to 127.0.0.1.
+    with httpx.Client(base_url=server.url) as http:
+        for host in ("localhost", f"localhost:{server.port}", "127.0.0.1", f"127.0.0.1:{server.port}",
+                     f"[::1]:{server.port}", "LOCALHOST"):
+            assert http.get("/v1/jobs", headers={"Host": host}).status_code == 200, host
+        for host in ("evil.example", f"evil.example:{server.port}", "127.0.0.1.evil.example", "localhost.evil"):
+            response = http.get("/v1/jobs", headers={"Host": host})
+            assert response.status_code == 400, host
+            assert response.json()["type"] == "HostNotAllowed"
+            assert http.post("/v1/jobs", json={}, headers={"Host": host}).status_code == 400
+        assert http.get("/healthz", headers={"Host": "evil.example"}).status_code == 400
+
+
+def test_an_unkeyed_server_runs_user_code_for_its_one_user(server: ServerProcess):
+    with server.client() as client:
+        job = client.submit({**train_spec(max_steps=1), "model": {"trust_remote_code": True}})
+        assert job.state == "queued"
+        client.cancel(job.id)
+        assert client.wait(job.id, timeout=120).state == "cancelled"
+
+
+def test_log_followers_are_capped(server: ServerProcess):
+    with server.client() as client:
+        job = client.submit(train_spec(max_steps=100_000, save_steps=1_000))
+        wait_for(lambda: client.get_job(job.id).state == "running", 120, "the job to start")
+        first = client.follow_logs(job.id, tail=0)
+        with httpx.Client(base_url=server.url, timeout=30) as http:
+            with http.stream("GET", f"/v1/jobs/{job.id}/logs", params={"follow": "true", "tail": 5}) as stream:
+                assert stream.status_code == 200
+                lines = stream.iter_lines()  # kept: dropping the iterator would close the stream
+                assert next(lines).startswith("data:")  # streaming: it holds the one place
+                with pytest.raises(ServiceError) as caught:  # this server allows one stream at a time
+                    next(first)
+                assert caught.value.status_code == 429 and "too many log streams" in caught.value.message
+            # The stream closed: its place is free again.
+            def second_stream_opens() -> bool:
+                with http.stream("GET", f"/v1/jobs/{job.id}/logs", params={"follow": "true"}) as again:
+                    return again.status_code == 200
+            wait_for(second_stream_opens, 30, "the closed stream to be released")
+        assert client.logs(job.id, tail=5) is not None
+        client.cancel(job.id)
+        client.wait(job.id, timeout=120)
+
+
+def test_download_keeps_files_inside_the_output_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """A server (here a hostile stand-in on loopback) lists artifact paths that lead out of the folder."""
+    listing = {"job_id": "job-1", "checkpoints": [], "final": True, "total_size": 2,
+               "artifacts": [{"path": "final/ok.txt", "size": 1}, {"path": "final/../../.bashrc", "size": 1}]}
+
+    class Hostile(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body = json.dumps(listing).encode() if self.path.endswith("/artifacts") else b"x"
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    hostile = ThreadingHTTPServer(("127.0.0.1", 0), Hostile)
+    threading.Thread(target=hostile.serve_forever, daemon=True).start()
+    try:
+        monkeypatch.setenv("POSTTRAIN_SERVER", f"http://127.0.0.1:{hostile.server_address[1]}")
+        out = tmp_path / "a" / "b" / "out"
+        result = CliRunner().invoke(jobs_app, ["download", "job-1", "final", "-o", str(out)])
+    finally:
+        hostile.shutdown()
+    assert result.exit_code == 1
+    assert "final/../../.bashrc" in result.output and "leads outside" in result.output
+    assert not (tmp_path / "a" / "b" / ".bashrc").exists() and not (out / "final" / "ok.txt").exists()

@@ -8,11 +8,16 @@ import shutil
 import subprocess
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import pytest
-from service_harness import free_port, train_spec
+from service_harness import free_port, train_spec, write_key_file
+from waiting import wait_for
+
+from posttrain.client import ServiceError
 
 
 def postgres_bin_dir() -> Path | None:
@@ -24,7 +29,7 @@ def postgres_bin_dir() -> Path | None:
 
 
 @pytest.fixture(scope="module")
-def postgres_url() -> Iterator[str]:
+def postgres() -> Iterator[PostgresServer]:
     bin_dir = postgres_bin_dir()
     if bin_dir is None:
         pytest.skip("PostgreSQL binaries not found (apt-get install postgresql; .ci/run does this)")
@@ -47,22 +52,36 @@ def postgres_url() -> Iterator[str]:
         subprocess.run([str(bin_dir / argv[0]), *argv[1:]], check=True, capture_output=True, timeout=timeout,
                        cwd=root, **run_as)
 
-    try:
-        pg("initdb", "-D", str(data), "-U", "posttrain", "-A", "trust", "--no-sync", "-E", "UTF8")
+    def start() -> None:
         pg("pg_ctl", "-D", str(data), "-l", str(root / "server.log"), "-w", "-t", "60", "start", "-o",
            f"-p {port} -c listen_addresses=127.0.0.1 -k {root} -F")
+
+    def stop() -> None:
+        pg("pg_ctl", "-D", str(data), "-m", "fast", "-w", "stop")
+
+    try:
+        pg("initdb", "-D", str(data), "-U", "posttrain", "-A", "trust", "--no-sync", "-E", "UTF8")
+        start()
         try:
             pg("createdb", "-h", "127.0.0.1", "-p", str(port), "-U", "posttrain", "posttrain")
-            yield f"postgresql://posttrain@127.0.0.1:{port}/posttrain"
+            yield PostgresServer(f"postgresql://posttrain@127.0.0.1:{port}/posttrain", start, stop)
         finally:
-            pg("pg_ctl", "-D", str(data), "-m", "fast", "-w", "stop")
+            stop()
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
 
-def test_jobs_are_stored_in_postgres_and_survive_a_restart(start_server, postgres_url: str, tmp_path: Path):
+@dataclass
+class PostgresServer:
+    url: str
+    start: Callable[[], None]
+    stop: Callable[[], None]
+
+
+def test_jobs_are_stored_in_postgres_and_survive_a_restart(start_server, postgres: PostgresServer, tmp_path: Path):
     import psycopg
 
+    postgres_url = postgres.url
     server = start_server("--db", postgres_url)
     with server.client() as client:
         job = client.submit(train_spec(max_steps=2))
@@ -96,3 +115,47 @@ def test_jobs_are_stored_in_postgres_and_survive_a_restart(start_server, postgre
     with restarted.client() as client:
         assert client.get_job(job.id).state == "succeeded"
         assert client.list_jobs(limit=100).total == 9
+
+
+def test_servers_sharing_a_database_cannot_cancel_or_delete_each_others_jobs(start_server, postgres: PostgresServer,
+                                                                            tmp_path: Path):
+    keys = write_key_file(tmp_path / "keys.txt", ["pt-team team"])
+    first = start_server("--db", postgres.url, "--api-key-file", str(keys), api_key="pt-team")
+    second = start_server("--db", postgres.url, "--api-key-file", str(keys), api_key="pt-team")
+    with first.client() as mine, second.client() as theirs:
+        job = mine.submit(train_spec(max_steps=100_000, save_steps=1_000))
+        wait_for(lambda: mine.get_job(job.id).state == "running", 120, "the job to start")
+        assert theirs.get_job(job.id).state == "running"  # the same owner may read it from either door
+        for call in (lambda: theirs.cancel(job.id), lambda: theirs.delete(job.id)):
+            with pytest.raises(ServiceError) as caught:
+                call()
+            assert caught.value.status_code == 409
+        assert "another server" in caught.value.message or "cancel it before" in caught.value.message
+        mine.cancel(job.id)
+        assert mine.wait(job.id, timeout=120).state == "cancelled"
+        with pytest.raises(ServiceError) as caught:
+            theirs.delete(job.id)
+        assert caught.value.status_code == 409 and "another server" in caught.value.message
+        mine.delete(job.id)
+
+
+def test_database_errors_are_logged_not_shown(start_server, postgres: PostgresServer):
+    server = start_server("--db", postgres.url)
+    postgres.stop()
+    try:
+        with httpx.Client(base_url=server.url, timeout=60) as http:
+            ready = http.get("/readyz")
+            assert ready.status_code == 503
+            assert ready.json()["detail"] == "database unreachable (see the server log)"
+            failed = http.get("/v1/jobs")
+            assert failed.status_code == 500
+            body = failed.json()
+            assert body["type"] == "InternalError" and body["request_id"] in body["detail"]
+            assert failed.headers["x-request-id"] == body["request_id"]
+            for secret in ("psycopg", "OperationalError", "127.0.0.1", "connection", "SELECT"):
+                assert secret not in ready.text and secret not in failed.text
+        assert f"request id {body['request_id']}" in server.log()  # the details are in the log
+    finally:
+        postgres.start()
+    with server.client() as client:
+        wait_for(client.ready, 60, "the database to be back")

@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import os
 import signal
+from pathlib import Path
 
-from service_harness import train_spec, wait_for, worker_processes
+import psutil
+import pytest
+from service_harness import train_spec, worker_processes
+from waiting import wait_for
 
+from posttrain.client import ServiceError
 from posttrain.jobdir import JobDir
 
 # ~5 s of training on the tiny model: long enough to kill it part-way, short enough to finish.
@@ -91,3 +96,66 @@ def test_sigkilled_worker_is_retried_from_its_checkpoint_then_fails_when_retries
     assert "killed by SIGKILL" in job.error and "out of memory" in job.error
     assert "gave up after 1 retries" in job.error
     assert job_dir.read_status().state == "failed"
+
+
+def test_a_job_whose_end_cannot_be_recorded_in_its_directory_still_ends(start_server):
+    server = start_server("--max-retries", "0")
+    with server.client() as client:
+        job = client.submit(train_spec(**LONG))
+        job_dir = JobDir(server.data_dir / "jobs" / job.id)
+        wait_for(lambda: client.get_job(job.id).step >= 2, 120, "training to start")
+
+        def break_status_file() -> bool:
+            # status.json becomes a directory: neither the worker nor the scheduler can write it any more.
+            job_dir.status_path.unlink(missing_ok=True)
+            try:
+                job_dir.status_path.mkdir()
+            except FileExistsError:  # the worker rewrote it in between; try again
+                return False
+            return True
+
+        wait_for(break_status_file, 30, "status.json to be replaced")
+        job = client.wait(job.id, timeout=120)
+        assert job.state == "failed" and "before recording a result" in job.error
+        with pytest.raises(ServiceError) as caught:
+            client.cancel(job.id)
+        assert caught.value.status_code == 409
+        client.delete(job.id)
+        assert not job_dir.root.exists()
+        assert client.ready()
+
+
+def test_workers_get_a_minimal_environment_and_their_whole_group_ends_with_them(start_server, tmp_path: Path):
+    code = tmp_path / "code"
+    code.mkdir()
+    child_pid = tmp_path / "child.pid"
+    # Every Python process with this PYTHONPATH runs sitecustomize; in a worker it leaves a child behind,
+    # as a data loader or user code could.
+    pid_file = repr(str(child_pid))
+    (code / "sitecustomize.py").write_text(
+        "import os, subprocess\n"
+        f"if os.environ.get('POSTTRAIN_JOB_ID') and not os.path.exists({pid_file}):\n"
+        "    child = subprocess.Popen(['sleep', '300'])\n"
+        f"    open({pid_file}, 'w').write(str(child.pid))\n")
+    database = tmp_path / "from-env.db"
+    server = start_server(env={"PYTHONPATH": str(code), "POSTTRAIN_DB": f"sqlite:///{database}",
+                               "POSTTRAIN_API_KEY": "pt-not-for-workers", "SERVER_ONLY_SECRET": "s3cret"})
+    assert database.is_file()  # --db was taken from POSTTRAIN_DB
+    with server.client() as client:
+        job = client.submit(train_spec(**LONG))
+        job_dir = JobDir(server.data_dir / "jobs" / job.id)
+        wait_for(lambda: client.get_job(job.id).step >= 1 and child_pid.exists(), 120, "the worker and its child")
+        worker_pid = job_dir.read_status().pid
+        environ = Path(f"/proc/{worker_pid}/environ").read_bytes().split(b"\0")
+        names = {entry.split(b"=", 1)[0].decode() for entry in environ if entry}
+        assert {"PATH", "PYTHONPATH", "POSTTRAIN_JOB_ID"} <= names
+        assert not names & {"POSTTRAIN_DB", "POSTTRAIN_API_KEY", "SERVER_ONLY_SECRET"}
+
+        child = psutil.Process(int(child_pid.read_text()))
+        assert os.getpgid(child.pid) == worker_pid  # in the worker's group
+        os.kill(worker_pid, signal.SIGKILL)  # the main process only: its child would live on by itself
+        wait_for(lambda: not child.is_running() or child.status() == psutil.STATUS_ZOMBIE, 60,
+                 "the worker's child to be killed with it")
+        wait_for(lambda: client.get_job(job.id).retries == 1, 60, "the job to be requeued")
+        client.cancel(job.id)
+        assert client.wait(job.id, timeout=120).state == "cancelled"

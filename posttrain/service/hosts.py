@@ -1,0 +1,64 @@
+"""DNS rebinding protection for servers without API keys.
+
+A server on 127.0.0.1 without keys trusts whoever can connect, and a web page the user visits can make
+the browser connect: it points its own host name at 127.0.0.1 and sends requests that carry that name
+in the ``Host`` header. Such a server therefore answers only requests addressed to a loopback name
+(``localhost``, ``127.0.0.1``, ``[::1]``, any port) or to a name the operator listed; everything else gets
+400 before any route runs. A keyed server needs no such check: the browser has no key to send.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+
+def is_loopback(host: str) -> bool:
+    """Whether a host name or address (``::1`` or ``[::1]``) means this machine's loopback interface."""
+    host = host.strip("[]").rstrip(".").lower()
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def host_name(header: str) -> str:
+    """The name part of a Host header: ``[::1]:8322`` -> ``[::1]``, ``localhost:80`` -> ``localhost``."""
+    header = header.strip().lower()
+    if header.startswith("["):
+        return header[: header.find("]") + 1] if "]" in header else header
+    name, colon, port = header.rpartition(":")
+    return name if colon and port.isdigit() else header
+
+
+class LoopbackHostOnly:
+    """400 for requests whose Host header is neither a loopback name nor one of ``extra_hosts``."""
+
+    def __init__(self, app: ASGIApp, extra_hosts: list[str] | None = None) -> None:
+        self.app = app
+        self.extra = {host_name(host) for host in extra_hosts or []}
+
+    def allowed(self, header: str | None) -> bool:
+        if not header:
+            return False
+        name = host_name(header)
+        return is_loopback(name) or name in self.extra
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":  # lifespan; the service has no websocket routes
+            await self.app(scope, receive, send)
+            return
+        header = next((value.decode("latin-1") for key, value in scope.get("headers", []) if key == b"host"), None)
+        if self.allowed(header):
+            await self.app(scope, receive, send)
+            return
+        body = json.dumps({"detail": f"host {header!r} not accepted: a server without API keys answers only "
+                                     "requests addressed to localhost, 127.0.0.1 or [::1]",
+                           "type": "HostNotAllowed"}).encode()
+        await send({"type": "http.response.start", "status": 400,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
