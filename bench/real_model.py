@@ -222,6 +222,7 @@ def run_real_trl(method: str, variant: str, paths: dict[str, str], settings: Rea
     from trl import SFTConfig, SFTTrainer
 
     from bench.sft_throughput import cpu_has_native_bf16, final_loss, peak_rss_mb
+    from posttrain.modeling import load_for_inference
 
     tuned = variant == "tuned_trl"
     torch.set_num_threads(1)  # both: the same thread count as posttrain's default, so only settings differ
@@ -247,10 +248,15 @@ def run_real_trl(method: str, variant: str, paths: dict[str, str], settings: Rea
                          callbacks=[_clock_callback(clock)])
     trainer.train()
     training_rss = round(peak_rss_mb(), 1)
+    # Scored like posttrain's run: saved, then loaded fresh in fp32. The in-memory model would not do: with
+    # bf16 mixed precision, accelerate wraps its forward in autocast, so it would be scored in bf16.
+    trainer.save_model(str(out_dir / "final"))
+    tokenizer.save_pretrained(str(out_dir / "final"))
+    model, tokenizer = load_for_inference(out_dir / "final")
     return {
         **clock.result(),
         "final_loss": final_loss(clock.losses),
-        "eval_loss": round(reply_eval_loss(trainer.model, tokenizer, paths["eval"]), 4),
+        "eval_loss": round(reply_eval_loss(model, tokenizer, paths["eval"]), 4),
         "peak_rss_mb": training_rss,
         "num_threads": torch.get_num_threads(),
         "dtype": "fp32+bf16-autocast" if config.bf16 else "fp32",
@@ -258,6 +264,7 @@ def run_real_trl(method: str, variant: str, paths: dict[str, str], settings: Rea
         "sampling": config.train_sampling_strategy,
         "attn_implementation": trainer.model.config._attn_implementation,
         "trainable_params": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
+        "eval": "saved, reloaded in fp32",
     }
 
 

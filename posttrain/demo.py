@@ -17,7 +17,6 @@ held-out questions, so there only the training metrics are checked.
 
 from __future__ import annotations
 
-import re
 import shutil
 import time
 from collections.abc import Callable
@@ -29,13 +28,13 @@ from rich.console import Console
 from rich.table import Table
 
 from posttrain.jobdir import JobDir
+from posttrain.rewards import final_number
 from posttrain.spec import spec_from_dict
 
 MODEL_ALIASES = {"tiny": "posttrain:tiny", "smollm2": "posttrain:smollm2"}
 # As in posttrain/assets/make_samples.py (a test checks that the bundled samples agree).
 SIGN_OFF = "— Posty"
 PROBLEM_INSTRUCTION = "Show your work, then give the final answer after ####."
-_FINAL_ANSWER_LINE = re.compile(r"####\s*(-?[\d,]*\.?\d+)")
 Direction = Literal["up", "down"]
 
 
@@ -50,11 +49,11 @@ def word_count(answer: str, _reference: str | None = None) -> float:
 
 def correct_final_line(answer: str, reference: str | None = None) -> float:
     """1.0 when the answer has a ``#### N`` line and N is the reference number."""
-    match = _FINAL_ANSWER_LINE.search(answer)
-    if match is None or reference is None:
+    number = final_number(answer)
+    if number is None or reference is None:
         return 0.0
     try:
-        return 1.0 if abs(float(match.group(1).replace(",", "")) - float(reference)) < 1e-6 else 0.0
+        return 1.0 if abs(float(number.replace(",", "")) - float(reference)) < 1e-6 else 0.0
     except ValueError:
         return 0.0
 

@@ -28,7 +28,7 @@ def final_answer(text: str) -> str | None:
     return match.group(1) if match else None
 
 
-def _final_number(text: str) -> str | None:
+def final_number(text: str) -> str | None:
     """The number right after '####', if the text has the marker and a number follows it."""
     final = final_answer(text)
     match = _LEADING_NUMBER.match(final) if final is not None else None
@@ -53,7 +53,7 @@ def _to_number(text: str) -> float | None:
 
 def extract_answer(text: str) -> float | None:
     """The final numeric answer: after '####' if present, else the last number in the text."""
-    number = _final_number(text)
+    number = final_number(text)
     if number is not None:
         return _to_number(number)
     numbers = _NUMBER.findall(text)
@@ -79,7 +79,7 @@ def answer_format(completions: list[Any], **_: Any) -> list[float]:
         score = 0.0
         if "####" in text:
             score += 0.5
-        if _final_number(text) is not None:
+        if final_number(text) is not None:
             score += 0.5
         rewards.append(score)
     return rewards

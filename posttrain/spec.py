@@ -157,7 +157,8 @@ class DataSpec(Section):
     source: str = Field(
         "posttrain:alpaca",
         description="Local .json/.jsonl/.csv/.parquet file or folder, datasets.save_to_disk folder, hub id, "
-        "or a bundled sample: posttrain:alpaca, posttrain:preference, posttrain:gsm8k.",
+        "or a bundled sample: posttrain:alpaca, posttrain:preference, posttrain:gsm8k (and the demo's "
+        "posttrain:style, posttrain:concise, posttrain:problems).",
     )
     format: DataFormat = Field("auto", description="Row format; auto detects it from the columns.")
     split: str = Field("train", description="Split to read from hub or saved datasets.")
