@@ -193,20 +193,6 @@ def _timed(fn) -> float:
 # Variants (each runs in its own subprocess)
 
 
-def _clock_callback(clock):
-    from transformers import TrainerCallback
-
-    class Clock(TrainerCallback):
-        def on_step_end(self, args, state, control, **_):
-            clock.step_done(state.global_step, int(state.num_input_tokens_seen))
-
-        def on_log(self, args, state, control, logs=None, **_):
-            if logs and "loss" in logs:
-                clock.losses.append(float(logs["loss"]))
-
-    return Clock()
-
-
 def lora_config(settings: RealSettings):
     from peft import LoraConfig
 
@@ -245,7 +231,7 @@ def run_real_trl(method: str, variant: str, paths: dict[str, str], settings: Rea
     trainer = SFTTrainer(model=model, args=config, processing_class=tokenizer,
                          train_dataset=datasets.Dataset.from_list(chat_rows(paths["train"])),
                          peft_config=lora_config(settings) if method == "lora" else None,
-                         callbacks=[_clock_callback(clock)])
+                         callbacks=[clock.callback()])
     trainer.train()
     training_rss = round(peak_rss_mb(), 1)
     # Scored like posttrain's run: saved, then loaded fresh in fp32. The in-memory model would not do: with
@@ -288,7 +274,7 @@ def run_real_posttrain(method: str, paths: dict[str, str], settings: RealSetting
                      "logging_steps": 1},
         "tracking": {"report_to": []},
     })
-    result = run_worker(spec, out_dir, log_to_file=False, extra_callbacks=[_clock_callback(clock)])
+    result = run_worker(spec, out_dir, log_to_file=False, extra_callbacks=[clock.callback()])
     if result.state != "succeeded":
         raise RuntimeError(f"posttrain run {result.state}: {result.error}")
     records = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]

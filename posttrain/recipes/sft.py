@@ -26,7 +26,6 @@ from posttrain.losses import trained_token_loss
 from posttrain.modeling import load_model, lora_config
 from posttrain.recipes.common import (
     RecipeInputs,
-    cpu_bf16_autocast,
     record_settings,
     shared_trainer_arguments,
     training_arguments,
@@ -165,13 +164,12 @@ def build_trainer(inputs: RecipeInputs) -> PosttrainSFTTrainer:
     group_by_length = use_group_by_length(inputs, padding_free)
     if group_by_length:
         kwargs["train_sampling_strategy"] = "group_by_length"
-    autocast = cpu_bf16_autocast(spec, inputs.placement)
     record_settings(inputs, padding_free=padding_free, group_by_length=group_by_length,
                     gradient_checkpointing=bool(kwargs.get("activation_checkpointing")),
                     attn_implementation=model.config._attn_implementation)
     fused_loss = use_fused_loss(inputs)
-    log.info("sft: padding_free=%s group_by_length=%s gradient_checkpointing=%s bf16_autocast=%s fused_loss=%s "
-             "attention=%s", padding_free, group_by_length, bool(kwargs.get("activation_checkpointing")), autocast,
+    log.info("sft: padding_free=%s group_by_length=%s gradient_checkpointing=%s bf16=%s fused_loss=%s "
+             "attention=%s", padding_free, group_by_length, bool(kwargs.get("activation_checkpointing")), kwargs["bf16"],
              fused_loss, model.config._attn_implementation)
     config = SFTConfig(
         **kwargs,
