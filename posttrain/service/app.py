@@ -28,6 +28,7 @@ from posttrain import __version__
 from posttrain.errors import PosttrainError
 from posttrain.launchers import Launcher
 from posttrain.launchers.local import LocalLauncher
+from posttrain.launchers.warm import WarmLauncher
 from posttrain.service.hosts import LoopbackHostOnly
 from posttrain.service.limits import BodySizeLimit
 from posttrain.service.routes import ROUTERS
@@ -45,7 +46,8 @@ def create_app(settings: ServiceSettings, launcher: Launcher | None = None) -> F
     settings.files_dir.mkdir(parents=True, exist_ok=True)
     lock = lock_data_dir(settings.data_dir)
     store = JobStore(settings.database_url)
-    scheduler = Scheduler(store, launcher or LocalLauncher(settings.worker_command), settings)
+    launcher = launcher or local_launcher(settings)
+    scheduler = Scheduler(store, launcher, settings)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -55,6 +57,7 @@ def create_app(settings: ServiceSettings, launcher: Launcher | None = None) -> F
             yield
         finally:
             scheduler.stop()
+            launcher.close()
             store.close()
             lock.close()
 
@@ -70,6 +73,12 @@ def create_app(settings: ServiceSettings, launcher: Launcher | None = None) -> F
     for router in ROUTERS:
         app.include_router(router)
     return app
+
+
+def local_launcher(settings: ServiceSettings) -> Launcher:
+    if settings.starts_workers_warm:
+        return WarmLauncher(settings.worker_command, settings.data_dir / "warm-template.log")
+    return LocalLauncher(settings.worker_command)
 
 
 def lock_data_dir(data_dir: Path) -> IO[str]:
