@@ -59,6 +59,10 @@ def test_worker_that_outlives_the_server_is_readopted_not_run_twice(start_server
         wait_for(lambda: client.get_job(job.id).step >= 5, 120, "training to start")
     server.kill()  # the worker runs in its own session and keeps training
     [worker] = worker_processes(server.data_dir)
+    # Forked from the warm template (the default): recognised after the restart by the identity it
+    # recorded in its job directory, since its command line names no job.
+    assert "forked from the warm template" in JobDir(server.data_dir / "jobs" / job.id).log_path.read_text()
+    assert "--job-dir" not in worker.cmdline()
 
     restarted = start_server(data_dir=server.data_dir)
     with restarted.client() as client:
