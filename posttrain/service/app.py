@@ -30,6 +30,7 @@ from posttrain.launchers import Launcher
 from posttrain.launchers.local import LocalLauncher
 from posttrain.launchers.warm import WarmLauncher
 from posttrain.service.hosts import LoopbackHostOnly
+from posttrain.service.job_reads import RecentJobs
 from posttrain.service.limits import BodySizeLimit
 from posttrain.service.routes import ROUTERS
 from posttrain.service.scheduler import Scheduler
@@ -64,6 +65,7 @@ def create_app(settings: ServiceSettings, launcher: Launcher | None = None) -> F
     app = FastAPI(title="posttrain job service", version=__version__, lifespan=lifespan, responses=ERRORS)
     app.state.settings = settings
     app.state.store = store
+    app.state.recent_jobs = RecentJobs(store)
     app.state.scheduler = scheduler
     app.state.log_followers = 0
     app.add_middleware(BodySizeLimit, body_limit=settings.max_body_bytes, upload_limit=settings.max_upload_bytes)

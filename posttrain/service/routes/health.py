@@ -15,7 +15,7 @@ router = APIRouter(tags=["health"])
 
 
 @router.get("/healthz", response_model=Health)
-def healthz() -> Health:
+async def healthz() -> Health:  # async: answered in the event loop, no thread-pool hop
     return Health(status="ok")
 
 
