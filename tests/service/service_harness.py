@@ -20,6 +20,7 @@ from posttrain.client import Client
 from posttrain.launchers.identity import recorded_worker_identity
 
 STARTUP_TIMEOUT_S = 60
+WARM_TIMEOUT_S = 180
 
 
 def free_port() -> int:
@@ -55,13 +56,21 @@ class ServerProcess:
             while time.monotonic() < deadline:
                 if self.process.poll() is not None:
                     raise RuntimeError(f"server exited with {self.process.returncode}:\n{self.log()}")
-                if client.ready() and self.readiness().get("warm_workers") in (None, "ready", "unusable"):
-                    # With warm start on (the default), tests start jobs from the warm template, as a
-                    # long-running server does; a template still importing would make them cold starts.
-                    return self
+                if client.ready():
+                    break
                 time.sleep(0.1)
-        self.kill()
-        raise RuntimeError(f"server did not become ready in {STARTUP_TIMEOUT_S}s:\n{self.log()}")
+            else:
+                self.kill()
+                raise RuntimeError(f"server did not become ready in {STARTUP_TIMEOUT_S}s:\n{self.log()}")
+        # With warm start on (the default), tests start jobs from the warm template, as a long-running
+        # server does; while it is still importing, jobs would start cold.
+        deadline = time.monotonic() + WARM_TIMEOUT_S
+        while self.readiness().get("warm_workers") not in (None, "ready"):
+            if time.monotonic() > deadline:
+                self.kill()
+                raise RuntimeError(f"warm template not ready in {WARM_TIMEOUT_S}s:\n{self.log()}")
+            time.sleep(0.1)
+        return self
 
     def readiness(self) -> dict[str, Any]:
         return httpx.get(f"{self.url}/readyz", timeout=5).json()
