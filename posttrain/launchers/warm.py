@@ -136,8 +136,9 @@ class WarmWorker(WorkerHandle):
     def __init__(self, template: WarmTemplate, pid: int, create_time: float, job_dir: Path) -> None:
         self.template = template
         self.pid = pid
-        self.orphan = AdoptedWorker(psutil.Process(pid), job_dir)
-        self.orphan.started = create_time
+        self.create_time = create_time
+        self.job_dir = job_dir
+        self._orphan: AdoptedWorker | None = None
 
     def poll(self) -> WorkerExit | None:
         with contextlib.suppress(OSError, ValueError):
@@ -146,16 +147,24 @@ class WarmWorker(WorkerHandle):
             return WorkerExit(self.template.exits.pop(self.pid))
         if self.template.alive:
             return None
-        return self.orphan.poll()  # the template died: nobody reports its exit code any more
+        # The template died: nobody reports this worker's exit code any more.
+        if self._orphan is None:
+            try:
+                self._orphan = AdoptedWorker(psutil.Process(self.pid), self.job_dir)
+            except psutil.NoSuchProcess:
+                return WorkerExit(None)
+            self._orphan.started = self.create_time  # never taken for a later process with the same pid
+        return self._orphan.poll()
 
     def signal(self, sig: int) -> None:
-        if self.pid not in self.template.exits:
-            try:
-                # Same pid and start time, zombie included: an unreaped worker still holds its group id.
-                if psutil.Process(self.pid).create_time() == self.orphan.started:
-                    signal_group(self.pid, sig)
-            except psutil.Error:
-                pass
+        if self.pid in self.template.exits:
+            return
+        try:
+            # Same pid and start time, zombie included: an unreaped worker still holds its group id.
+            if psutil.Process(self.pid).create_time() == self.create_time:
+                signal_group(self.pid, sig)
+        except psutil.Error:
+            pass
 
 
 class WarmLauncher(Launcher):
@@ -200,7 +209,7 @@ class WarmLauncher(Launcher):
                 "job_dir": str(job_dir.root), "log": str(job_dir.log_path),
             })
             return WarmWorker(template, pid, create_time, job_dir.root)
-        except (TemplateError, OSError, ValueError, psutil.Error) as exc:
+        except (TemplateError, OSError, ValueError) as exc:
             log.warning("job %s: warm start failed (%s); starting it cold and restarting the warm template",
                         request.job_id, exc)
         self._replace_template()

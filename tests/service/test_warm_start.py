@@ -13,11 +13,12 @@ from service_harness import train_spec
 from waiting import wait_for
 
 from posttrain.jobdir import JobDir
-from posttrain.launchers.local import LocalLauncher, worker_environment
-from posttrain.launchers.warm import WarmLauncher, WarmTemplate
+from posttrain.launchers import LaunchRequest, WorkerExit
+from posttrain.launchers.local import LocalLauncher
+from posttrain.launchers.warm import WarmLauncher, WarmWorker
 from posttrain.launchers.zygote import fork_safety_problem
 from posttrain.service.app import local_launcher
-from posttrain.service.settings import ServiceSettings
+from posttrain.service.settings import ServiceSettings, default_worker_command
 
 LONG = {"max_steps": 200, "save_steps": 50}
 
@@ -53,25 +54,24 @@ def test_a_job_outlives_its_dead_template_and_the_next_job_starts_cold_until_it_
 
 
 def test_the_template_forks_single_threaded_and_reports_each_exit_code(tmp_path: Path):
-    template = WarmTemplate(tmp_path / "template.log")
+    launcher = WarmLauncher(default_worker_command(), tmp_path / "template.log")
+    template = launcher.template
     try:
-        wait_for(lambda: template.pump(0.1) and template.ready, 120, "the template's imports")
-        assert template.problem is None
+        wait_for(lambda: launcher.state()["warm_workers"] == "ready", 180, "the template's imports")
         # Fork copies only the calling thread; the kernel's count includes native threads (OpenMP, allocators).
         assert len(os.listdir(f"/proc/{template.pid}/task")) == 1
 
         job_dir = JobDir(tmp_path / "job").create()
         job_dir.spec_path.write_text("training: {no_such_option: 1}\n")  # rejected input: exit code 2
-        pid, _ = template.spawn({"argv": ["--spec", str(job_dir.spec_path), "--job-dir", str(job_dir.root)],
-                                 "env": worker_environment(os.environ), "job_dir": str(job_dir.root),
-                                 "log": str(job_dir.log_path)})
-        wait_for(lambda: template.pump(0.1) and pid in template.exits, 60, "the worker's exit")
-        assert template.exits[pid] == 2
+        handle = launcher.launch(LaunchRequest("job-x", job_dir.root))
+        assert isinstance(handle, WarmWorker)
+        assert wait_for(handle.poll, 60, "the worker's exit") == WorkerExit(2)
         status = job_dir.read_status()
         assert status.state == "failed" and "training.no_such_option" in status.error
+        assert job_dir.log_path.read_text().count("forked from the warm template") == 1  # started once
         assert len(os.listdir(f"/proc/{template.pid}/task")) == 1  # still single-threaded after a fork
     finally:
-        template.close()
+        launcher.close()
     assert template.process.returncode == 0  # it exits by itself when the server closes its stdin
 
 
