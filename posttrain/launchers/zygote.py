@@ -27,6 +27,7 @@ server goes away (stdin closes) it exits; the workers carry on in their own sess
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import gc
 import importlib
@@ -37,6 +38,7 @@ import signal
 import sys
 import time
 import traceback
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -78,6 +80,7 @@ class Template:
         self.replies_fd = replies_fd
         self.pending = b""
         self.children: set[int] = set()
+        self.server_pid = os.getppid()
 
     def send(self, message: dict[str, Any]) -> None:
         data = (json.dumps(message) + "\n").encode()
@@ -101,6 +104,8 @@ class Template:
 
     def handle(self, request: dict[str, Any]) -> None:
         try:
+            if os.getppid() != self.server_pid:  # a request written just before the server died
+                raise RuntimeError("the server that sent this request is gone")
             problem = fork_safety_problem()
             if problem is not None:
                 raise RuntimeError(problem)
@@ -152,6 +157,10 @@ def run_child(request: dict[str, Any], ready_w: int, template_fds: tuple[int, ..
     code = 1
     try:
         os.setsid()  # own session and process group, not the template's
+        # Exit handlers registered so far belong to the template and its resources; the worker's own
+        # (a tracker finishing its run, say) are run when it ends, as at a normal interpreter exit.
+        atexit._clear()
+        weakref.finalize._registered_with_atexit = False  # type: ignore[attr-defined]
         from posttrain.launchers.identity import record_worker_identity
 
         identity = record_worker_identity(Path(request["job_dir"]))
@@ -191,6 +200,7 @@ def run_child(request: dict[str, Any], ready_w: int, template_fds: tuple[int, ..
         traceback.print_exc()
     finally:
         try:
+            atexit._run_exitfuncs()
             sys.stdout.flush()
             sys.stderr.flush()
         finally:
@@ -218,7 +228,8 @@ def main() -> None:
           f"threads: {os_thread_count()}", file=sys.stderr)
     template.send({"ready": True, "pid": os.getpid(), "threads": os_thread_count(),
                    "problem": fork_safety_problem()})
-    template.serve()
+    with contextlib.suppress(BrokenPipeError):  # the server went away while we answered
+        template.serve()
 
 
 if __name__ == "__main__":

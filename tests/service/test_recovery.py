@@ -134,11 +134,12 @@ def test_a_job_whose_end_cannot_be_recorded_in_its_directory_still_ends(start_se
 # code could) and records the environment the worker's code sees. It runs in the worker however it was
 # started: a fresh interpreter (cold) or a fork of the warm template.
 LEAVER = """
-import json, os, subprocess
+import atexit, json, os, subprocess
 from pathlib import Path
 
 _out = Path({out!r})
 (_out / f"env-{{os.getpid()}}.json").write_text(json.dumps(dict(os.environ)))
+atexit.register((_out / f"atexit-{{os.getpid()}}").write_text, "ran")  # runs when the worker exits normally
 _child = subprocess.Popen(["sleep", "300"])
 (_out / f"child-{{os.getpid()}}.pid").write_text(str(_child.pid))
 
@@ -201,3 +202,7 @@ def test_workers_get_a_minimal_environment_and_their_whole_group_ends_with_them(
         assert client.wait(job.id, timeout=120).state == "cancelled"
         wait_for(lambda: gone(retry_child), 60, "the retried worker's child to be killed by the cancel")
         assert not psutil.pid_exists(retry_pid) or gone(psutil.Process(retry_pid))
+    # The cancelled worker ended like any Python program: exit handlers of the job's code ran (trackers
+    # finish their runs there); the SIGKILLed one never got to.
+    assert (out / f"atexit-{retry_pid}").read_text() == "ran"
+    assert not (out / f"atexit-{worker_pid}").exists()
