@@ -80,6 +80,10 @@ def test_the_page_is_served_without_a_key_and_the_data_only_with_one(start_serve
         assert http.get("/dashboard/..%2Fapp.py").status_code == 404  # only the folder's own files, by name
         assert http.get("/v1/jobs").status_code == 401  # the page's data calls need the key like any other
         assert "/" not in http.get("/openapi.json", headers={"Authorization": f"Bearer {ALICE}"}).json()["paths"]
+    with server.client() as alice:  # the list shows each job's model: listings carry it, like single reads
+        job = alice.submit(train_spec(max_steps=1, save_steps=1) | {"model": {"name_or_path": "posttrain:tiny"}})
+        assert alice.get_job(job.id).model == "posttrain:tiny"
+        assert [(j.id, j.model) for j in alice.list_jobs().jobs] == [(job.id, "posttrain:tiny")]
 
 
 def test_the_dashboard_follows_a_training_job_and_cancels_it(start_server, page, tmp_path: Path):
@@ -101,6 +105,10 @@ def test_the_dashboard_follows_a_training_job_and_cancels_it(start_server, page,
         row.locator("a.job-link").click()
         expect(page).to_have_url(re.compile(f"#/jobs/{job.id}$"))
         expect(page.locator("h1")).to_have_text("dashboard-run")
+        # States the page has no colour for (a newer server's) still show, as their name.
+        state_class = "s => import(new URL('dashboard/format.js', location.href)).then(m => m.stateClass(s))"
+        assert page.evaluate(state_class, "running") == "state state-running"
+        assert page.evaluate(state_class, "resuming") == "state state-other"
 
         # The loss curve gains points while the job trains (the page asks for metrics after the last step).
         loss = "path.line[data-series='loss']"
@@ -140,7 +148,6 @@ def test_a_keyed_server_asks_for_the_key_and_shows_only_that_owners_jobs(start_s
     with server.client(ALICE) as alice, server.client(BOB) as bob:
         mine = alice.submit(train_spec(max_steps=2))
         theirs = bob.submit(train_spec(max_steps=2))
-        assert alice.get_job(mine.id).model == "posttrain:tiny"
 
     page.goto(f"{server.url}/")
     key = page.locator("#api-key")

@@ -96,8 +96,8 @@ export async function* followLog(id, tail, signal) {
 }
 
 /**
- * Run `tick` now and then every `seconds` until it returns false or the returned stop function is called.
- * Errors go to `page.onError` (which asks for a key again on 401/403 and stops the page); a tick that
+ * Run `tick` now and then every `seconds` until it returns false, fails with a 404, or the returned stop
+ * function is called. Errors go to `page.onError` (which asks for a key again on 401/403 and stops the page); a tick that
  * works again clears the error banner.
  */
 export function poll(seconds, tick, page) {
@@ -109,7 +109,8 @@ export function poll(seconds, tick, page) {
       again = (await tick()) !== false;
       page.onSuccess();
     } catch (error) {
-      if (page.onError(error) === "stop") return;
+      // A job that is gone (deleted, or not the caller's) will not come back: stop asking.
+      if (page.onError(error) === "stop" || error.status === 404) return;
     }
     if (again && !stopped) timer = setTimeout(run, seconds * 1000);
   }

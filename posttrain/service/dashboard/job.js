@@ -82,6 +82,14 @@ export function jobView(page, id) {
   let shownFiles = "";
   const openGroups = new Set();
 
+  function latest(key) {
+    let found = null;
+    for (const record of byStep.values()) {
+      if (Number.isFinite(record[key]) && (found === null || record.step >= found.step)) found = record;
+    }
+    return found?.[key] ?? null;
+  }
+
   function render() {
     title.textContent = job.name ?? job.id;
     document.title = `${job.name ?? job.id} · posttrain`;
@@ -90,7 +98,9 @@ export function jobView(page, id) {
     cancelButton.hidden = isFinished(job.state);
     cancelButton.disabled = job.cancel_requested;
     cancelButton.textContent = job.cancel_requested ? "Cancelling…" : "Cancel job";
-    const rate = job.metrics?.steps_per_s;
+    // The last training record (an eval record, logged at the same step, has no speed of its own).
+    const rate = latest("steps_per_s");
+    const tokens = latest("tokens_per_s");
     const fact = (name, ...value) => [h("div", {}, h("dt", {}, name), h("dd", {}, ...value))];
     const when = (timestamp) => (timestamp ? h("span", { title: dateTime(timestamp) }, ago(timestamp)) : "–");
     facts.replaceChildren(
@@ -103,7 +113,7 @@ export function jobView(page, id) {
       ...fact(isFinished(job.state) ? "Ran for" : "Running for", duration(runTime(job))),
       ...fact("Attempt", `${job.attempt}`, job.retries ? ` (${job.retries} retries)` : ""),
       ...(rate ? fact("Speed", `${number(rate)} steps/s`) : []),
-      ...(job.metrics?.tokens_per_s ? fact("Tokens/s", number(job.metrics.tokens_per_s)) : []));
+      ...(tokens ? fact("Tokens/s", number(tokens)) : []));
     errorBox.hidden = !job.error;
     errorBox.textContent = job.error ?? "";
   }
@@ -183,15 +193,16 @@ export function jobView(page, id) {
 
   async function refresh() {
     job = await api.job(id);
+    const grew = await loadMetrics();
     render();
-    if (await loadMetrics()) renderCharts();
+    if (grew) renderCharts();
     const finished = isFinished(job.state);
     if (polls++ % FILES_EVERY === 0 || finished) renderFiles(await api.artifacts(id));
     return !finished; // a finished job changes no more: stop polling
   }
 
   async function cancel() {
-    if (!window.confirm(`Cancel job ${id}? A running job is stopped at once; this cannot be undone.`)) return;
+    if (!window.confirm(`Cancel job ${id}? A running job stops after its current step; this cannot be undone.`)) return;
     cancelButton.disabled = true;
     try {
       job = await api.cancel(id);
@@ -229,7 +240,8 @@ export function jobView(page, id) {
         }
       } catch (error) {
         if (streams.signal.aborted) return;
-        if (error instanceof AuthError) {
+        if (error instanceof AuthError || error.status === 404) {
+          logState.textContent = "";
           page.onError(error);
           return;
         }
