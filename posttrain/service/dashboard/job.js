@@ -126,9 +126,12 @@ export function jobView(page, id) {
       const pageOf = await api.metrics(id, lastStep === null ? null : Math.max(-1, lastStep - 1));
       for (const record of pageOf.metrics) {
         if (typeof record.step !== "number") continue;
-        byStep.set(record.step, { ...byStep.get(record.step), ...record });
+        const known = byStep.get(record.step);
+        const merged = { ...known, ...record };
+        // The last step comes back on every poll: redraw (and lose a hover readout) only for news.
+        if (!known || JSON.stringify(known) !== JSON.stringify(merged)) changed = true;
+        byStep.set(record.step, merged);
         lastStep = Math.max(lastStep ?? record.step, record.step);
-        changed = true;
       }
       if (!pageOf.more || lastStep === before) return changed;
     }

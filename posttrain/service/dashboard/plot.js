@@ -8,6 +8,25 @@ const HEIGHT = 220;
 const PAD = { left: 58, right: 14, top: 10, bottom: 26 };
 export const COLOURS = ["#2563eb", "#ea580c", "#16a34a", "#9333ea"];
 
+const MAX_POINTS = 1500; // per line: a long run is drawn from every k-th point (and its last)
+
+function thin(points, max) {
+  if (points.length <= max) return points;
+  const every = Math.ceil(points.length / max);
+  return points.filter((_, i) => i % every === 0 || i === points.length - 1);
+}
+
+/** [min, max] of a long array (Math.min(...values) overflows the call stack past ~100k values). */
+function extent(values) {
+  let low = Infinity;
+  let high = -Infinity;
+  for (const value of values) {
+    if (value < low) low = value;
+    if (value > high) high = value;
+  }
+  return [low, high];
+}
+
 /** About `count` round tick values covering [low, high]. */
 function ticks(low, high, count) {
   if (low === high) {
@@ -30,11 +49,14 @@ function ticks(low, high, count) {
  * the pointer (null when it leaves).
  */
 export function lineChart(series, onHover) {
+  series = series.map((line) => ({ ...line, points: thin(line.points, MAX_POINTS) }));
   const all = series.flatMap((line) => line.points);
   const xs = all.map(([x]) => x);
   const ys = all.map(([, y]) => y);
-  const xTicks = ticks(Math.min(...xs, 0), Math.max(...xs, 1), 5).filter((x) => x >= 0);
-  const yTicks = ticks(Math.min(...ys), Math.max(...ys), 4);
+  const [xLow, xHigh] = extent(xs);
+  const [yLow, yHigh] = extent(ys);
+  const xTicks = ticks(Math.min(xLow, 0), Math.max(xHigh, 1), 5).filter((x) => x >= 0);
+  const yTicks = ticks(yLow, yHigh, 4);
   const [x0, x1] = [xTicks[0], xTicks.at(-1)];
   const [y0, y1] = [yTicks[0], yTicks.at(-1)];
   const px = (x) => PAD.left + ((x - x0) / (x1 - x0 || 1)) * (WIDTH - PAD.left - PAD.right);
