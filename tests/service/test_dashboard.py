@@ -168,7 +168,8 @@ def test_a_keyed_server_asks_for_the_key_and_shows_only_that_owners_jobs(start_s
     expect(page.locator(f"tr[data-job-id='{mine.id}']")).to_be_visible()
 
     page.goto(f"{server.url}/#/jobs/{theirs.id}")
-    expect(page.locator("#banner")).to_contain_text(f"no job '{theirs.id}'")
+    expect(page.locator("#no-job")).to_contain_text(f"no job '{theirs.id}'")
+    expect(page.locator("#log")).to_have_count(0)
 
     # A download on a keyed server goes through fetch with the key (a plain link could not send it).
     page.goto(f"{server.url}/#/jobs/{mine.id}")

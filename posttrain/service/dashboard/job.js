@@ -194,8 +194,21 @@ export function jobView(page, id) {
       h("p", { class: "muted small" }, summary), ...sections);
   }
 
+  function gone(error) {
+    streams.abort();
+    page.main.replaceChildren(h("a", { href: "#/", class: "back" }, "← All jobs"),
+      h("section", { class: "card", id: "no-job" }, h("h1", {}, "No such job"),
+        h("p", { class: "muted" }, `The server says: ${error.message}. It was deleted, or your key does not reach it.`)));
+  }
+
   async function refresh() {
-    job = await api.job(id);
+    try {
+      job = await api.job(id);
+    } catch (error) {
+      if (error.status !== 404) throw error;
+      gone(error);
+      return false;
+    }
     const grew = await loadMetrics();
     render();
     if (grew) renderCharts();
