@@ -39,6 +39,7 @@ class JobInfo(BaseModel):
     id: str
     name: str | None = None
     method: str
+    model: str | None = Field(None, description="The spec's model.name_or_path.")
     state: JobStateName
     priority: int = 0
     step: int = 0

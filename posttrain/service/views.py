@@ -29,12 +29,23 @@ def job_info(record: JobRecord, live: bool = True) -> JobInfo:
     if live:
         metrics = last_metrics(job_dir.metrics_path)
     return JobInfo(
-        id=record.id, name=record.name, method=record.method, state=record.state,  # type: ignore[arg-type]
+        id=record.id, name=record.name, method=record.method, model=model_name(record.spec_json),
+        state=record.state,  # type: ignore[arg-type]
         priority=record.priority, step=step, total_steps=total_steps, metrics=metrics,
         error=record.error, attempt=record.attempt, retries=record.retries,
         cancel_requested=record.cancel_requested, created_at=record.created_at, launched_at=record.launched_at,
         started_at=started_at, finished_at=record.finished_at, updated_at=record.updated_at,
     )
+
+
+def model_name(spec_json: str) -> str | None:
+    """The model a stored spec trains (``model.name_or_path``); None for a spec that does not parse."""
+    try:
+        spec = json.loads(spec_json)
+        name = spec["model"]["name_or_path"]
+    except (json.JSONDecodeError, TypeError, KeyError, RecursionError):
+        return None
+    return name if isinstance(name, str) else None
 
 
 def _read_tail(path: Path, max_bytes: int) -> tuple[bytes, int]:
