@@ -242,9 +242,15 @@ class Scheduler:
             record = records.get(job_id)
             if record is None or not record.pause_requested or record.cancel_requested or running.pause_sent:
                 continue
-            self._each("pausing it", job_id, lambda job_id=job_id, running=running: self._signal_pause(job_id, running))
+            self._each("pausing it", job_id, lambda job_id=job_id, running=running, record=record:
+                       self._signal_pause(job_id, running, record))
 
-    def _signal_pause(self, job_id: str, running: _Running) -> None:
+    def _signal_pause(self, job_id: str, running: _Running, record: JobRecord) -> None:
+        # Not before the worker handles the signal: it installs its handler before it records 'running'
+        # with its pid, and until then SIGUSR1's default action would kill it. The pause stays pending.
+        status = JobDir(record.job_dir).read_status()
+        if status is None or status.state != "running" or status.pid != running.handle.pid:
+            return
         # The main process only: the worker handles the signal, its helper processes might not (and die of it).
         running.handle.signal_main(PAUSE_SIGNAL)
         running.pause_sent = True

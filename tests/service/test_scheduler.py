@@ -169,6 +169,9 @@ def test_a_pause_signals_the_main_process_once_and_a_recorded_pause_frees_the_sl
     [worker] = launcher.launched
     assert store.pause("job-1") == "running"
     scheduler.tick()
+    assert worker.signals == []  # not before the worker says it runs (and so handles the signal)
+    JobDir(settings.jobs_dir / "job-1").update_status(state="running", pid=worker.pid)
+    scheduler.tick()
     scheduler.tick()
     assert worker.signals == [-signal.SIGUSR1]  # once, and never to the group (helpers may not handle it)
     assert store.pause("job-1") == "running"  # asking again while it is pending changes nothing
