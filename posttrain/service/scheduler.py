@@ -327,7 +327,7 @@ class Scheduler:
 
 
 def note_status(job_dir: JobDir, job_id: str, **changes: object) -> JobStatus | None:
-    """Mirror a state the scheduler decided into status.json. Best effort: the store is what the API
+    """Mirror a state the service decided into status.json. Best effort: the store is what the API
     reads, so a job dir that cannot be written (deleted, disk full) must not keep the job from moving on."""
     try:
         return job_dir.update_status(**changes)
