@@ -49,6 +49,11 @@ def _signal_group(pid: int, sig: int) -> None:
         os.killpg(pid, sig)
 
 
+def _signal_process(pid: int, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.kill(pid, sig)
+
+
 class LocalWorker(WorkerHandle):
     def __init__(self, process: subprocess.Popen[bytes]) -> None:
         self.process = process
@@ -71,6 +76,10 @@ class LocalWorker(WorkerHandle):
     def signal(self, sig: int) -> None:
         if self.process.returncode is None:  # not reaped: the pid is still ours
             _signal_group(self.pid, sig)
+
+    def signal_main(self, sig: int) -> None:
+        if self.process.returncode is None:
+            _signal_process(self.pid, sig)
 
 
 class AdoptedWorker(WorkerHandle):
@@ -101,6 +110,10 @@ class AdoptedWorker(WorkerHandle):
     def signal(self, sig: int) -> None:
         if self.is_same_process():
             _signal_group(self.pid, sig)
+
+    def signal_main(self, sig: int) -> None:
+        if self.is_same_process():
+            _signal_process(self.pid, sig)
 
     def _kill_leftovers(self) -> None:
         """Processes still in the worker's group, started after it (so not a group that reuses its id)."""

@@ -1,7 +1,7 @@
 """The FastAPI app: the routers of ``routes/`` over the store, the scheduler and the job directories.
 
 Paths (the client in ``posttrain/client.py`` is the only other place that knows them):
-``/v1/jobs`` (POST submit, GET list), ``/v1/jobs/{id}`` (GET, DELETE), ``/v1/jobs/{id}/cancel``,
+``/v1/jobs`` (POST submit, GET list), ``/v1/jobs/{id}`` (GET, DELETE), ``/v1/jobs/{id}/cancel|pause|resume``,
 ``/v1/jobs/{id}/logs``, ``/v1/jobs/{id}/metrics``, ``/v1/jobs/{id}/artifacts[/{path}]``, ``/v1/files``,
 ``/healthz``, ``/readyz``. Every error body is JSON ``{"detail": "<message>", "type": ...}``; an
 unexpected error is logged with a request id and answered 500 with only that id.

@@ -49,6 +49,8 @@ class JobInfo(BaseModel):
     attempt: int = Field(0, description="How many times a worker was started for this job.")
     retries: int = Field(0, description="Requeues after a worker died (killed, out of memory, restart).")
     cancel_requested: bool = False
+    pause_requested: bool = Field(False, description="A pause is pending: the worker stops at its next step "
+                                                     "boundary, with a checkpoint, and the job becomes paused.")
     created_at: float
     launched_at: float | None = Field(None, description="When the service started the worker process.")
     started_at: float | None = Field(None, description="When the worker reported it was running.")

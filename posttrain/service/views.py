@@ -33,7 +33,7 @@ def job_info(record: JobRecord, live: bool = True) -> JobInfo:
         state=record.state,  # type: ignore[arg-type]
         priority=record.priority, step=step, total_steps=total_steps, metrics=metrics,
         error=record.error, attempt=record.attempt, retries=record.retries,
-        cancel_requested=record.cancel_requested, created_at=record.created_at, launched_at=record.launched_at,
+        cancel_requested=record.cancel_requested, pause_requested=record.pause_requested, created_at=record.created_at, launched_at=record.launched_at,
         started_at=started_at, finished_at=record.finished_at, updated_at=record.updated_at,
     )
 
@@ -119,7 +119,8 @@ async def follow_log(
     path: Path, tail: int, job_state: Callable[[], str | None], disconnected: Callable[[], object],
     poll_s: float = 0.25, keepalive_s: float = 15.0,
 ) -> AsyncIterator[str]:
-    """Server-sent events: the last ``tail`` lines, then each new line, then ``event: end`` with the state."""
+    """Server-sent events: the last ``tail`` lines, then each new line, then ``event: end`` with the state
+    once the job has finished or is paused."""
     lines, offset = await asyncio.to_thread(tail_lines, path, tail)
     for line in lines:
         yield _sse(line)
@@ -136,8 +137,9 @@ async def follow_log(
             idle = 0.0
             continue
         state = await asyncio.to_thread(job_state)
-        if state is None or state in TERMINAL_STATES:
-            # One last read: the worker may have written its final lines just before exiting.
+        if state is None or state in TERMINAL_STATES or state == "paused":
+            # No worker any more (a paused job's next one starts only on resume). One last read: the
+            # worker may have written its final lines just before exiting.
             tail_chunk = pending + await asyncio.to_thread(_read_from, path, offset)
             for line in tail_chunk.replace(b"\r", b"\n").split(b"\n"):
                 if line:
