@@ -56,8 +56,15 @@ def save_upload(source: BinaryIO, filename: str | None, files_dir: Path, limit: 
 
 
 def file_info(record: FileRecord) -> FileInfo:
-    return FileInfo(id=record.id, filename=record.filename, size=record.size, sha256=record.sha256,
-                    created_at=record.created_at, source=UPLOAD_PREFIX + record.id)
+    return FileInfo(id=record.id, filename=record.filename, bytes=record.size, size=record.size,
+                    sha256=record.sha256, created_at=int(record.created_at), source=UPLOAD_PREFIX + record.id)
+
+
+def delete_upload(record: FileRecord, files_dir: Path, store: JobStore) -> None:
+    folder = Path(record.path).parent
+    if folder.resolve().is_relative_to(files_dir):  # never delete outside our own data dir
+        shutil.rmtree(folder, ignore_errors=True)
+    store.delete_file(record.id)
 
 
 def resolve_upload_references(spec: JobSpec, store: JobStore, owner: str | None) -> None:

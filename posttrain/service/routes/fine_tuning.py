@@ -1,0 +1,83 @@
+"""``/v1/fine_tuning/jobs``: OpenAI's fine-tuning API over posttrain's jobs (see ``openai_door.py``).
+
+Create, list (cursor paging with ``after``), retrieve, cancel, events and checkpoints. A job made here is
+an ordinary job: ``/v1/jobs`` and ``posttrain jobs`` show it, and its cancel is the native cancel.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, HTTPException, Query, Request
+
+from posttrain.service.ids import is_id
+from posttrain.service.openai_door import create_job, door_fields, fine_tuned_model, fine_tuning_job
+from posttrain.service.openai_events import job_checkpoints, job_events, page
+from posttrain.service.openai_schemas import (
+    CreateFineTuningJob,
+    FineTuningJob,
+    FineTuningJobCheckpointList,
+    FineTuningJobEventList,
+    FineTuningJobList,
+)
+from posttrain.service.routes import jobs
+from posttrain.service.routes.deps import AUTH, Caller, owner_filter, scheduler_of, settings_of, store_of
+from posttrain.service.store import JobRecord
+
+router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["openai"], dependencies=AUTH)
+Cursor = Annotated[str | None, Query(max_length=128, description="The last id of the previous page.")]
+
+
+def _openai_job(job_id: str, request: Request, caller: Caller) -> JobRecord:
+    """The caller's job made through this door, or 404 (OpenAI's SDK raises NotFoundError)."""
+    record = store_of(request).get_job(job_id, owner_filter(caller)) if is_id(job_id) else None
+    if record is None or record.openai_json is None:
+        raise HTTPException(404, f"no fine-tuning job {job_id!r}")
+    return record
+
+
+@router.post("", response_model=FineTuningJob)
+def create(body: CreateFineTuningJob, request: Request, caller: Caller) -> FineTuningJob:
+    store = store_of(request)
+    record = create_job(body, store, settings_of(request), caller)
+    scheduler_of(request).wake()
+    return fine_tuning_job(record, store)
+
+
+@router.get("", response_model=FineTuningJobList)
+def list_jobs(request: Request, caller: Caller, after: Cursor = None,
+              limit: Annotated[int, Query(ge=1, le=100)] = 20) -> FineTuningJobList:
+    store = store_of(request)
+    records, more = store.list_openai_jobs(owner_filter(caller), after, limit)
+    return FineTuningJobList(data=[fine_tuning_job(r, store) for r in records], has_more=more)
+
+
+@router.get("/{job_id}", response_model=FineTuningJob)
+def retrieve(job_id: str, request: Request, caller: Caller) -> FineTuningJob:
+    return fine_tuning_job(_openai_job(job_id, request, caller), store_of(request))
+
+
+@router.post("/{job_id}/cancel", response_model=FineTuningJob)
+def cancel(job_id: str, request: Request, caller: Caller) -> FineTuningJob:
+    record = _openai_job(job_id, request, caller)
+    jobs.cancel(record, request)  # the native cancel: one rule for both doors
+    store = store_of(request)
+    return fine_tuning_job(store.get_job(record.id) or record, store)
+
+
+@router.get("/{job_id}/events", response_model=FineTuningJobEventList)
+def events(job_id: str, request: Request, caller: Caller, after: Cursor = None,
+           limit: Annotated[int, Query(ge=1, le=1000)] = 20) -> FineTuningJobEventList:
+    record = _openai_job(job_id, request, caller)
+    model = fine_tuned_model(record, door_fields(record)) if record.state == "succeeded" else None
+    chosen, more = page(job_events(record, model), after, limit)
+    return FineTuningJobEventList(data=chosen, has_more=more)
+
+
+@router.get("/{job_id}/checkpoints", response_model=FineTuningJobCheckpointList)
+def checkpoints(job_id: str, request: Request, caller: Caller, after: Cursor = None,
+                limit: Annotated[int, Query(ge=1, le=1000)] = 10) -> FineTuningJobCheckpointList:
+    record = _openai_job(job_id, request, caller)
+    chosen, more = page(job_checkpoints(record, fine_tuned_model(record, door_fields(record))), after, limit)
+    return FineTuningJobCheckpointList(data=chosen, has_more=more, first_id=chosen[0].id if chosen else None,
+                                       last_id=chosen[-1].id if chosen else None)
