@@ -12,19 +12,24 @@ completions per prompt).
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import secrets
 import time
+from pathlib import Path
 from typing import Any
+
+from sqlalchemy.exc import IntegrityError
 
 from posttrain.embedded import EMBEDDED_MODEL_NAMES
 from posttrain.errors import ConfigError, DatasetError, ModelError, PosttrainError
-from posttrain.jobdir import JobDir
+from posttrain.jobdir import JobDir, atomic_write_text
 from posttrain.service.auth import Principal
 from posttrain.service.errors import InvalidRequest
 from posttrain.service.ids import is_id
 from posttrain.service.openai_schemas import CreateFineTuningJob, FineTuningJob, JobError
-from posttrain.service.schemas import UPLOAD_PREFIX, SubmitJobRequest
+from posttrain.service.schemas import RESULTS_PREFIX, UPLOAD_PREFIX, SubmitJobRequest
 from posttrain.service.settings import ServiceSettings
 from posttrain.service.store import FileRecord, JobRecord, JobStore
 from posttrain.service.submission import submit_job
@@ -181,7 +186,35 @@ def fine_tuned_model(record: JobRecord, door: dict[str, Any]) -> str:
     return f"ft:{door['model']}:{record.owner or 'posttrain'}:{door.get('suffix') or ''}:{record.id}"
 
 
-def fine_tuning_job(record: JobRecord, store: JobStore, live: bool = True) -> FineTuningJob:
+def result_file(record: JobRecord, store: JobStore, files_dir: Path) -> str | None:
+    """The id of a succeeded job's results file (OpenAI's ``step_metrics.csv``: step, train_loss,
+    train_mean_token_accuracy, valid_loss, valid_mean_token_accuracy), written from metrics.jsonl the
+    first time the job is shown succeeded. Its id follows from the job's, so two requests racing to write
+    it make one file."""
+    file_id = RESULTS_PREFIX + record.id.removeprefix("job-")
+    if store.get_file(file_id) is not None:
+        return file_id
+    metrics = [m for m in JobDir(record.job_dir).read_metrics() if isinstance(m, dict) and isinstance(m.get("step"), int)]
+    keys = ("loss", "mean_token_accuracy", "eval_loss", "eval_mean_token_accuracy")
+    steps: dict[int, dict[str, Any]] = {}
+    for m in metrics:  # a step's training and evaluation records, merged into one row
+        if "loss" in m or "eval_loss" in m:
+            steps.setdefault(m["step"], {}).update({key: m[key] for key in keys if m.get(key) is not None})
+    lines = ["step,train_loss,train_mean_token_accuracy,valid_loss,valid_mean_token_accuracy"]
+    for step, row in sorted(steps.items()):
+        lines.append(",".join([str(step)] + [str(row.get(key, "")) for key in keys]))
+    content = ("\n".join(lines) + "\n").encode()
+    target = files_dir / file_id / "step_metrics.csv"
+    atomic_write_text(target, content.decode())
+    upload = FileRecord(id=file_id, owner=record.owner, filename=target.name, path=str(target), size=len(content),
+                        sha256=hashlib.sha256(content).hexdigest(), created_at=time.time())
+    with contextlib.suppress(IntegrityError):  # another request recorded the same file first
+        store.add_file(upload)
+    return file_id
+
+
+def fine_tuning_job(record: JobRecord, store: JobStore, files_dir: Path | None = None,
+                    live: bool = True) -> FineTuningJob:
     door = door_fields(record)
     method = door.get("method") or {"type": "supervised", "supervised": {"hyperparameters": {}}}
     hyper = method.get(method["type"], {}).get("hyperparameters", {})
@@ -201,7 +234,8 @@ def fine_tuning_job(record: JobRecord, store: JobStore, live: bool = True) -> Fi
         finished_at=int(record.finished_at) if record.finished_at and record.state in ("succeeded", "failed",
                                                                                          "cancelled") else None,
         hyperparameters={k: hyper[k] for k in ("batch_size", "learning_rate_multiplier", "n_epochs") if k in hyper},
-        model=door.get("model", ""), organization_id=record.owner or "posttrain", result_files=[],
+        model=door.get("model", ""), organization_id=record.owner or "posttrain",
+        result_files=[result_file(record, store, files_dir)] if files_dir and record.state == "succeeded" else [],
         seed=door.get("seed", 0), status=record.state,
         trained_tokens=(metrics or {}).get("num_tokens_seen") if record.state == "succeeded" else None,
         training_file=door.get("training_file", ""), validation_file=door.get("validation_file"),

@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from posttrain.jobdir import JobState as JobStateName
 
 UPLOAD_PREFIX = "upload:"  # data.source: "upload:<file id>" refers to a file sent to POST /v1/files
+RESULTS_PREFIX = "file-results-"  # a fine-tuning job's results file (purpose fine-tune-results)
 # Bounds of the API's integers (query parameters and bodies): each fits a 64-bit database column.
 MAX_OFFSET = 10**9
 MAX_STEP = 2**62

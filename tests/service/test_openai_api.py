@@ -123,6 +123,11 @@ def test_supervised_job_runs_to_success_with_events_and_checkpoints(client: open
     assert job.fine_tuned_model == f"ft:posttrain:tiny:team:adder:{job.id}"
     assert job.trained_tokens and job.trained_tokens > 0 and job.finished_at >= job.created_at
     assert job.id in [j.id for j in client.fine_tuning.jobs.list(limit=100)]
+    results, = job.result_files
+    assert client.files.retrieve(results).purpose == "fine-tune-results"
+    table = client.files.content(results).text.splitlines()
+    assert table[0] == "step,train_loss,train_mean_token_accuracy,valid_loss,valid_mean_token_accuracy"
+    assert [line.split(",")[0] for line in table[1:5]] == ["1", "2", "3", "4"]
 
     events = client.fine_tuning.jobs.list_events(job.id, limit=1000).data
     assert events[0].message == "The job has successfully completed"

@@ -58,10 +58,8 @@ def list_files(request: Request, caller: Caller,
                order: Annotated[Literal["asc", "desc"], Query(description="By creation time.")] = "desc",
                purpose: Annotated[str | None, Query(max_length=64, description="Only files of this purpose.")] = None,
                ) -> FileList:
-    if purpose is not None and purpose != PURPOSE:
-        return FileList(data=[])
     records = store_of(request).list_files(owner_filter(caller), limit + 1, after, oldest_first=order == "asc")
-    data = [file_info(r) for r in records[:limit]]
+    data = [info for info in map(file_info, records[:limit]) if purpose is None or info.purpose == purpose]
     return FileList(data=data, has_more=len(records) > limit, first_id=data[0].id if data else None,
                     last_id=data[-1].id if data else None)
 

@@ -41,7 +41,7 @@ def create(body: CreateFineTuningJob, request: Request, caller: Caller) -> FineT
     store = store_of(request)
     record = create_job(body, store, settings_of(request), caller)
     scheduler_of(request).wake()
-    return fine_tuning_job(record, store)
+    return fine_tuning_job(record, store, settings_of(request).files_dir)
 
 
 @router.get("", response_model=FineTuningJobList)
@@ -49,12 +49,13 @@ def list_jobs(request: Request, caller: Caller, after: Cursor = None,
               limit: Annotated[int, Query(ge=1, le=100)] = 20) -> FineTuningJobList:
     store = store_of(request)
     records, more = store.list_openai_jobs(owner_filter(caller), after, limit)
-    return FineTuningJobList(data=[fine_tuning_job(r, store) for r in records], has_more=more)
+    files_dir = settings_of(request).files_dir
+    return FineTuningJobList(data=[fine_tuning_job(r, store, files_dir) for r in records], has_more=more)
 
 
 @router.get("/{job_id}", response_model=FineTuningJob)
 def retrieve(job_id: str, request: Request, caller: Caller) -> FineTuningJob:
-    return fine_tuning_job(_openai_job(job_id, request, caller), store_of(request))
+    return fine_tuning_job(_openai_job(job_id, request, caller), store_of(request), settings_of(request).files_dir)
 
 
 @router.post("/{job_id}/cancel", response_model=FineTuningJob)
@@ -62,7 +63,7 @@ def cancel(job_id: str, request: Request, caller: Caller) -> FineTuningJob:
     record = _openai_job(job_id, request, caller)
     jobs.cancel(record, request)  # the native cancel: one rule for both doors
     store = store_of(request)
-    return fine_tuning_job(store.get_job(record.id) or record, store)
+    return fine_tuning_job(store.get_job(record.id) or record, store, settings_of(request).files_dir)
 
 
 @router.get("/{job_id}/events", response_model=FineTuningJobEventList)
