@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from posttrain.spec import MAX_SEED
 
@@ -58,6 +58,13 @@ class Method(_Request):
     supervised: SupervisedMethod | None = None
     dpo: DpoMethod | None = None
     reinforcement: ReinforcementMethod | None = None
+
+    @model_validator(mode="after")
+    def _one_section(self) -> Method:
+        for kind in ("supervised", "dpo", "reinforcement"):
+            if kind != self.type and getattr(self, kind) is not None:
+                raise ValueError(f"method.{kind} is given but method.type is {self.type!r}")
+        return self
 
 
 class CreateFineTuningJob(_Request):

@@ -177,6 +177,23 @@ def test_reinforcement_job_with_a_string_check_grader_runs_to_completion(client:
     assert rewards and all(0.0 <= r["reward"] <= 1.0 for r in rewards)
 
 
+def test_a_bad_line_past_the_submit_time_sample_fails_the_job_naming_it(client: openai.OpenAI,
+                                                                       server: ServerProcess, tmp_path: Path):
+    lines = [json.dumps(row) for row in chat_rows(2100)]
+    lines[2049] = json.dumps({"messages": [{"role": "user", "content": "No answer here."}]})  # line 2050
+    path = tmp_path / "big.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    with server.client() as native:  # uploaded without a purpose: no line check at upload
+        big = native.upload(path)
+    job = client.fine_tuning.jobs.create(model="posttrain:tiny", training_file=big.id,
+                                         method={"type": "supervised", "supervised": {"hyperparameters": {
+                                             "batch_size": 64}}})
+    job = wait_until_done(client, job.id)
+    assert job.status == "failed" and job.error.param == "training_file"
+    assert job.error.code == "invalid_training_file" and "row 2050" in job.error.message
+    assert f"{big.id} (big.jsonl)" in job.error.message and "/files/" not in job.error.message
+
+
 def test_refusals_raise_the_sdks_own_exceptions(client: openai.OpenAI, tmp_path: Path):
     chat = upload(client, write_jsonl(tmp_path / "chat.jsonl", chat_rows(4)))
     with pytest.raises(openai.BadRequestError) as caught:
@@ -206,6 +223,11 @@ def test_refusals_raise_the_sdks_own_exceptions(client: openai.OpenAI, tmp_path:
     with pytest.raises(openai.BadRequestError, match="not supported"):
         client.fine_tuning.jobs.create(model="posttrain:tiny", training_file=chat.id,
                                        method={"type": "reinforcement", "reinforcement": {"grader": judge}})
+    with pytest.raises(openai.BadRequestError, match=r"method\.dpo is given but method\.type is 'supervised'"):
+        client.fine_tuning.jobs.create(model="posttrain:tiny", training_file=chat.id,
+                                       method={"type": "supervised", "dpo": {}})
+    with pytest.raises(openai.BadRequestError, match="by metadata is not supported"):
+        client.fine_tuning.jobs.list(metadata={"team": "math"})
     with pytest.raises(openai.BadRequestError, match="hyperparameters"):
         client.fine_tuning.jobs.create(model="posttrain:tiny", training_file=chat.id,
                                        method={"type": "supervised",

@@ -10,6 +10,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, HTTPException, Query, Request
 
+from posttrain.service.errors import InvalidRequest
 from posttrain.service.ids import is_id
 from posttrain.service.openai_door import create_job, door_fields, fine_tuned_model, fine_tuning_job
 from posttrain.service.openai_events import job_checkpoints, job_events, page
@@ -47,6 +48,9 @@ def create(body: CreateFineTuningJob, request: Request, caller: Caller) -> FineT
 @router.get("", response_model=FineTuningJobList)
 def list_jobs(request: Request, caller: Caller, after: Cursor = None,
               limit: Annotated[int, Query(ge=1, le=100)] = 20) -> FineTuningJobList:
+    if any(key.startswith("metadata") for key in request.query_params):
+        raise InvalidRequest("listing fine-tuning jobs by metadata is not supported by posttrain; each job "
+                             "shows its metadata", param="metadata")
     store = store_of(request)
     records, more = store.list_openai_jobs(owner_filter(caller), after, limit)
     files_dir = settings_of(request).files_dir
