@@ -104,7 +104,8 @@ def make_engine(url: str) -> Engine:
 
 def migrate(engine: Engine) -> None:
     """Bring a database made by an earlier version up to this schema (create_all only adds tables):
-    add the ``owner`` and ``openai_json`` columns, and widen PostgreSQL's 32-bit step and size columns to 64 bits."""
+    add the ``owner`` and ``openai_json`` columns, and widen PostgreSQL's 32-bit step and size columns to
+    64 bits."""
     inspector = inspect(engine)
     tables = set(inspector.get_table_names())
     with engine.begin() as conn:

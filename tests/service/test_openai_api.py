@@ -250,7 +250,7 @@ def test_cancel_a_queued_or_running_job(client: openai.OpenAI, server: ServerPro
         client.fine_tuning.jobs.cancel(job.id)
 
 
-def test_an_unkeyed_caller_gets_the_sdks_authentication_error(server: ServerProcess):
+def test_a_wrong_key_gets_the_sdks_permission_denied_error(server: ServerProcess):
     with openai.OpenAI(base_url=f"{server.url}/v1", api_key="not-a-key", max_retries=0) as stranger, \
             pytest.raises(openai.PermissionDeniedError):
         stranger.fine_tuning.jobs.list()
