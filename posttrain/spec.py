@@ -348,7 +348,11 @@ def _format_errors(exc: ValidationError, data: Any) -> ConfigError:
             if "input" in err and not isinstance(err["input"], dict):
                 msg += f" (got {err['input']!r})"
         lines.append(msg)
-    return ConfigError("invalid job spec:\n  " + "\n  ".join(lines) if len(lines) > 1 else lines[0], None) if lines else ConfigError(str(exc))
+    if not lines:
+        return ConfigError(str(exc))
+    error = ConfigError("invalid job spec:\n  " + "\n  ".join(lines) if len(lines) > 1 else lines[0], None)
+    error.path = None if first_path == "<root>" else first_path  # the key at fault, without repeating it in the text
+    return error
 
 
 class _PlainYAMLLoader(yaml.SafeLoader):

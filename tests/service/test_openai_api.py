@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import httpx
 import openai
 import pytest
 from service_harness import ServerProcess, module_server, write_key_file
@@ -248,6 +249,18 @@ def test_cancel_a_queued_or_running_job(client: openai.OpenAI, server: ServerPro
         assert native.get_job(job.id).state == "cancelled"
     with pytest.raises(openai.ConflictError):
         client.fine_tuning.jobs.cancel(job.id)
+
+
+def test_native_errors_carry_openais_error_object_beside_detail_and_type(server: ServerProcess):
+    headers = {"Authorization": f"Bearer {KEY}"}
+    response = httpx.post(f"{server.url}/v1/jobs", json={"spec": {"training": {"max_steps": "many"}}},
+                          headers=headers)
+    body = response.json()
+    assert response.status_code == 422 and body["type"] == "ConfigError" and "max_steps" in body["detail"]
+    assert body["error"] == {"message": body["detail"], "type": "invalid_request_error",
+                             "param": "training.max_steps", "code": None}
+    missing = httpx.get(f"{server.url}/v1/jobs/job-000000000000", headers=headers).json()
+    assert missing["error"]["type"] == "not_found_error" and missing["detail"] == missing["error"]["message"]
 
 
 def test_a_wrong_key_gets_the_sdks_permission_denied_error(server: ServerProcess):
