@@ -69,6 +69,7 @@ def test_files_are_openai_shaped_and_keep_their_posttrain_fields(client: openai.
     assert client.files.content(created.id).read() == path.read_bytes()
     with server.client() as native:  # posttrain's client reads the same upload
         assert native.get_file(created.id).source == f"upload:{created.id}"
+        assert created.id in [f.id for f in native.list_files().data]
 
     other = upload(client, write_jsonl(tmp_path / "more.jsonl", chat_rows(2)))
     paged = client.files.list(limit=1)
