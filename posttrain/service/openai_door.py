@@ -28,7 +28,14 @@ from posttrain.jobdir import JobDir, atomic_write_text
 from posttrain.service.auth import Principal
 from posttrain.service.errors import InvalidRequest
 from posttrain.service.ids import is_id
-from posttrain.service.openai_schemas import CreateFineTuningJob, FineTuningJob, JobError
+from posttrain.service.openai_schemas import (
+    CreateFineTuningJob,
+    DpoHyperparameters,
+    FineTuningJob,
+    JobError,
+    ReinforcementHyperparameters,
+    SupervisedHyperparameters,
+)
 from posttrain.service.schemas import RESULTS_PREFIX, UPLOAD_PREFIX, SubmitJobRequest
 from posttrain.service.settings import ServiceSettings
 from posttrain.service.store import FileRecord, JobRecord, JobStore
@@ -37,6 +44,8 @@ from posttrain.service.views import last_metrics
 from posttrain.spec import GRPOMethod, TrainingSpec
 
 METHODS = {"supervised": "sft", "dpo": "dpo", "reinforcement": "grpo"}
+HYPERPARAMETERS = {"supervised": SupervisedHyperparameters, "dpo": DpoHyperparameters,
+                   "reinforcement": ReinforcementHyperparameters}
 BASE_LEARNING_RATE = TrainingSpec.model_fields["learning_rate"].default
 AUTO = {"batch_size": 8, "n_epochs": 1, "learning_rate_multiplier": 1.0, "beta": 0.1, "compute_multiplier": 1.0,
         "eval_interval": "auto", "eval_samples": "auto", "reasoning_effort": "default"}
@@ -63,13 +72,9 @@ def resolved_hyperparameters(request: CreateFineTuningJob) -> tuple[str, dict[st
     if kind == "reinforcement" and (section is None or not getattr(section, "grader", None)):
         raise InvalidRequest("method.reinforcement.grader is required for a reinforcement job",
                              param="method.reinforcement.grader")
-    names = {"supervised": ("batch_size", "learning_rate_multiplier", "n_epochs"),
-             "dpo": ("batch_size", "beta", "learning_rate_multiplier", "n_epochs"),
-             "reinforcement": ("batch_size", "compute_multiplier", "eval_interval", "eval_samples",
-                               "learning_rate_multiplier", "n_epochs", "reasoning_effort")}[kind]
     values = given.model_dump(exclude_none=True) if given is not None else {}
     resolved = {}
-    for name in names:
+    for name in HYPERPARAMETERS[kind].model_fields:
         value = values.get(name, "auto")
         if value == "auto" and kind == "reinforcement" and name == "batch_size":
             value = AUTO_PROMPTS_PER_BATCH
