@@ -23,7 +23,15 @@ from urllib.parse import quote
 import httpx
 
 from posttrain.jobdir import TERMINAL_STATES
-from posttrain.service.schemas import ArtifactList, FileInfo, JobInfo, JobPage, LogTail, MetricsResponse
+from posttrain.service.schemas import (
+    ArtifactList,
+    FileInfo,
+    FileList,
+    JobInfo,
+    JobPage,
+    LogTail,
+    MetricsResponse,
+)
 
 DEFAULT_SERVER = "http://127.0.0.1:8322"
 TERMINAL = TERMINAL_STATES
@@ -197,6 +205,11 @@ class Client:
         with open(path, "rb") as handle:
             response = self._request("POST", "/v1/files", files={"file": (path.name, handle)})
         return FileInfo.model_validate(response.json())
+
+    def list_files(self, limit: int = 100, after: str | None = None) -> FileList:
+        """The caller's uploads, newest first; ``has_more`` means ask again with ``after`` = the last id."""
+        params: dict[str, Any] = {"limit": limit, **({"after": after} if after else {})}
+        return FileList.model_validate(self._request("GET", "/v1/files", params=params).json())
 
     def get_file(self, file_id: str) -> FileInfo:
         return FileInfo.model_validate(self._request("GET", f"/v1/files/{_seg(file_id)}").json())

@@ -14,6 +14,8 @@ import json
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from posttrain.service.errors import error_body
+
 
 def is_loopback(host: str) -> bool:
     """Whether a host name or address (``::1`` or ``[::1]``) means this machine's loopback interface."""
@@ -56,9 +58,9 @@ class LoopbackHostOnly:
         if self.allowed(header):
             await self.app(scope, receive, send)
             return
-        body = json.dumps({"detail": f"host {header!r} not accepted: a server without API keys answers only "
-                                     "requests addressed to localhost, 127.0.0.1 or [::1]",
-                           "type": "HostNotAllowed"}).encode()
+        body = json.dumps(error_body(400, f"host {header!r} not accepted: a server without API keys answers only "
+                                          "requests addressed to localhost, 127.0.0.1 or [::1]",
+                                     "HostNotAllowed")).encode()
         await send({"type": "http.response.start", "status": 400,
                     "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
         await send({"type": "http.response.body", "body": body})

@@ -68,6 +68,10 @@ class JobRecord(Base):
     launched_at: Mapped[float | None] = mapped_column(Float)
     finished_at: Mapped[float | None] = mapped_column(Float)
     updated_at: Mapped[float] = mapped_column(Float)
+    # What only the OpenAI door knows of a job it created (file ids, suffix, metadata, the method and
+    # hyperparameters as reported back), as JSON; None for jobs submitted otherwise. Kept here rather
+    # than in the job dir so that listing fine-tuning jobs stays one query.
+    openai_json: Mapped[str | None] = mapped_column(Text, nullable=True)
 
 
 class FileRecord(Base):
@@ -103,8 +107,8 @@ def make_engine(url: str) -> Engine:
 
 def migrate(engine: Engine) -> None:
     """Bring a database made by an earlier version up to this schema (create_all only adds tables):
-    add the ``owner`` columns and ``jobs.pause_requested``, and widen PostgreSQL's 32-bit step and size
-    columns to 64 bits."""
+    add the ``owner`` and ``openai_json`` columns and ``jobs.pause_requested``, and widen PostgreSQL's
+    32-bit step and size columns to 64 bits."""
     inspector = inspect(engine)
     tables = set(inspector.get_table_names())
     with engine.begin() as conn:
@@ -117,6 +121,8 @@ def migrate(engine: Engine) -> None:
                 conn.execute(text(f"CREATE INDEX IF NOT EXISTS ix_{table}_owner ON {table} (owner)"))
             if table == "jobs" and "pause_requested" not in columns:
                 conn.execute(text("ALTER TABLE jobs ADD COLUMN pause_requested BOOLEAN NOT NULL DEFAULT false"))
+            if table == "jobs" and "openai_json" not in columns:
+                conn.execute(text("ALTER TABLE jobs ADD COLUMN openai_json TEXT"))
             if engine.dialect.name == "postgresql":
                 wide = ("step", "total_steps") if table == "jobs" else ("size",)
                 for name in wide:
@@ -178,6 +184,21 @@ class JobStore:
         query = query.order_by(JobRecord.created_at.desc(), JobRecord.id.desc()).limit(limit).offset(offset)
         with self._session() as session:
             return list(session.scalars(query)), int(session.scalar(count) or 0)
+
+    def list_openai_jobs(self, owner: str | None, after: str | None, limit: int) -> tuple[list[JobRecord], bool]:
+        """Jobs created through the OpenAI door, newest first, those after job ``after`` (cursor paging);
+        and whether more follow."""
+        query = select(JobRecord).where(JobRecord.openai_json.is_not(None))
+        if owner is not None:
+            query = query.where(JobRecord.owner == owner)
+        with self._session() as session:
+            cursor = session.get(JobRecord, after) if after else None
+            if cursor is not None:
+                query = query.where((JobRecord.created_at < cursor.created_at)
+                                    | ((JobRecord.created_at == cursor.created_at) & (JobRecord.id < cursor.id)))
+            query = query.order_by(JobRecord.created_at.desc(), JobRecord.id.desc()).limit(limit + 1)
+            records = list(session.scalars(query))
+        return records[:limit], len(records) > limit
 
     def jobs_in_state(self, state: str, under: str | None = None) -> list[JobRecord]:
         """Jobs in ``state``; with ``under``, only those whose job dir is inside that folder."""
@@ -318,12 +339,24 @@ class JobStore:
         record = self.get_file(file_id)
         return record if record is not None and (owner is None or record.owner == owner) else None
 
-    def list_files(self, owner: str | None = None, limit: int = 1000) -> list[FileRecord]:
-        query = select(FileRecord).order_by(FileRecord.created_at.desc(), FileRecord.id).limit(limit)
+    def list_files(self, owner: str | None = None, limit: int = 1000, after: str | None = None,
+                   oldest_first: bool = False) -> list[FileRecord]:
+        """Newest first (or oldest first), those after file ``after`` (cursor paging)."""
+        query = select(FileRecord)
         if owner is not None:
             query = query.where(FileRecord.owner == owner)
         with self._session() as session:
-            return list(session.scalars(query))
+            cursor = session.get(FileRecord, after) if after else None
+            if cursor is not None:
+                if oldest_first:
+                    query = query.where((FileRecord.created_at > cursor.created_at)
+                                        | ((FileRecord.created_at == cursor.created_at) & (FileRecord.id > cursor.id)))
+                else:
+                    query = query.where((FileRecord.created_at < cursor.created_at)
+                                        | ((FileRecord.created_at == cursor.created_at) & (FileRecord.id > cursor.id)))
+            order = (FileRecord.created_at, FileRecord.id) if oldest_first else (FileRecord.created_at.desc(),
+                                                                                  FileRecord.id)
+            return list(session.scalars(query.order_by(*order).limit(limit)))
 
     def delete_file(self, file_id: str) -> None:
         with self._session() as session:

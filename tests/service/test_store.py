@@ -34,10 +34,12 @@ def test_a_database_from_before_owners_is_migrated_and_its_jobs_are_admin_only(t
     store = JobStore(f"sqlite:///{path}")
     try:
         columns = {table: {c["name"] for c in inspect(store.engine).get_columns(table)} for table in ("jobs", "files")}
-        assert "owner" in columns["jobs"] and "owner" in columns["files"]
+        assert "owner" in columns["jobs"] and "owner" in columns["files"] and "openai_json" in columns["jobs"]
         assert "pause_requested" in columns["jobs"]
         old = store.get_job("job-old")
-        assert old is not None and old.owner is None and old.step == 4 and old.pause_requested is False
+        assert old is not None and old.owner is None and old.step == 4 and old.openai_json is None
+        assert old.pause_requested is False
+        assert store.list_openai_jobs(None, None, 10) == ([], False)  # not made through the OpenAI door
         assert store.get_job("job-old", owner="alice") is None  # no tenant owns a job from before owners
         assert store.list_jobs(owner="alice") == ([], 0)
         now = time.time()
