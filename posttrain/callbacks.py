@@ -12,12 +12,16 @@ from typing import Any
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from posttrain.jobdir import JobDir
+from posttrain.worker import PAUSE_SIGNAL
 
 log = logging.getLogger("posttrain.worker")
 
 
 class StopRequest:
-    """Set by a signal handler; the trainer stops at the next step boundary."""
+    """Set by a signal handler; the trainer stops at the next step boundary. A pause (``PAUSE_SIGNAL``)
+    saves a checkpoint there first, so a resumed run continues from that very step; a cancel (SIGINT,
+    SIGTERM) does not, and replaces a pause that is still pending (a cancel always wins). Holds the name
+    of the signal that set it."""
 
     def __init__(self) -> None:
         self._event = threading.Event()
@@ -29,6 +33,15 @@ class StopRequest:
 
     def is_set(self) -> bool:
         return self._event.is_set()
+
+    @property
+    def pausing(self) -> bool:
+        return self.signal_name == PAUSE_SIGNAL.name
+
+    @property
+    def outcome(self) -> str:
+        """The state a run stopped by this request ends in."""
+        return "paused" if self.pausing else "cancelled"
 
 
 def _clean(value: Any) -> Any:
@@ -60,7 +73,9 @@ class JobDirCallback(TrainerCallback):
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **_: Any):
         if self.stop.is_set():
             control.should_training_stop = True
-            control.should_save = False
+            # A pause keeps the work done: the trainer saves a checkpoint of this step (weights, optimizer,
+            # scheduler, RNG and data position) before it stops, and on_save marks it complete.
+            control.should_save = self.stop.pausing
         return control
 
     def on_log(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,

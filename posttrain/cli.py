@@ -82,9 +82,9 @@ def print_summary(result, spec: JobSpec) -> None:
     if result.final_dir:
         table.add_row("final", f"{result.final_dir}  (adapter or model + tokenizer)")
     table.add_row("metrics", f"{result.job_dir / 'metrics.jsonl'}  ->  posttrain plot {result.job_dir}")
-    if result.state == "cancelled":
+    if result.state in ("cancelled", "paused"):
         table.add_row("resume", f"posttrain train ... --resume  (output.dir={result.job_dir})")
-    style = {"succeeded": "green", "cancelled": "yellow"}.get(result.state, "red")
+    style = {"succeeded": "green", "cancelled": "yellow", "paused": "yellow"}.get(result.state, "red")
     console.print(Panel(table, title="posttrain", border_style=style, expand=False))
 
 

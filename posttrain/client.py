@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -23,7 +23,15 @@ from urllib.parse import quote
 import httpx
 
 from posttrain.jobdir import TERMINAL_STATES
-from posttrain.service.schemas import ArtifactList, FileInfo, JobInfo, JobPage, LogTail, MetricsResponse
+from posttrain.service.schemas import (
+    ArtifactList,
+    FileInfo,
+    FileList,
+    JobInfo,
+    JobPage,
+    LogTail,
+    MetricsResponse,
+)
 
 DEFAULT_SERVER = "http://127.0.0.1:8322"
 TERMINAL = TERMINAL_STATES
@@ -98,15 +106,26 @@ class Client:
     def cancel(self, job_id: str) -> JobInfo:
         return JobInfo.model_validate(self._request("POST", f"/v1/jobs/{_seg(job_id)}/cancel").json())
 
+    def pause(self, job_id: str) -> JobInfo:
+        """Pause a queued or running job (a running one stops at its next step, with a checkpoint; wait for
+        ``paused`` with ``wait(job_id, states={"paused"})``). ServiceError 409 if it cannot be paused."""
+        return JobInfo.model_validate(self._request("POST", f"/v1/jobs/{_seg(job_id)}/pause").json())
+
+    def resume(self, job_id: str) -> JobInfo:
+        """Queue a paused job again; it continues from its newest complete checkpoint."""
+        return JobInfo.model_validate(self._request("POST", f"/v1/jobs/{_seg(job_id)}/resume").json())
+
     def delete(self, job_id: str) -> None:
         self._request("DELETE", f"/v1/jobs/{_seg(job_id)}")
 
-    def wait(self, job_id: str, timeout: float | None = None, poll: float = 0.5) -> JobInfo:
-        """Poll until the job is succeeded, failed or cancelled; ServiceError(408) on timeout."""
+    def wait(self, job_id: str, timeout: float | None = None, poll: float = 0.5,
+             states: Collection[str] = TERMINAL) -> JobInfo:
+        """Poll until the job is in one of ``states`` (by default: succeeded, failed or cancelled; a paused
+        job waits for its resume); ServiceError(408) on timeout."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             job = self.get_job(job_id)
-            if job.state in TERMINAL:
+            if job.state in states:
                 return job
             if deadline is not None and time.monotonic() > deadline:
                 raise ServiceError(408, f"job {job_id} still {job.state} after {timeout:.0f}s")
@@ -186,6 +205,11 @@ class Client:
         with open(path, "rb") as handle:
             response = self._request("POST", "/v1/files", files={"file": (path.name, handle)})
         return FileInfo.model_validate(response.json())
+
+    def list_files(self, limit: int = 100, after: str | None = None) -> FileList:
+        """The caller's uploads, newest first; ``has_more`` means ask again with ``after`` = the last id."""
+        params: dict[str, Any] = {"limit": limit, **({"after": after} if after else {})}
+        return FileList.model_validate(self._request("GET", "/v1/files", params=params).json())
 
     def get_file(self, file_id: str) -> FileInfo:
         return FileInfo.model_validate(self._request("GET", f"/v1/files/{_seg(file_id)}").json())

@@ -26,7 +26,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-JobState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+# paused: stopped at a step boundary with a complete checkpoint; not terminal, it can be resumed.
+JobState = Literal["queued", "running", "paused", "succeeded", "failed", "cancelled"]
 TERMINAL_STATES: frozenset[str] = frozenset({"succeeded", "failed", "cancelled"})
 COMPLETE_MARKER = "posttrain-complete.json"
 _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")

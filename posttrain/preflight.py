@@ -74,7 +74,9 @@ def check_options(spec: JobSpec, warnings: list[str], *, import_rewards: bool = 
     if method.name == "grpo":
         from posttrain.rewards import check_reward_names, resolve_reward_functions
 
-        if import_rewards:
+        if not method.reward_functions and method.graders:
+            pass  # graders alone are the rewards (checked with the spec)
+        elif import_rewards:
             resolve_reward_functions(method.reward_functions)
         else:  # importing a 'module:function' reward runs its code
             check_reward_names(method.reward_functions)

@@ -16,6 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from posttrain.errors import ConfigError
+from posttrain.graders import Grader, check_grader_types
 
 MethodName = Literal["sft", "dpo", "reward", "grpo"]
 DataFormat = Literal["auto", "alpaca", "sharegpt", "messages", "text", "preference", "prompt"]
@@ -108,14 +109,30 @@ class GRPOMethod(Section):
         default_factory=lambda: ["numeric_match", "answer_format"],
         description="Built-in reward names (numeric_match, answer_format, length) or 'module:function'.",
     )
-    reward_weights: list[float] | None = Field(None, description="Weight of each reward function (default 1).")
+    graders: list[Grader] = Field(
+        default_factory=list, max_length=64,
+        description="OpenAI-style graders (string_check, text_similarity, python, multi), each one more reward "
+        "after reward_functions (set reward_functions: [] to train on graders alone); see docs/openai.md.",
+    )
+    reward_weights: list[float] | None = Field(
+        None, description="Weight of each reward function, then of each grader (default 1)."
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _grader_types(cls, data: Any) -> Any:
+        if isinstance(data, dict) and isinstance(data.get("graders"), list):
+            for index, grader in enumerate(data["graders"]):
+                check_grader_types(grader, f"graders[{index}]")
+        return data
 
     @model_validator(mode="after")
     def _weights_match(self) -> GRPOMethod:
-        if self.reward_weights is not None and len(self.reward_weights) != len(self.reward_functions):
+        rewards = len(self.reward_functions) + len(self.graders)
+        if self.reward_weights is not None and len(self.reward_weights) != rewards:
             raise ValueError(
-                f"reward_weights has {len(self.reward_weights)} entries but reward_functions has "
-                f"{len(self.reward_functions)}"
+                f"reward_weights has {len(self.reward_weights)} entries but there are {rewards} rewards "
+                f"({len(self.reward_functions)} reward_functions and {len(self.graders)} graders)"
             )
         return self
 
@@ -331,7 +348,11 @@ def _format_errors(exc: ValidationError, data: Any) -> ConfigError:
             if "input" in err and not isinstance(err["input"], dict):
                 msg += f" (got {err['input']!r})"
         lines.append(msg)
-    return ConfigError("invalid job spec:\n  " + "\n  ".join(lines) if len(lines) > 1 else lines[0], None) if lines else ConfigError(str(exc))
+    if not lines:
+        return ConfigError(str(exc))
+    error = ConfigError("invalid job spec:\n  " + "\n  ".join(lines) if len(lines) > 1 else lines[0], None)
+    error.path = None if first_path == "<root>" else first_path  # the key at fault, without repeating it in the text
+    return error
 
 
 class _PlainYAMLLoader(yaml.SafeLoader):

@@ -3,8 +3,15 @@
     python -m posttrain.worker --spec spec.json --job-dir DIR [--resume] [--no-log-file]
 
 It owns the job-directory contract (see :mod:`posttrain.jobdir`): writes spec.json, keeps status.json
-and metrics.jsonl current, marks complete checkpoints, writes final/ atomically. Exit codes: 0 succeeded,
-1 failed, 2 rejected input (status says why), 130/143 cancelled by SIGINT/SIGTERM.
+and metrics.jsonl current, marks complete checkpoints, writes final/ atomically.
+
+Signals: SIGINT/SIGTERM cancel at the next step boundary (a second one stops at once); SIGUSR1 pauses:
+at the next step boundary it saves a complete checkpoint, records ``paused`` and exits, and ``--resume``
+continues from that checkpoint. A pause never interrupts anything (a repeated SIGUSR1 changes nothing);
+a cancel replaces a pending pause.
+
+Exit codes: 0 succeeded, 1 failed, 2 rejected input (status says why), 130/143 cancelled by
+SIGINT/SIGTERM, 75 paused (EX_TEMPFAIL: "continue later").
 """
 
 from __future__ import annotations
@@ -32,6 +39,8 @@ log = logging.getLogger("posttrain.worker")
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 EXIT_CANCELLED = {"SIGINT": 130, "SIGTERM": 143}
+EXIT_PAUSED = 75
+PAUSE_SIGNAL = signal.SIGUSR1  # what the service (or a user: kill -USR1) sends to pause a run
 
 
 @dataclass
@@ -55,6 +64,8 @@ class JobResult:
     def exit_code(self) -> int:
         if self.state == "succeeded":
             return EXIT_OK
+        if self.state == "paused":
+            return EXIT_PAUSED
         if self.state == "cancelled":
             return EXIT_CANCELLED.get(self.cancelled_by or "SIGTERM", 143)
         return EXIT_BAD_INPUT if self.input_error else EXIT_FAILED
@@ -94,13 +105,20 @@ def _install_signal_handlers(stop) -> dict[int, Any]:
 
     def handle(signum, _frame):
         name = signal.Signals(signum).name
-        if stop.is_set():
+        if signum == PAUSE_SIGNAL:
+            # A pause must not lose work: it never interrupts, and a repeat (a re-adopting server sends it
+            # again) or one after a cancel changes nothing.
+            if not stop.is_set():
+                log.warning("%s received: pausing after the current step, with a checkpoint", name)
+                stop.set(name)
+            return
+        if stop.is_set() and not stop.pausing:
             # A second signal means "now": unwind immediately; the finally-block still records the state.
             raise KeyboardInterrupt(name)
         log.warning("%s received: stopping after the current step (send again to stop at once)", name)
-        stop.set(name)
+        stop.set(name)  # a cancel replaces a pending pause
 
-    for signum in (signal.SIGINT, signal.SIGTERM):
+    for signum in (signal.SIGINT, signal.SIGTERM, PAUSE_SIGNAL):
         previous[signum] = signal.signal(signum, handle)
     return previous
 
@@ -200,7 +218,8 @@ def run_worker(spec: JobSpec, job_dir: str | Path, resume: bool = False, log_to_
     finally:
         _restore_signal_handlers(previous_handlers)
         result.runtime_s = time.perf_counter() - started
-        if stop.is_set() and result.state != "succeeded":
+        # A pause is recorded by _train; a failure while pausing is a real failure, not a pause.
+        if stop.is_set() and not stop.pausing and result.state != "succeeded":
             result.state, result.cancelled_by = "cancelled", stop.signal_name
         status = jd.read_status()
         result.step = status.step if status else result.step
@@ -243,7 +262,7 @@ def _train(spec: JobSpec, jd: JobDir, resume: bool, stop, result: JobResult,
     for unwanted in (PrinterCallback, HFProgressCallback):
         trainer.remove_callback(unwanted)
     if stop.is_set():
-        result.state = "cancelled"
+        result.state = stop.outcome
         return result
 
     checkpoint = None
@@ -262,8 +281,9 @@ def _train(spec: JobSpec, jd: JobDir, resume: bool, stop, result: JobResult,
     result.final_loss = losses[-1] if losses else output.training_loss
     result.tokens_per_s = metrics_cb.tokens_per_s
     result.metrics = dict(output.metrics)
-    if stop.is_set():
-        result.state, result.cancelled_by = "cancelled", stop.signal_name
+    finished = result.total_steps is not None and result.step >= result.total_steps
+    if stop.is_set() and not (stop.pausing and finished):  # a pause on the last step just finishes
+        result.state, result.cancelled_by = stop.outcome, stop.signal_name
         return result
     if spec.output.save_final:
         result.final_dir = _save_final(trainer, tokenizer, jd)

@@ -176,6 +176,61 @@ def test_prompt_answer_rows_accept_plain_and_numeric_answers(tmp_path):
     assert [row["answer"] for row in data.train] == ["42", "Lima"]
 
 
+def test_openai_preference_rows_train_dpo_and_sft(tmp_path):
+    rows = [{"input": {"messages": [{"role": "system", "content": "Be brief."}, *user("2+2?")]},
+             "preferred_output": assistant("4"), "non_preferred_output": assistant("Five, I think.")}]
+    path = write_jsonl(tmp_path / "openai-prefs.jsonl", rows)
+
+    data = load(path, "dpo")
+    assert data.format == "preference"
+    assert data.train[0] == {"prompt": [CHAT[0], *user("2+2?")], "chosen": assistant("4"),
+                             "rejected": assistant("Five, I think.")}
+    assert load(path, "sft").train[0]["completion"] == assistant("4")
+
+
+@pytest.mark.parametrize(("row", "message"), [
+    ({"input": "2+2?", "preferred_output": assistant("4"), "non_preferred_output": assistant("5")},
+     "'input' must be an object holding 'messages'"),
+    ({"input": {"messages": user("2+2?")}, "preferred_output": user("4"), "non_preferred_output": assistant("5")},
+     "'preferred_output' may hold only assistant messages"),
+    ({"input": {"messages": user("2+2?")}, "preferred_output": assistant("4")}, "'non_preferred_output' is missing"),
+])
+def test_bad_openai_preference_rows_name_the_field(tmp_path, row: dict, message: str):
+    path = write_jsonl(tmp_path / "prefs.jsonl", [row])
+    with pytest.raises(DatasetError, match=message) as caught:
+        load(path, "dpo", format="preference")
+    assert "prefs.jsonl row 1" in str(caught.value)
+
+
+def test_openai_reinforcement_rows_prompt_grpo_and_keep_their_fields_for_graders(tmp_path):
+    rows = [{"messages": user("Reply with red."), "word": "red", "meta": {"level": 1}},
+            {"messages": user("6 * 7?"), "answer": 42}]
+
+    data = load(write_jsonl(tmp_path / "rft.jsonl", rows), "grpo")
+
+    assert data.format == "prompt"
+    first, second = data.train.to_list()
+    assert first["prompt"] == user("Reply with red.") and json.loads(first["item"])["meta"] == {"level": 1}
+    assert second["answer"] == "42" and json.loads(second["item"])["answer"] == 42
+    with pytest.raises(DatasetError, match="ends with an assistant turn"):
+        load(write_jsonl(tmp_path / "answered.jsonl", [{"messages": CHAT}]), "grpo")
+
+
+def test_openai_fine_tuning_files_are_checked_line_by_line(tmp_path):
+    from posttrain.data.openai_files import check_fine_tuning_file
+
+    chat = write_jsonl(tmp_path / "chat.jsonl", [{"messages": CHAT}] * 2)
+    assert check_fine_tuning_file(chat, "chat.jsonl") == "chat"
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"messages": user("Hi?"), "answer": "hi"}])
+    assert check_fine_tuning_file(prompts, "prompts.jsonl") == "prompt"
+    mixed = write_jsonl(tmp_path / "mixed.jsonl", [{"messages": CHAT}, {"messages": user("Hi?")}])
+    with pytest.raises(DatasetError, match=r"line 2: reinforcement prompts .* but line 1 began a file of chat rows"):
+        check_fine_tuning_file(mixed, "mixed.jsonl")
+    alpaca = write_jsonl(tmp_path / "alpaca.jsonl", ALPACA)
+    with pytest.raises(DatasetError, match=r"alpaca.jsonl: line 1: expected 'messages'.*found the fields input"):
+        check_fine_tuning_file(alpaca, "alpaca.jsonl")
+
+
 def test_canonical_rows_are_what_trl_renders_with_a_chat_template(tmp_path):
     from trl.data_utils import apply_chat_template, is_conversational, maybe_extract_prompt
 
@@ -311,7 +366,7 @@ def test_auto_detection_names_the_columns_found_and_what_each_format_needs(tmp_p
     assert str(path) in message
     assert "query, response" in message
     assert "alpaca: instruction, output" in message
-    assert "preference: chosen, rejected" in message
+    assert "preference: chosen or preferred_output, rejected or non_preferred_output" in message
 
 
 def test_columns_are_renamed_before_detection(tmp_path):

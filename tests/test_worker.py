@@ -214,3 +214,45 @@ def test_only_rank_zero_writes_final(tmp_path, monkeypatch):
     monkeypatch.setenv("RANK", "0")
     _save_final(Trainer(writes=True), Tokenizer(), job)
     assert sorted(p.name for p in job.final_dir.iterdir()) == ["model.safetensors", "tokenizer.json"]
+
+
+def pause_at(step: int):
+    """A trainer callback that sends the worker's own process the pause signal at ``step``, as the service would."""
+    from transformers import TrainerCallback
+
+    class PauseAt(TrainerCallback):
+        def on_step_end(self, args, state, control, **_kwargs):
+            if state.global_step == step:
+                os.kill(os.getpid(), signal.SIGUSR1)
+
+    return PauseAt()
+
+
+PAUSABLE_METHODS = {
+    "sft": {},
+    "dpo": {"method": {"name": "dpo"}, "data": {"source": "posttrain:preference"}},
+    "reward": {"method": "reward", "data": {"source": "posttrain:preference"}},
+    "grpo": {"method": {"name": "grpo", "num_generations": 4, "max_completion_length": 8},
+             "data": {"source": "posttrain:gsm8k"}, "training": {"per_device_train_batch_size": 4}},
+}
+
+
+@pytest.mark.parametrize("method", list(PAUSABLE_METHODS))
+def test_sigusr1_pauses_with_a_checkpoint_and_resume_continues(tmp_path, make_spec, method):
+    sections = PAUSABLE_METHODS[method]
+    training = {"max_steps": 6, "save_steps": 100, "logging_steps": 1, **sections.get("training", {})}
+    spec = spec_from_dict(make_spec(**{**sections, "training": training}))
+    job = JobDir(tmp_path / "job")
+
+    paused = run_worker(spec, job.root, extra_callbacks=[pause_at(2)])
+    assert (paused.state, paused.exit_code) == ("paused", 75), paused.error
+    status = job.read_status()
+    # The pause was seen at the next step boundary, and that step was saved (save_steps alone never would).
+    assert status.state == "paused" and status.step == 3 and status.finished_at is None
+    assert [p.name for p in job.checkpoints()] == ["checkpoint-3"] and not job.final_dir.exists()
+
+    resumed = run_worker(spec, job.root, resume=True)
+    assert resumed.state == "succeeded", resumed.error
+    assert job.read_status().step == 6
+    logged = [r["step"] for r in job.read_metrics() if "train_loss" not in r]
+    assert logged == [1, 2, 3, 4, 5, 6]  # continued from step 3, not restarted

@@ -32,11 +32,13 @@ Message = dict[str, str]
 # Keys a row must have for a format; "a|b" means either. Used by auto-detection and in error messages.
 # Detection breaks ties in this order, so a row with prompt/chosen/rejected and an answer is a preference row.
 REQUIRED_KEYS: dict[str, tuple[str, ...]] = {
-    "preference": ("chosen", "rejected"),  # prompt is optional when chosen/rejected are conversations
+    # prompt is optional when chosen/rejected are conversations; OpenAI's preference rows name the three
+    # parts input / preferred_output / non_preferred_output.
+    "preference": ("chosen|preferred_output", "rejected|non_preferred_output"),
     "sharegpt": ("conversations",),
     "messages": ("messages",),
     "alpaca": ("instruction", "output"),
-    "prompt": ("prompt|question", "answer"),
+    "prompt": ("prompt|question", "answer"),  # and OpenAI's reinforcement rows: messages plus any fields
     "text": ("text",),
 }
 METHOD_FORMATS: dict[str, tuple[str, ...]] = {
@@ -152,7 +154,7 @@ def _message(item: Any, where: str) -> Message:
     if not isinstance(item, dict):
         raise RowProblem(f"field {where!r} must be a message object, got {type(item).__name__}")
     role_key = "role" if "role" in item else "from"
-    content_key = "content" if "content" in item else "value"
+    content_key = "content" if "content" in item or role_key == "role" else "value"
     role = item.get(role_key)
     if role is None:
         raise RowProblem(f"field '{where}.role' is missing (a message needs role/content or from/value)")
@@ -207,7 +209,9 @@ def text_row(values: Mapping[str, Any], method: MethodName, conversational: bool
 
 def preference_row(values: Mapping[str, Any], method: MethodName, conversational: bool = True) -> dict[str, Any]:
     """prompt/chosen/rejected for DPO and reward; prompt/completion (the chosen answer) for SFT."""
-    if values.get("prompt") is None:
+    if "preferred_output" in values or "non_preferred_output" in values:
+        prompt, chosen, rejected = _openai_preference(values)
+    elif values.get("prompt") is None:
         prompt, chosen, rejected = _implicit_prompt(values)
     else:
         parts = {field: _text_or_conversation(values, field) for field in ("prompt", "chosen", "rejected")}
@@ -223,6 +227,21 @@ def preference_row(values: Mapping[str, Any], method: MethodName, conversational
     if method == "sft":
         return {"prompt": prompt, "completion": chosen}
     return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+
+
+def _openai_preference(values: Mapping[str, Any]) -> tuple[list[Message], list[Message], list[Message]]:
+    """OpenAI's preference row: ``{"input": {"messages": [...]}, "preferred_output": [assistant...],
+    "non_preferred_output": [assistant...]}``."""
+    source = values.get("input")
+    if not isinstance(source, Mapping):
+        raise RowProblem("field 'input' must be an object holding 'messages' (OpenAI's preference format)")
+    prompt = conversation_field(source, "messages")
+    chosen = conversation_field(values, "preferred_output")
+    rejected = conversation_field(values, "non_preferred_output")
+    for field, messages in (("preferred_output", chosen), ("non_preferred_output", rejected)):
+        if any(message["role"] != "assistant" for message in messages):
+            raise RowProblem(f"field {field!r} may hold only assistant messages")
+    return [{**m} for m in prompt], chosen, rejected
 
 
 def _text_or_conversation(values: Mapping[str, Any], field: str) -> str | list[Message]:
@@ -254,6 +273,8 @@ def _implicit_prompt(values: Mapping[str, Any]) -> tuple[list[Message], list[Mes
 
 def prompt_row(values: Mapping[str, Any], method: MethodName, conversational: bool = True) -> dict[str, Any]:
     """A prompt with a reference answer for GRPO; GSM8k rows (question, answer ending in '#### N') included."""
+    if values.get("prompt") is None and values.get("question") is None and "messages" in values:
+        return _openai_prompt_row(values)
     gsm8k_style = values.get("prompt") is None and values.get("question") is not None
     if gsm8k_style:
         prompt: str | list[Message] = text_field(values, "question")
@@ -264,6 +285,19 @@ def prompt_row(values: Mapping[str, Any], method: MethodName, conversational: bo
     if conversational and isinstance(prompt, str):
         prompt = _user(prompt)
     return {"prompt": prompt, "answer": _final_answer(values, require_marker=gsm8k_style)}
+
+
+def _openai_prompt_row(values: Mapping[str, Any]) -> dict[str, Any]:
+    """OpenAI's reinforcement row: ``messages`` (the prompt, ending with a user turn) plus any fields the
+    graders read as ``{{item.<field>}}``. The whole row rides along as the JSON ``item`` column (one column
+    whatever the fields' types); ``answer``, when present, also feeds the built-in rewards."""
+    prompt = conversation_field(values, "messages")
+    if prompt[-1]["role"] == "assistant":
+        raise RowProblem("field 'messages' ends with an assistant turn; a reinforcement prompt ends with the "
+                         "user's turn (the model writes the answer)")
+    answer = values.get("answer")
+    return {"prompt": prompt, "answer": "" if answer is None else str(answer),
+            "item": json.dumps(dict(values), default=str)}
 
 
 def _final_answer(values: Mapping[str, Any], require_marker: bool) -> str:
@@ -328,6 +362,8 @@ def convert_rows(
     if not readable and on_bad_row != "skip":
         raise DatasetError(str(first[0].error), first[0].source, first[0].row)
     fmt = detect_format(readable, source) if format == "auto" else format
+    if format == "auto" and method == "grpo" and fmt == "messages":
+        fmt = "prompt"  # messages without the answer: OpenAI's reinforcement rows, prompts for GRPO
     check_method(fmt, method, source or None)
     convert = ROW_CONVERTERS[fmt]
     rows: list[dict[str, Any]] = []

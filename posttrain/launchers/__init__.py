@@ -63,6 +63,12 @@ class WorkerHandle(ABC):
         """Send ``sig`` to the worker's whole process group (no error if it is already gone), and only
         while the worker is still the process that was started or adopted (never to a reused pid)."""
 
+    def signal_main(self, sig: int) -> None:
+        """Send ``sig`` to the worker's main process only, under the same rule as ``signal``: for requests
+        only the worker handles (a pause), which would kill helper processes that do not handle them.
+        Launchers whose main process is not the worker itself (it forwards signals) keep this default."""
+        self.signal(sig)
+
 
 class Launcher(ABC):
     name: str

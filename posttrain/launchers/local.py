@@ -61,6 +61,11 @@ def signal_group(pid: int, sig: int) -> None:
         os.killpg(pid, sig)
 
 
+def signal_process(pid: int, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.kill(pid, sig)
+
+
 class LocalWorker(WorkerHandle):
     def __init__(self, process: subprocess.Popen[bytes]) -> None:
         self.process = process
@@ -83,6 +88,10 @@ class LocalWorker(WorkerHandle):
     def signal(self, sig: int) -> None:
         if self.process.returncode is None:  # not reaped: the pid is still ours
             signal_group(self.pid, sig)
+
+    def signal_main(self, sig: int) -> None:
+        if self.process.returncode is None:
+            signal_process(self.pid, sig)
 
 
 class AdoptedWorker(WorkerHandle):
@@ -113,6 +122,10 @@ class AdoptedWorker(WorkerHandle):
     def signal(self, sig: int) -> None:
         if self.is_same_process():
             signal_group(self.pid, sig)
+
+    def signal_main(self, sig: int) -> None:
+        if self.is_same_process():
+            signal_process(self.pid, sig)
 
     def _kill_leftovers(self) -> None:
         """Processes still in the worker's group, started after it (so not a group that reuses its id)."""

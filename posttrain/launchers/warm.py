@@ -31,6 +31,7 @@ from posttrain.launchers.local import (
     LocalLauncher,
     job_environment,
     signal_group,
+    signal_process,
     worker_arguments,
     worker_environment,
 )
@@ -156,15 +157,22 @@ class WarmWorker(WorkerHandle):
             self._orphan.started = self.create_time  # never taken for a later process with the same pid
         return self._orphan.poll()
 
-    def signal(self, sig: int) -> None:
+    def _still_ours(self) -> bool:
+        """Same pid and start time, zombie included: an unreaped worker still holds its pid and group id."""
         if self.pid in self.template.exits:
-            return
+            return False
         try:
-            # Same pid and start time, zombie included: an unreaped worker still holds its group id.
-            if psutil.Process(self.pid).create_time() == self.create_time:
-                signal_group(self.pid, sig)
+            return psutil.Process(self.pid).create_time() == self.create_time
         except psutil.Error:
-            pass
+            return False
+
+    def signal(self, sig: int) -> None:
+        if self._still_ours():
+            signal_group(self.pid, sig)
+
+    def signal_main(self, sig: int) -> None:
+        if self._still_ours():
+            signal_process(self.pid, sig)
 
 
 class WarmLauncher(Launcher):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from trl import GRPOConfig, GRPOTrainer
 
+from posttrain.graders import grader_rewards
 from posttrain.modeling import load_model, lora_config
 from posttrain.recipes.common import RecipeInputs, shared_trainer_arguments, training_arguments
 from posttrain.rewards import resolve_reward_functions
@@ -30,8 +31,14 @@ def build_trainer(inputs: RecipeInputs) -> GRPOTrainer:
     )
     return GRPOTrainer(
         model=model,
-        reward_funcs=resolve_reward_functions(method.reward_functions),
+        reward_funcs=reward_functions(method.reward_functions, method.graders),
         args=config,
         peft_config=lora_config(spec),
         **shared_trainer_arguments(inputs),
     )
+
+
+def reward_functions(names: list[str], graders: list) -> list:
+    """The named reward functions, then one per grader (a spec with graders may name no function)."""
+    named = resolve_reward_functions(names) if names or not graders else []
+    return [*named, *grader_rewards(graders)]

@@ -1,10 +1,11 @@
 """The FastAPI app: the routers of ``routes/`` over the store, the scheduler and the job directories.
 
 Paths (the client in ``posttrain/client.py`` is the only other place that knows them):
-``/v1/jobs`` (POST submit, GET list), ``/v1/jobs/{id}`` (GET, DELETE), ``/v1/jobs/{id}/cancel``,
+``/v1/jobs`` (POST submit, GET list), ``/v1/jobs/{id}`` (GET, DELETE), ``/v1/jobs/{id}/cancel|pause|resume``,
 ``/v1/jobs/{id}/logs``, ``/v1/jobs/{id}/metrics``, ``/v1/jobs/{id}/artifacts[/{path}]``, ``/v1/files``,
-``/healthz``, ``/readyz``. Every error body is JSON ``{"detail": "<message>", "type": ...}``; an
-unexpected error is logged with a request id and answered 500 with only that id.
+``/v1/fine_tuning/jobs...`` (the OpenAI door), ``/healthz``, ``/readyz``. Every error body is JSON
+``{"detail": "<message>", "type": ..., "error": {"message", "type", "param", "code"}}`` (the last in
+OpenAI's shape); an unexpected error is logged with a request id and answered 500 with only that id.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from posttrain.errors import PosttrainError
 from posttrain.launchers import Launcher
 from posttrain.launchers.local import LocalLauncher
 from posttrain.launchers.warm import WarmLauncher
+from posttrain.service.errors import error_body
 from posttrain.service.hosts import LoopbackHostOnly
 from posttrain.service.job_reads import RecentJobs
 from posttrain.service.limits import BodySizeLimit
@@ -40,6 +42,7 @@ from posttrain.service.store import JobStore
 
 log = logging.getLogger("posttrain.service")
 ERRORS = {code: {"model": ErrorBody} for code in (400, 401, 403, 404, 409, 413, 422, 429, 500)}
+OPENAI_PREFIXES = ("/v1/fine_tuning/",)
 
 
 def create_app(settings: ServiceSettings, launcher: Launcher | None = None) -> FastAPI:
@@ -114,33 +117,40 @@ def _warm_imports() -> None:
 
 
 def _add_error_handlers(app: FastAPI) -> None:
+    # Every body is error_body(): posttrain's detail/type beside OpenAI's {"error": {...}}.
     @app.exception_handler(PosttrainError)
     async def user_error(_request: Request, exc: PosttrainError) -> JSONResponse:
-        return JSONResponse({"detail": exc.message, "type": type(exc).__name__},
-                            getattr(exc, "status_code", 422))
+        status = getattr(exc, "status_code", 422)
+        return JSONResponse(error_body(status, exc.message, type(exc).__name__, getattr(exc, "path", None)), status)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return JSONResponse({"detail": str(exc.detail), "type": "HTTPError"}, exc.status_code,
-                            headers=getattr(exc, "headers", None))
+        body = error_body(exc.status_code, str(exc.detail), "HTTPError", getattr(exc, "param", None),
+                          getattr(exc, "code", None))
+        return JSONResponse(body, exc.status_code, headers=getattr(exc, "headers", None))
 
     @app.exception_handler(RequestValidationError)
-    async def request_error(_request: Request, exc: RequestValidationError) -> JSONResponse:
+    async def request_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         errors = exc.errors()
         if any(err.get("type") == "json_invalid" for err in errors):
             err = next(err for err in errors if err.get("type") == "json_invalid")
             where = err.get("loc", ("body", 0))[-1]
             reason = (err.get("ctx") or {}).get("error", "invalid JSON")
-            return JSONResponse({"detail": f"request body is not valid JSON: {reason} at character {where}",
-                                 "type": "InvalidJSON"}, 400)
+            return JSONResponse(error_body(400, f"request body is not valid JSON: {reason} at character {where}",
+                                           "InvalidJSON"), 400)
         messages = []
         for err in errors:
             loc = [str(part) for part in err.get("loc", ()) if part != "body"]
             where = ".".join(loc) or "body"
             text = "unknown field" if err.get("type") == "extra_forbidden" else err.get("msg", "invalid")
             messages.append(f"{where}: {text}")
-        return JSONResponse({"detail": "invalid request: " + "; ".join(messages), "type": "RequestValidationError",
-                             "errors": [{"loc": list(e.get("loc", ())), "msg": e.get("msg")} for e in errors]}, 422)
+        first = [str(part) for part in errors[0].get("loc", ()) if part not in ("body", "query", "path")] if errors else []
+        # OpenAI answers a malformed request 400 (its SDK: BadRequestError); posttrain's own routes keep 422.
+        status = 400 if request.url.path.startswith(OPENAI_PREFIXES) else 422
+        return JSONResponse(error_body(status, "invalid request: " + "; ".join(messages), "RequestValidationError",
+                                       ".".join(first) or None,
+                                       errors=[{"loc": list(e.get("loc", ())), "msg": e.get("msg")} for e in errors]),
+                            status)
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
@@ -148,6 +158,6 @@ def _add_error_handlers(app: FastAPI) -> None:
         request_id = secrets.token_hex(8)
         log.error("unhandled error in %s %s (request id %s)", request.method, request.url.path, request_id,
                   exc_info=exc)
-        return JSONResponse({"detail": f"internal server error (request id {request_id}; the server log has "
-                                       "the details)", "type": "InternalError", "request_id": request_id}, 500,
+        message = f"internal server error (request id {request_id}; the server log has the details)"
+        return JSONResponse(error_body(500, message, "InternalError", request_id=request_id), 500,
                             headers={"X-Request-ID": request_id})

@@ -155,12 +155,42 @@ def cancel(
     wait: Annotated[bool, typer.Option("--wait", help="Wait until the worker has stopped.")] = False,
     server: Server = None, api_key: ApiKey = None,
 ) -> None:
-    """Cancel a queued or running job (SIGTERM to its worker, SIGKILL after the grace period)."""
+    """Cancel a queued, paused or running job (SIGTERM to its worker, SIGKILL after the grace period)."""
     with _connected(server, api_key) as client:
         job = client.cancel(job_id)
         if wait:
             job = client.wait(job_id)
     typer.echo(f"{job.id} {job.state}" + (" (stopping)" if job.state == "running" else ""))
+
+
+@jobs_app.command()
+def pause(
+    job_id: Annotated[str, typer.Argument(help="Job id.")],
+    wait: Annotated[bool, typer.Option("--wait", help="Wait until the job is paused.")] = False,
+    server: Server = None, api_key: ApiKey = None,
+) -> None:
+    """Pause a queued or running job; `posttrain jobs resume` continues it.
+
+    A running job's worker finishes its current step, saves a complete checkpoint (model, optimizer,
+    learning-rate schedule, data position) and exits, freeing its slot; nothing is lost. A queued job is
+    paused at once.
+    """
+    with _connected(server, api_key) as client:
+        job = client.pause(job_id)
+        if wait:
+            job = client.wait(job_id, states={"paused", *TERMINAL})
+    typer.echo(f"{job.id} {job.state}" + (" (pausing after the current step)" if job.state == "running" else ""))
+
+
+@jobs_app.command()
+def resume(
+    job_id: Annotated[str, typer.Argument(help="Job id.")],
+    server: Server = None, api_key: ApiKey = None,
+) -> None:
+    """Resume a paused job: it is queued again and continues from the step where it paused."""
+    with _connected(server, api_key) as client:
+        job = client.resume(job_id)
+    typer.echo(f"{job.id} {job.state}")
 
 
 @jobs_app.command()

@@ -15,6 +15,8 @@ import json
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from posttrain.service.errors import error_body
+
 
 @functools.lru_cache(maxsize=1024)  # every request asks, nearly always about the same few names
 def is_loopback(host: str) -> bool:
@@ -58,9 +60,9 @@ class LoopbackHostOnly:
         if self.allowed(header):
             await self.app(scope, receive, send)
             return
-        body = json.dumps({"detail": f"host {header!r} not accepted: a server without API keys answers only "
-                                     "requests addressed to localhost, 127.0.0.1 or [::1]",
-                           "type": "HostNotAllowed"}).encode()
+        body = json.dumps(error_body(400, f"host {header!r} not accepted: a server without API keys answers only "
+                                          "requests addressed to localhost, 127.0.0.1 or [::1]",
+                                     "HostNotAllowed")).encode()
         await send({"type": "http.response.start", "status": 400,
                     "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
         await send({"type": "http.response.body", "body": body})

@@ -8,6 +8,8 @@ from typing import Any
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from posttrain.service.errors import error_body
+
 
 class _TooLarge(HTTPException):
     # An HTTPException, so that FastAPI's body parsing re-raises it and the app answers 413 itself.
@@ -73,8 +75,8 @@ def _content_length(scope: Scope) -> int | None:
 
 
 async def _reject(send: Send, what: str, limit: int) -> None:
-    body: dict[str, Any] = {"detail": f"{what} is larger than this server's limit of {limit} bytes",
-                            "type": "PayloadTooLarge"}
+    body: dict[str, Any] = error_body(413, f"{what} is larger than this server's limit of {limit} bytes",
+                                      "PayloadTooLarge")
     payload = json.dumps(body).encode()
     await send({"type": "http.response.start", "status": 413,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode()),

@@ -8,6 +8,11 @@ per job: one job that cannot be polled, synced or recorded never stops the tick,
 calls running without a worker here is settled on the next tick, so no job stays running for ever.
 A cancel always wins over a retry (the requeue is conditional on no cancel having been requested).
 
+A pause (``pause_requested``) sends the worker's main process SIGUSR1 once; the worker saves a complete
+checkpoint at the next step boundary, records ``paused`` and exits, and the job becomes ``paused`` with
+its slot freed. A worker that dies while a pause is pending is paused too (never retried), to resume
+from its newest complete checkpoint. A pause is never escalated to a kill, and a cancel wins over it.
+
 A server only runs and recovers jobs whose directory is under its own data dir, so several servers
 (each with its own data dir) can share one PostgreSQL database without touching each other's jobs.
 """
@@ -27,6 +32,7 @@ from posttrain.jobdir import JobDir, JobStatus
 from posttrain.launchers import Launcher, LaunchRequest, WorkerExit, WorkerHandle
 from posttrain.service.settings import ServiceSettings
 from posttrain.service.store import JobRecord, JobStore
+from posttrain.worker import PAUSE_SIGNAL
 
 log = logging.getLogger("posttrain.service")
 PROGRESS_SYNC_S = 1.0
@@ -38,6 +44,7 @@ class _Running:
     slot: int
     term_sent_at: float | None = None
     kill_sent: bool = False
+    pause_sent: bool = False
 
 
 class Scheduler:
@@ -91,6 +98,7 @@ class Scheduler:
         self._settle_orphans(records)
         if self._running:
             self._stop_cancelled(records)
+            self._pause_requested(records)
             self._sync_progress(records)
         self._fill_slots()
 
@@ -161,12 +169,15 @@ class Scheduler:
             self._finish(record, "succeeded", None, status)
         elif record.cancel_requested:
             if state != "cancelled":  # killed before it could record it itself
-                status = _note_status(job_dir, record.id, state="cancelled", pid=None) or status
+                status = note_status(job_dir, record.id, state="cancelled", pid=None) or status
             self._finish(record, "cancelled", None, status)
         elif state in ("failed", "cancelled"):
             # The worker recorded its own end (bad input, an exception, an outside SIGTERM).
             error = status.error if status is not None else None
             self._finish(record, state, error or exit_info.describe(), status)
+        elif state == "paused" or record.pause_requested:
+            # Paused by itself, or killed while pausing: either way it resumes from its newest checkpoint.
+            self._paused(record, None if state == "paused" else exit_info.describe() + " while pausing")
         else:
             self._worker_died(record, exit_info.describe() + " before recording a result")
         self._exits.pop(record.id, None)
@@ -182,22 +193,68 @@ class Scheduler:
         job_dir = JobDir(record.job_dir)
         if record.retries >= self.settings.max_retries:
             error = reason if record.retries == 0 else f"{reason}; gave up after {record.retries} retries"
-            _note_status(job_dir, record.id, state="failed", error=error, pid=None)
+            note_status(job_dir, record.id, state="failed", error=error, pid=None)
             self._finish(record, "failed", error, job_dir.read_status())
             return
         retry = record.retries + 1
         checkpoint = job_dir.latest_checkpoint()
         where = f"resuming from {checkpoint.name}" if checkpoint else "restarting from the beginning"
         note = f"{reason}; requeued, {where} (retry {retry} of {self.settings.max_retries})"
-        # Conditional: a cancel that landed since the record was read wins over the retry.
+        # Conditional: a cancel that landed since the record was read wins over the retry; a pause that
+        # landed pauses the job instead.
         if not self.store.requeue(record.id, error=note, retries=retry, resume=True, pid=None, slot=None):
             current = self.store.get_job(record.id)
             if current is not None and current.state == "running":
-                status = _note_status(job_dir, record.id, state="cancelled", pid=None)
+                if current.pause_requested and not current.cancel_requested:
+                    self._paused(current, reason + " while pausing")
+                    return
+                status = note_status(job_dir, record.id, state="cancelled", pid=None)
                 self._finish(current, "cancelled", None, status)
             return
-        _note_status(job_dir, record.id, state="queued", error=note, pid=None)
+        note_status(job_dir, record.id, state="queued", error=note, pid=None)
         log.warning("job %s: %s", record.id, note)
+
+    def _paused(self, record: JobRecord, reason: str | None) -> None:
+        """Record a stopped worker's job as paused. ``reason`` says how it ended when it did not record the
+        pause itself (killed while pausing): its step is then that of the checkpoint it will resume from."""
+        job_dir = JobDir(record.job_dir)
+        status = job_dir.read_status()
+        checkpoint = job_dir.latest_checkpoint()
+        values: dict[str, object] = {"error": None}
+        if reason is not None:
+            where = f"it resumes from {checkpoint.name}" if checkpoint else "it restarts from the beginning"
+            values.update(error=f"{reason}; {where}", step=job_dir.checkpoint_step(checkpoint) if checkpoint else 0)
+        elif status is not None:
+            values.update(step=status.step)
+        if status is not None:
+            values.update(total_steps=status.total_steps)
+        if not self.store.mark_paused(record.id, **values):
+            # A cancel landed since the record was read: it wins.
+            current = self.store.get_job(record.id)
+            if current is not None and current.state == "running":
+                self._finish(current, "cancelled", None, note_status(job_dir, record.id, state="cancelled", pid=None))
+            return
+        note_status(job_dir, record.id, state="paused", pid=None, **values)
+        log.info("job %s paused at step %s%s", record.id, values.get("step"), f": {reason}" if reason else "")
+
+    def _pause_requested(self, records: dict[str, JobRecord]) -> None:
+        for job_id, running in list(self._running.items()):
+            record = records.get(job_id)
+            if record is None or not record.pause_requested or record.cancel_requested or running.pause_sent:
+                continue
+            self._each("pausing it", job_id, lambda job_id=job_id, running=running, record=record:
+                       self._signal_pause(job_id, running, record))
+
+    def _signal_pause(self, job_id: str, running: _Running, record: JobRecord) -> None:
+        # Not before the worker handles the signal: it installs its handler before it records 'running'
+        # with its pid, and until then SIGUSR1's default action would kill it. The pause stays pending.
+        status = JobDir(record.job_dir).read_status()
+        if status is None or status.state != "running" or status.pid != running.handle.pid:
+            return
+        # The main process only: the worker handles the signal, its helper processes might not (and die of it).
+        running.handle.signal_main(PAUSE_SIGNAL)
+        running.pause_sent = True
+        log.info("job %s: %s sent to worker %s", job_id, PAUSE_SIGNAL.name, running.handle.pid)
 
     def _stop_cancelled(self, records: dict[str, JobRecord]) -> None:
         now = time.time()
@@ -260,7 +317,7 @@ class Scheduler:
             handle = self.launcher.launch(LaunchRequest(record.id, Path(record.job_dir), resume, env))
         except OSError as exc:
             error = f"could not start the worker ({self.launcher.name} launcher): {exc}"
-            _note_status(job_dir, record.id, state="failed", error=error)
+            note_status(job_dir, record.id, state="failed", error=error)
             self._finish(record, "failed", error, None)
             return
         self._running[record.id] = _Running(handle, slot)
@@ -269,8 +326,8 @@ class Scheduler:
                  ", resuming" if resume else "")
 
 
-def _note_status(job_dir: JobDir, job_id: str, **changes: object) -> JobStatus | None:
-    """Mirror a state the scheduler decided into status.json. Best effort: the store is what the API
+def note_status(job_dir: JobDir, job_id: str, **changes: object) -> JobStatus | None:
+    """Mirror a state the service decided into status.json. Best effort: the store is what the API
     reads, so a job dir that cannot be written (deleted, disk full) must not keep the job from moving on."""
     try:
         return job_dir.update_status(**changes)

@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from posttrain.jobdir import JobState as JobStateName
 
 UPLOAD_PREFIX = "upload:"  # data.source: "upload:<file id>" refers to a file sent to POST /v1/files
+RESULTS_PREFIX = "file-results-"  # a fine-tuning job's results file (purpose fine-tune-results)
 # Bounds of the API's integers (query parameters and bodies): each fits a 64-bit database column.
 MAX_OFFSET = 10**9
 MAX_STEP = 2**62
@@ -39,6 +40,7 @@ class JobInfo(BaseModel):
     id: str
     name: str | None = None
     method: str
+    model: str | None = Field(None, description="The spec's model.name_or_path.")
     state: JobStateName
     priority: int = 0
     step: int = 0
@@ -48,6 +50,8 @@ class JobInfo(BaseModel):
     attempt: int = Field(0, description="How many times a worker was started for this job.")
     retries: int = Field(0, description="Requeues after a worker died (killed, out of memory, restart).")
     cancel_requested: bool = False
+    pause_requested: bool = Field(False, description="A pause is pending: the worker stops at its next step "
+                                                     "boundary, with a checkpoint, and the job becomes paused.")
     created_at: float
     launched_at: float | None = Field(None, description="When the service started the worker process.")
     started_at: float | None = Field(None, description="When the worker reported it was running.")
@@ -87,17 +91,49 @@ class ArtifactList(BaseModel):
 
 
 class FileInfo(BaseModel):
+    """An uploaded file: OpenAI's file object (id, object, bytes, created_at, filename, purpose, status)
+    plus posttrain's own fields (size, sha256, source)."""
+
     id: str
+    object: Literal["file"] = "file"
     filename: str
+    bytes: int = Field(0, description="Size in bytes (OpenAI's name for size).")
     size: int
     sha256: str
-    created_at: float
+    created_at: int = Field(description="Unix time in seconds.")
+    purpose: str = "fine-tune"
+    status: Literal["uploaded", "processed", "error"] = "processed"
+    status_details: str | None = None
+    expires_at: int | None = None
     source: str = Field(description="Put this in data.source (or data.validation.source) of a JobSpec.")
+
+
+class FileList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[FileInfo]
+    has_more: bool = Field(False, description="More files follow: ask again with after = the last id here.")
+    first_id: str | None = None
+    last_id: str | None = None
+
+
+class FileDeleted(BaseModel):
+    id: str
+    object: Literal["file"] = "file"
+    deleted: bool = True
+
+
+class OpenAIError(BaseModel):
+    message: str
+    type: str = Field(description="invalid_request_error, authentication_error, permission_error, "
+                                  "not_found_error, conflict_error, rate_limit_error or server_error.")
+    param: str | None = Field(None, description="The request field at fault, when there is one.")
+    code: str | None = None
 
 
 class ErrorBody(BaseModel):
     detail: str = Field(description="What went wrong, and where.")
     type: str | None = Field(None, description="Error class, e.g. ConfigError, DatasetError.")
+    error: OpenAIError | None = Field(None, description="The same error in OpenAI's shape (its SDK reads it).")
 
 
 class Health(BaseModel):

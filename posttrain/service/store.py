@@ -2,8 +2,9 @@
 
 The database indexes jobs and mirrors their state so listing and scheduling are queries; the job
 directory stays the truth about a run (the scheduler copies its status back here). Every state change
-that could race (claiming a queued job, cancelling one, requeueing one) is a conditional UPDATE, so two
-threads or two server processes can never both start the same job, and a cancel is never lost.
+that could race (claiming a queued job, cancelling, pausing, resuming or requeueing one) is a conditional
+UPDATE, so two threads or two server processes can never both start the same job, and a cancel is never
+lost (nor a pause: a pause never wins over a cancel).
 
 Ownership lives in the queries: every read and change a request makes names the caller's owner
 (``owner=None`` only for admins and the scheduler), so another tenant's job is simply not found.
@@ -59,12 +60,18 @@ class JobRecord(Base):
     retries: Mapped[int] = mapped_column(Integer, default=0)  # requeues after a worker died
     resume: Mapped[bool] = mapped_column(Boolean, default=False)  # next launch resumes from a checkpoint
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    # A running job asked to pause: the scheduler signals its worker, which checkpoints and exits.
+    pause_requested: Mapped[bool] = mapped_column(Boolean, default=False)
     pid: Mapped[int | None] = mapped_column(Integer)
     slot: Mapped[int | None] = mapped_column(Integer)
     created_at: Mapped[float] = mapped_column(Float, index=True)
     launched_at: Mapped[float | None] = mapped_column(Float)
     finished_at: Mapped[float | None] = mapped_column(Float)
     updated_at: Mapped[float] = mapped_column(Float)
+    # What only the OpenAI door knows of a job it created (file ids, suffix, metadata, the method and
+    # hyperparameters as reported back), as JSON; None for jobs submitted otherwise. Kept here rather
+    # than in the job dir so that listing fine-tuning jobs stays one query.
+    openai_json: Mapped[str | None] = mapped_column(Text, nullable=True)
 
 
 class FileRecord(Base):
@@ -100,7 +107,8 @@ def make_engine(url: str) -> Engine:
 
 def migrate(engine: Engine) -> None:
     """Bring a database made by an earlier version up to this schema (create_all only adds tables):
-    add the ``owner`` columns, and widen PostgreSQL's 32-bit step and size columns to 64 bits."""
+    add the ``owner`` and ``openai_json`` columns and ``jobs.pause_requested``, and widen PostgreSQL's
+    32-bit step and size columns to 64 bits."""
     inspector = inspect(engine)
     tables = set(inspector.get_table_names())
     with engine.begin() as conn:
@@ -111,6 +119,10 @@ def migrate(engine: Engine) -> None:
             if "owner" not in columns:
                 conn.execute(text(f"ALTER TABLE {table} ADD COLUMN owner VARCHAR(64)"))
                 conn.execute(text(f"CREATE INDEX IF NOT EXISTS ix_{table}_owner ON {table} (owner)"))
+            if table == "jobs" and "pause_requested" not in columns:
+                conn.execute(text("ALTER TABLE jobs ADD COLUMN pause_requested BOOLEAN NOT NULL DEFAULT false"))
+            if table == "jobs" and "openai_json" not in columns:
+                conn.execute(text("ALTER TABLE jobs ADD COLUMN openai_json TEXT"))
             if engine.dialect.name == "postgresql":
                 wide = ("step", "total_steps") if table == "jobs" else ("size",)
                 for name in wide:
@@ -173,6 +185,21 @@ class JobStore:
         with self._session() as session:
             return list(session.scalars(query)), int(session.scalar(count) or 0)
 
+    def list_openai_jobs(self, owner: str | None, after: str | None, limit: int) -> tuple[list[JobRecord], bool]:
+        """Jobs created through the OpenAI door, newest first, those after job ``after`` (cursor paging);
+        and whether more follow."""
+        query = select(JobRecord).where(JobRecord.openai_json.is_not(None))
+        if owner is not None:
+            query = query.where(JobRecord.owner == owner)
+        with self._session() as session:
+            cursor = session.get(JobRecord, after) if after else None
+            if cursor is not None:
+                query = query.where((JobRecord.created_at < cursor.created_at)
+                                    | ((JobRecord.created_at == cursor.created_at) & (JobRecord.id < cursor.id)))
+            query = query.order_by(JobRecord.created_at.desc(), JobRecord.id.desc()).limit(limit + 1)
+            records = list(session.scalars(query))
+        return records[:limit], len(records) > limit
+
     def jobs_in_state(self, state: str, under: str | None = None) -> list[JobRecord]:
         """Jobs in ``state``; with ``under``, only those whose job dir is inside that folder."""
         query = select(JobRecord).where(JobRecord.state == state)
@@ -208,8 +235,21 @@ class JobStore:
             session.execute(update(JobRecord).where(JobRecord.id == job_id).values(**values))
 
     def requeue(self, job_id: str, **values: Any) -> bool:
-        """running -> queued for a retry, only if no cancel was requested meanwhile (a cancel always wins)."""
+        """running -> queued for a retry, only if no cancel (which always wins) or pause (the job is then
+        paused instead) was requested meanwhile."""
         values.update(state="queued", updated_at=time.time())
+        with self._session() as session:
+            result = session.execute(
+                update(JobRecord)
+                .where(JobRecord.id == job_id, JobRecord.state == "running", JobRecord.cancel_requested.is_(False),
+                       JobRecord.pause_requested.is_(False))
+                .values(**values)
+            )
+            return result.rowcount == 1
+
+    def mark_paused(self, job_id: str, **values: Any) -> bool:
+        """running -> paused once its worker has stopped, only if no cancel was requested meanwhile."""
+        values.update(state="paused", pid=None, slot=None, pause_requested=False, updated_at=time.time())
         with self._session() as session:
             result = session.execute(
                 update(JobRecord)
@@ -226,16 +266,16 @@ class JobStore:
             session.execute(update(JobRecord).where(JobRecord.id == job_id).values(**values))
 
     def cancel(self, job_id: str) -> str | None:
-        """Cancel a job: a queued one at once (-> "cancelled"), a running one by flagging it for the
-        scheduler (-> "running"); None if it had already finished. Each step is a conditional UPDATE, and a
-        job requeued between them is caught on the next pass, so the request is never lost."""
+        """Cancel a job: a queued or paused one at once (-> "cancelled"), a running one by flagging it for
+        the scheduler (-> "running"); None if it had already finished. Each step is a conditional UPDATE, and
+        a job requeued between them is caught on the next pass, so the request is never lost."""
         for _ in range(5):
             now = time.time()
             with self._session() as session:
                 flag = {"cancel_requested": True, "updated_at": now}
                 if session.execute(
-                    update(JobRecord).where(JobRecord.id == job_id, JobRecord.state == "queued")
-                    .values(state="cancelled", finished_at=now, **flag)
+                    update(JobRecord).where(JobRecord.id == job_id, JobRecord.state.in_(("queued", "paused")))
+                    .values(state="cancelled", finished_at=now, pid=None, slot=None, **flag)
                 ).rowcount == 1:
                     return "cancelled"
                 if session.execute(
@@ -243,9 +283,41 @@ class JobStore:
                 ).rowcount == 1:
                     return "running"
                 state = session.scalar(select(JobRecord.state).where(JobRecord.id == job_id))
-            if state not in ("queued", "running"):
+            if state not in ("queued", "running", "paused"):
                 return None
         return None
+
+    def pause(self, job_id: str) -> str | None:
+        """Pause a job: a queued one at once (-> "paused"), a running one by flagging it for the scheduler
+        (-> "running"); None if it is in no state to pause (paused, finished, or being cancelled)."""
+        for _ in range(5):
+            now = time.time()
+            with self._session() as session:
+                if session.execute(
+                    update(JobRecord)
+                    .where(JobRecord.id == job_id, JobRecord.state == "queued", JobRecord.cancel_requested.is_(False))
+                    .values(state="paused", updated_at=now)
+                ).rowcount == 1:
+                    return "paused"
+                if session.execute(
+                    update(JobRecord)
+                    .where(JobRecord.id == job_id, JobRecord.state == "running", JobRecord.cancel_requested.is_(False))
+                    .values(pause_requested=True, updated_at=now)
+                ).rowcount == 1:
+                    return "running"
+                state = session.scalar(select(JobRecord.state).where(JobRecord.id == job_id))
+            if state != "queued":  # queued: it was claimed or requeued between the two updates; again
+                return None
+        return None
+
+    def resume(self, job_id: str) -> bool:
+        """paused -> queued; its next worker continues from the newest complete checkpoint."""
+        with self._session() as session:
+            result = session.execute(
+                update(JobRecord).where(JobRecord.id == job_id, JobRecord.state == "paused")
+                .values(state="queued", resume=True, error=None, pause_requested=False, updated_at=time.time())
+            )
+            return result.rowcount == 1
 
     def delete_job(self, job_id: str) -> None:
         with self._session() as session:
@@ -267,12 +339,24 @@ class JobStore:
         record = self.get_file(file_id)
         return record if record is not None and (owner is None or record.owner == owner) else None
 
-    def list_files(self, owner: str | None = None, limit: int = 1000) -> list[FileRecord]:
-        query = select(FileRecord).order_by(FileRecord.created_at.desc(), FileRecord.id).limit(limit)
+    def list_files(self, owner: str | None = None, limit: int = 1000, after: str | None = None,
+                   oldest_first: bool = False) -> list[FileRecord]:
+        """Newest first (or oldest first), those after file ``after`` (cursor paging)."""
+        query = select(FileRecord)
         if owner is not None:
             query = query.where(FileRecord.owner == owner)
         with self._session() as session:
-            return list(session.scalars(query))
+            cursor = session.get(FileRecord, after) if after else None
+            if cursor is not None:
+                if oldest_first:
+                    query = query.where((FileRecord.created_at > cursor.created_at)
+                                        | ((FileRecord.created_at == cursor.created_at) & (FileRecord.id > cursor.id)))
+                else:
+                    query = query.where((FileRecord.created_at < cursor.created_at)
+                                        | ((FileRecord.created_at == cursor.created_at) & (FileRecord.id > cursor.id)))
+            order = (FileRecord.created_at, FileRecord.id) if oldest_first else (FileRecord.created_at.desc(),
+                                                                                  FileRecord.id)
+            return list(session.scalars(query.order_by(*order).limit(limit)))
 
     def delete_file(self, file_id: str) -> None:
         with self._session() as session:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from posttrain.data.sources import is_local_path
 from posttrain.errors import ConfigError, PosttrainError
+from posttrain.graders import runs_user_code
 from posttrain.jobdir import JobDir, JobStatus
 from posttrain.preflight import DataBudget, preflight
 from posttrain.rewards import is_user_reward
@@ -87,6 +88,9 @@ def user_code(spec: JobSpec) -> dict[str, str]:
         custom = [name for name in spec.method.reward_functions if is_user_reward(name)]
         if custom:
             found["method.reward_functions"] = ", ".join(custom) + " (imports and runs that module)"
+        coded = [grader.name for grader in spec.method.graders if runs_user_code(grader)]
+        if coded:
+            found["method.graders"] = ", ".join(coded) + " (python and multi graders run the code they bring)"
     return found
 
 
@@ -118,7 +122,9 @@ def check_local_paths(spec: JobSpec, settings: ServiceSettings) -> None:
             )
 
 
-def submit_job(body: SubmitJobRequest, store: JobStore, settings: ServiceSettings, caller: Principal) -> JobRecord:
+def submit_job(body: SubmitJobRequest, store: JobStore, settings: ServiceSettings, caller: Principal,
+               openai_json: str | None = None) -> JobRecord:
+    """Check and queue a job. ``openai_json``: what the OpenAI door keeps with a job it submits."""
     spec = build_spec(body)
     check_user_code(spec, settings)
     resolve_upload_references(spec, store, None if caller.admin else caller.owner)
@@ -140,6 +146,7 @@ def submit_job(body: SubmitJobRequest, store: JobStore, settings: ServiceSetting
             id=job_id, owner=caller.owner, name=spec.name, method=spec.method.name, state="queued",
             priority=body.priority, job_dir=str(root), spec_json=spec_to_json(spec), step=0, total_steps=None,
             error=None, attempt=0, retries=0, resume=False, cancel_requested=False, created_at=now, updated_at=now,
+            openai_json=openai_json,
         )
         return store.add_job(record)
     except BaseException:

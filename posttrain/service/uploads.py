@@ -11,7 +11,7 @@ from typing import BinaryIO
 
 from posttrain.errors import ConfigError
 from posttrain.service.ids import is_id, new_file_id
-from posttrain.service.schemas import UPLOAD_PREFIX, FileInfo
+from posttrain.service.schemas import RESULTS_PREFIX, UPLOAD_PREFIX, FileInfo
 from posttrain.service.store import FileRecord, JobStore
 from posttrain.spec import JobSpec
 
@@ -56,8 +56,16 @@ def save_upload(source: BinaryIO, filename: str | None, files_dir: Path, limit: 
 
 
 def file_info(record: FileRecord) -> FileInfo:
-    return FileInfo(id=record.id, filename=record.filename, size=record.size, sha256=record.sha256,
-                    created_at=record.created_at, source=UPLOAD_PREFIX + record.id)
+    purpose = "fine-tune-results" if record.id.startswith(RESULTS_PREFIX) else "fine-tune"
+    return FileInfo(id=record.id, filename=record.filename, bytes=record.size, size=record.size, purpose=purpose,
+                    sha256=record.sha256, created_at=int(record.created_at), source=UPLOAD_PREFIX + record.id)
+
+
+def delete_upload(record: FileRecord, files_dir: Path, store: JobStore) -> None:
+    folder = Path(record.path).parent
+    if folder.resolve().is_relative_to(files_dir):  # never delete outside our own data dir
+        shutil.rmtree(folder, ignore_errors=True)
+    store.delete_file(record.id)
 
 
 def resolve_upload_references(spec: JobSpec, store: JobStore, owner: str | None) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import os
 from collections.abc import AsyncIterator, Callable
@@ -29,10 +30,11 @@ def job_info(record: JobRecord, live: bool = True) -> JobInfo:
     if live:
         metrics = latest_metrics(job_dir.metrics_path)
     return JobInfo(
-        id=record.id, name=record.name, method=record.method, state=record.state,  # type: ignore[arg-type]
+        id=record.id, name=record.name, method=record.method, model=model_name(record.spec_json),
+        state=record.state,  # type: ignore[arg-type]
         priority=record.priority, step=step, total_steps=total_steps, metrics=metrics,
         error=record.error, attempt=record.attempt, retries=record.retries,
-        cancel_requested=record.cancel_requested, created_at=record.created_at, launched_at=record.launched_at,
+        cancel_requested=record.cancel_requested, pause_requested=record.pause_requested, created_at=record.created_at, launched_at=record.launched_at,
         started_at=started_at, finished_at=record.finished_at, updated_at=record.updated_at,
     )
 
@@ -81,6 +83,17 @@ def latest_metrics(path: Path) -> dict | None:
     metrics = last_metrics(path)
     _remember(_LAST_METRICS, path, (signature, metrics))
     return metrics
+
+
+@functools.lru_cache(maxsize=1024)  # a job's spec never changes; status pollers ask again and again
+def model_name(spec_json: str) -> str | None:
+    """The model a stored spec trains (``model.name_or_path``); None for a spec that does not parse."""
+    try:
+        spec = json.loads(spec_json)
+        name = spec["model"]["name_or_path"]
+    except (json.JSONDecodeError, TypeError, KeyError, RecursionError):
+        return None
+    return name if isinstance(name, str) else None
 
 
 def _read_tail(path: Path, max_bytes: int) -> tuple[bytes, int]:
@@ -154,7 +167,8 @@ async def follow_log(
     path: Path, tail: int, job_state: Callable[[], str | None], disconnected: Callable[[], object],
     poll_s: float = 0.25, keepalive_s: float = 15.0,
 ) -> AsyncIterator[str]:
-    """Server-sent events: the last ``tail`` lines, then each new line, then ``event: end`` with the state."""
+    """Server-sent events: the last ``tail`` lines, then each new line, then ``event: end`` with the state
+    once the job has finished or is paused."""
     lines, offset = await asyncio.to_thread(tail_lines, path, tail)
     for line in lines:
         yield _sse(line)
@@ -171,8 +185,9 @@ async def follow_log(
             idle = 0.0
             continue
         state = await asyncio.to_thread(job_state)
-        if state is None or state in TERMINAL_STATES:
-            # One last read: the worker may have written its final lines just before exiting.
+        if state is None or state in TERMINAL_STATES or state == "paused":
+            # No worker any more (a paused job's next one starts only on resume). One last read: the
+            # worker may have written its final lines just before exiting.
             tail_chunk = pending + await asyncio.to_thread(_read_from, path, offset)
             for line in tail_chunk.replace(b"\r", b"\n").split(b"\n"):
                 if line:

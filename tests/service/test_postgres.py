@@ -159,3 +159,37 @@ def test_database_errors_are_logged_not_shown(start_server, postgres: PostgresSe
         postgres.start()
     with server.client() as client:
         wait_for(client.ready, 60, "the database to be back")
+
+
+# The jobs table as an earlier release created it on PostgreSQL: no owner, no pause_requested, 32-bit steps.
+OLD_JOBS_TABLE = """
+CREATE TABLE jobs (id VARCHAR(64) PRIMARY KEY, name VARCHAR(256), method VARCHAR(32) NOT NULL,
+  state VARCHAR(16) NOT NULL, priority INTEGER NOT NULL, job_dir TEXT NOT NULL, spec_json TEXT NOT NULL,
+  step INTEGER NOT NULL, total_steps INTEGER, error TEXT, attempt INTEGER NOT NULL, retries INTEGER NOT NULL,
+  resume BOOLEAN NOT NULL, cancel_requested BOOLEAN NOT NULL, pid INTEGER, slot INTEGER,
+  created_at FLOAT NOT NULL, launched_at FLOAT, finished_at FLOAT, updated_at FLOAT NOT NULL);
+INSERT INTO jobs VALUES ('job-old', 'old', 'sft', 'running', 0, '/data/jobs/job-old', '{}', 4, 8, NULL, 1, 0,
+  false, false, NULL, NULL, 1.0, 1.0, NULL, 2.0);
+"""
+
+
+def test_an_older_postgres_database_is_migrated_for_pauses(postgres: PostgresServer):
+    import psycopg
+
+    from posttrain.service.settings import normalize_db_url
+    from posttrain.service.store import JobStore
+
+    with psycopg.connect(postgres.url, autocommit=True) as conn:
+        conn.execute("CREATE DATABASE before_pauses")
+    url = postgres.url.rsplit("/", 1)[0] + "/before_pauses"
+    with psycopg.connect(url) as conn:
+        conn.execute(OLD_JOBS_TABLE)
+    store = JobStore(normalize_db_url(url))
+    try:
+        old = store.get_job("job-old")
+        assert old is not None and old.pause_requested is False and old.owner is None
+        assert store.pause("job-old") == "running" and store.get_job("job-old").pause_requested
+        assert store.mark_paused("job-old", step=4) and store.get_job("job-old").state == "paused"
+    finally:
+        store.close()
+    JobStore(normalize_db_url(url)).close()  # migrating again changes nothing

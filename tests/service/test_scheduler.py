@@ -33,6 +33,9 @@ class FakeWorker(WorkerHandle):
     def signal(self, sig: int) -> None:
         self.signals.append(sig)
 
+    def signal_main(self, sig: int) -> None:
+        self.signals.append(-sig)  # negative: sent to the main process only
+
 
 class FakeLauncher(Launcher):
     name = "fake"
@@ -156,6 +159,69 @@ def test_the_tick_goes_on_when_one_job_cannot_be_synced(setup, monkeypatch):
     scheduler.tick()
     assert store.get_job("job-2").step == 3  # synced despite job-1's error
     assert store.get_job("job-3").state == "running"  # and the queue moved on
+
+
+def test_a_pause_signals_the_main_process_once_and_a_recorded_pause_frees_the_slot(setup):
+    store, launcher, scheduler, settings = setup
+    add_job(store, settings)
+    add_job(store, settings, "job-2")
+    scheduler.tick()
+    [worker] = launcher.launched
+    assert store.pause("job-1") == "running"
+    scheduler.tick()
+    assert worker.signals == []  # not before the worker says it runs (and so handles the signal)
+    JobDir(settings.jobs_dir / "job-1").update_status(state="running", pid=worker.pid)
+    scheduler.tick()
+    scheduler.tick()
+    assert worker.signals == [-signal.SIGUSR1]  # once, and never to the group (helpers may not handle it)
+    assert store.pause("job-1") == "running"  # asking again while it is pending changes nothing
+
+    JobDir(settings.jobs_dir / "job-1").update_status(state="paused", step=3, total_steps=9)
+    worker.exit = WorkerExit(75)
+    scheduler.tick()
+    job = store.get_job("job-1")
+    assert (job.state, job.step, job.pid, job.pause_requested, job.retries) == ("paused", 3, None, False, 0)
+    assert store.get_job("job-2").state == "running"  # the freed slot went to the next job
+    assert len(launcher.launched) == 2
+
+    assert store.resume("job-1") and not store.resume("job-1")
+    job = store.get_job("job-1")
+    assert (job.state, job.resume) == ("queued", True)
+
+
+def test_a_pause_that_lands_while_a_dead_worker_is_requeued_pauses_it(setup):
+    store, _launcher, scheduler, settings = setup
+    add_job(store, settings)
+    scheduler.tick()
+    stale = store.get_job("job-1")
+    assert store.pause("job-1") == "running"
+    scheduler._worker_died(stale, "worker was killed by SIGKILL")  # read before the pause arrived
+    job = store.get_job("job-1")
+    assert job.state == "paused" and job.retries == 0 and "while pausing" in job.error
+    assert JobDir(job.job_dir).read_status().state == "paused"
+
+
+def test_a_cancel_wins_over_a_pause_at_every_point(setup):
+    store, launcher, scheduler, settings = setup
+    add_job(store, settings)
+    scheduler.tick()
+    [worker] = launcher.launched
+    store.cancel("job-1")
+    assert store.pause("job-1") is None  # being cancelled: nothing to pause
+    scheduler.tick()
+    assert worker.signals == [signal.SIGTERM]
+
+    # The worker recorded a pause (the cancel came too late for it): the job still ends cancelled.
+    JobDir(settings.jobs_dir / "job-1").update_status(state="paused", step=2)
+    worker.exit = WorkerExit(75)
+    scheduler.tick()
+    assert store.get_job("job-1").state == "cancelled"
+    assert JobDir(settings.jobs_dir / "job-1").read_status().state == "cancelled"
+
+    add_job(store, settings, "job-2")
+    assert store.pause("job-2") == "paused"  # queued: at once
+    assert store.cancel("job-2") == "cancelled"
+    assert store.resume("job-2") is False
 
 
 def _sleeper(job_dir: Path) -> subprocess.Popen[bytes]:

@@ -1,4 +1,5 @@
-"""The job store: a database made before owners existed is migrated in place; ownership is in the queries."""
+"""The job store: a database made before owners (and pauses) existed is migrated in place; ownership is in the
+queries."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from sqlalchemy import inspect
 
 from posttrain.service.store import JobRecord, JobStore
 
-# The tables as the first release created them (no owner columns).
+# The tables as the first release created them (no owner columns, no pause_requested).
 OLD_SCHEMA = """
 CREATE TABLE jobs (id VARCHAR(64) PRIMARY KEY, name VARCHAR(256), method VARCHAR(32) NOT NULL,
   state VARCHAR(16) NOT NULL, priority INTEGER NOT NULL, job_dir TEXT NOT NULL, spec_json TEXT NOT NULL,
@@ -33,9 +34,12 @@ def test_a_database_from_before_owners_is_migrated_and_its_jobs_are_admin_only(t
     store = JobStore(f"sqlite:///{path}")
     try:
         columns = {table: {c["name"] for c in inspect(store.engine).get_columns(table)} for table in ("jobs", "files")}
-        assert "owner" in columns["jobs"] and "owner" in columns["files"]
+        assert "owner" in columns["jobs"] and "owner" in columns["files"] and "openai_json" in columns["jobs"]
+        assert "pause_requested" in columns["jobs"]
         old = store.get_job("job-old")
-        assert old is not None and old.owner is None and old.step == 4
+        assert old is not None and old.owner is None and old.step == 4 and old.openai_json is None
+        assert old.pause_requested is False
+        assert store.list_openai_jobs(None, None, 10) == ([], False)  # not made through the OpenAI door
         assert store.get_job("job-old", owner="alice") is None  # no tenant owns a job from before owners
         assert store.list_jobs(owner="alice") == ([], 0)
         now = time.time()

@@ -57,7 +57,7 @@ def test_other_owners_get_404_and_an_admin_sees_and_manages_everything(server: S
             assert status_of(call) == 404
         assert bob.list_jobs().total == 0 and bob.list_jobs().jobs == []
         with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {BOB}"}) as raw:
-            assert raw.get("/v1/files").json() == []
+            assert raw.get("/v1/files").json()["data"] == []
         stolen = train_spec(max_steps=2)
         stolen["data"] = {"source": upload.source}
         with pytest.raises(ServiceError) as caught:

@@ -1,4 +1,6 @@
-"""``/v1/jobs``: submit, list, read, cancel and delete jobs; their logs, metrics and artifacts."""
+"""``/v1/jobs``: submit, list, read, cancel, pause, resume and delete jobs; their logs, metrics and artifacts.
+
+State changes go through ``posttrain.service.lifecycle``, which every door shares."""
 
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ from fastapi.responses import FileResponse, StreamingResponse
 
 from posttrain.jobdir import TERMINAL_STATES, JobDir
 from posttrain.service.ids import is_id
+from posttrain.service.lifecycle import JobConflict, cancel_job, check_run_here, pause_job, resume_job
 from posttrain.service.routes.deps import (
     AUTH,
     Caller,
@@ -33,8 +36,6 @@ from posttrain.service.schemas import (
     MetricsResponse,
     SubmitJobRequest,
 )
-from posttrain.service.settings import ServiceSettings
-from posttrain.service.store import JobRecord
 from posttrain.service.submission import submit_job
 from posttrain.service.views import (
     UnsafePath,
@@ -47,13 +48,6 @@ from posttrain.service.views import (
 )
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], dependencies=AUTH)
-
-
-def _run_here(job: JobRecord, settings: ServiceSettings, action: str) -> None:
-    """Servers sharing one database each run the jobs under their own data dir; only that server may
-    change one (its scheduler is the one that would act on it)."""
-    if not Path(job.job_dir).is_relative_to(settings.jobs_dir):
-        raise HTTPException(409, f"job {job.id} is run by another server sharing this database; {action} it there")
 
 
 @router.post("", status_code=201, response_model=JobInfo)
@@ -88,25 +82,29 @@ async def get_job_info(job_id: str, request: Request, caller: Caller) -> JobInfo
 
 @router.post("/{job_id}/cancel", response_model=JobInfo)
 def cancel(job: Job, request: Request) -> JobInfo:
-    store = store_of(request)
-    _run_here(job, settings_of(request), "cancel")
-    outcome = store.cancel(job.id)
-    if outcome == "cancelled":
-        JobDir(job.job_dir).update_status(state="cancelled")
-    elif outcome == "running":
-        scheduler_of(request).wake()  # it sends SIGTERM, then SIGKILL after the grace period
-    else:
-        current = store.get_job(job.id) or job
-        raise HTTPException(409, f"job {job.id} already finished ({current.state}); nothing to cancel")
-    return job_info(store.get_job(job.id) or job)
+    """Queued or paused: cancelled at once. Running: SIGTERM to its worker, SIGKILL after the grace period."""
+    return job_info(cancel_job(store_of(request), scheduler_of(request), settings_of(request), job))
+
+
+@router.post("/{job_id}/pause", response_model=JobInfo)
+def pause(job: Job, request: Request) -> JobInfo:
+    """Queued: paused at once. Running: its worker saves a complete checkpoint at the next step boundary
+    and stops (the job shows pause_requested until it is paused). 409 for a paused or finished job."""
+    return job_info(pause_job(store_of(request), scheduler_of(request), settings_of(request), job))
+
+
+@router.post("/{job_id}/resume", response_model=JobInfo)
+def resume(job: Job, request: Request) -> JobInfo:
+    """A paused job is queued again and continues from its newest complete checkpoint. 409 otherwise."""
+    return job_info(resume_job(store_of(request), scheduler_of(request), settings_of(request), job))
 
 
 @router.delete("/{job_id}", status_code=204)
 def delete(job: Job, request: Request) -> None:
     settings = settings_of(request)
     if job.state not in TERMINAL_STATES:
-        raise HTTPException(409, f"job {job.id} is {job.state}; cancel it before deleting it")
-    _run_here(job, settings, "delete")
+        raise JobConflict(f"job {job.id} is {job.state}; cancel it before deleting it")
+    check_run_here(job, settings, "delete")
     root = Path(job.job_dir)
     if root.resolve().is_relative_to(settings.jobs_dir):  # never delete outside our own data dir
         shutil.rmtree(root, ignore_errors=True)
