@@ -6,7 +6,8 @@ to fork each job's worker. Whenever the template cannot do that (still importing
 job starts cold through :class:`~posttrain.launchers.local.LocalLauncher` exactly as before, and a
 dead template is restarted. Both paths run the same ``posttrain.worker`` main with the same arguments.
 
-Only the scheduler thread calls a launcher and its handles, so nothing here needs a lock.
+The scheduler thread starts and watches workers; ``/readyz`` asks for :meth:`WarmLauncher.state` from
+a request thread, so reading the template's pipe is guarded by a lock (which ``state`` never waits for).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import os
 import select
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import IO, Any
@@ -59,6 +61,7 @@ class WarmTemplate:
         self._pending = b""
         self._replies: dict[int, dict[str, Any]] = {}
         self._next_id = 0
+        self._lock = threading.Lock()
         with open(log_path, "ab") as template_log:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "posttrain.launchers.zygote"], stdin=subprocess.PIPE,
@@ -75,8 +78,17 @@ class WarmTemplate:
     def alive(self) -> bool:
         return self.process.poll() is None
 
-    def pump(self, timeout: float = 0.0) -> bool:
-        """Read what the template has written (waiting up to ``timeout``); False at end of file."""
+    def pump(self, timeout: float = 0.0, wait_for_lock: bool = True) -> bool:
+        """Read what the template has written (waiting up to ``timeout``); False at end of file. Without
+        ``wait_for_lock``, nothing is read while another thread is reading."""
+        if not self._lock.acquire(blocking=wait_for_lock):
+            return True
+        try:
+            return self._pump(timeout)
+        finally:
+            self._lock.release()
+
+    def _pump(self, timeout: float) -> bool:
         readable, _, _ = select.select([self._stdout], [], [], timeout)
         if not readable:
             return True
@@ -97,18 +109,19 @@ class WarmTemplate:
 
     def spawn(self, request: dict[str, Any]) -> tuple[int, float]:
         """Have the template fork a worker; (pid, start time) once the worker has recorded its identity."""
-        self._next_id += 1
-        request_id = self._next_id
-        try:
-            self._stdin.write((json.dumps({"id": request_id, **request}) + "\n").encode())
-            self._stdin.flush()
-        except OSError as exc:
-            raise TemplateError(f"cannot reach the warm template: {exc}") from None
-        deadline = time.monotonic() + SPAWN_TIMEOUT_S
-        while request_id not in self._replies:
-            if not self.pump(0.05) or time.monotonic() > deadline:
-                raise TemplateError("the warm template exited or did not answer")
-        reply = self._replies.pop(request_id)
+        with self._lock:
+            self._next_id += 1
+            request_id = self._next_id
+            try:
+                self._stdin.write((json.dumps({"id": request_id, **request}) + "\n").encode())
+                self._stdin.flush()
+            except OSError as exc:
+                raise TemplateError(f"cannot reach the warm template: {exc}") from None
+            deadline = time.monotonic() + SPAWN_TIMEOUT_S
+            while request_id not in self._replies:
+                if not self._pump(0.05) or time.monotonic() > deadline:
+                    raise TemplateError("the warm template exited or did not answer")
+            reply = self._replies.pop(request_id)
         if "error" in reply:
             raise TemplateError(reply["error"])
         return int(reply["pid"]), float(reply["create_time"])
@@ -122,12 +135,13 @@ class WarmTemplate:
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()
-        try:  # keep the exits it reported last: its workers' handles still look them up
-            while select.select([self._stdout], [], [], 0)[0] and self.pump():
+        with self._lock:
+            try:  # keep the exits it reported last: its workers' handles still look them up
+                while select.select([self._stdout], [], [], 0)[0] and self._pump(0):
+                    pass
+            except (OSError, ValueError):
                 pass
-        except (OSError, ValueError):
-            pass
-        self._stdout.close()
+            self._stdout.close()
 
 
 class WarmWorker(WorkerHandle):
@@ -199,7 +213,7 @@ class WarmLauncher(Launcher):
         template = self.template
         if template is not None and template.alive:
             with contextlib.suppress(OSError, ValueError):
-                template.pump()
+                template.pump(wait_for_lock=False)  # never wait for a fork in progress
         if template is None or not template.alive:
             return {"warm_workers": "restarting"}
         if not template.ready:
