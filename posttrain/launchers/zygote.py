@@ -36,6 +36,7 @@ import os
 import select
 import signal
 import sys
+import threading
 import time
 import traceback
 import weakref
@@ -62,8 +63,6 @@ def os_thread_count() -> int:
 
 def fork_safety_problem() -> str | None:
     """Why forking now would be unsafe, or None."""
-    import threading
-
     torch = sys.modules.get("torch")
     if threading.active_count() != 1 or os_thread_count() != 1:
         names = sorted(Path(f"/proc/self/task/{task}/comm").read_text().strip()
