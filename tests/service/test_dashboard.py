@@ -90,7 +90,7 @@ def test_the_dashboard_follows_a_training_job_and_cancels_it(start_server, page,
     from playwright.sync_api import expect
 
     server: ServerProcess = start_server("--cancel-grace", "10")
-    spec = train_spec(max_steps=1500, save_steps=100)  # ~25 s on an idle CPU; cancelled long before
+    spec = train_spec(max_steps=3000, save_steps=100)  # ~60 s on an idle CPU; cancelled long before
     spec["name"] = "dashboard-run"
     with server.client() as client:
         job = client.submit(spec)
@@ -122,6 +122,17 @@ def test_the_dashboard_follows_a_training_job_and_cancels_it(start_server, page,
         expect(page.locator("#log")).to_contain_text("posttrain.worker")
         lines = page.locator("#log .line").count()
         page.wait_for_function("n => document.querySelectorAll('#log .line').length > n", arg=lines)
+
+        # Pause from the page: the job stops with a checkpoint and shows paused; resume runs it again.
+        page.locator("#pause-job").click()
+        assert client.wait(job.id, timeout=120, states=("paused",)).state == "paused"
+        expect(page.locator(".title .state")).to_have_text("paused")
+        expect(page.locator("#log-state")).to_have_text("ended: job paused")
+        expect(page.locator("#pause-job")).to_have_text("Resume")
+        page.locator("#pause-job").click()
+        expect(page.locator(".title .state")).to_have_text("running", timeout=60_000)
+        expect(page.locator("#log-state")).to_have_text("following", timeout=30_000)
+        expect(page.locator("#pause-job")).to_have_text("Pause")
 
         # Cancel from the page; the API agrees.
         assert client.get_job(job.id).state == "running", "the job ended before the page could cancel it"

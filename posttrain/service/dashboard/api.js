@@ -53,6 +53,8 @@ export const api = {
   metrics: (id, sinceStep) => json(`v1/jobs/${enc(id)}/metrics${sinceStep === null ? "" : `?since_step=${sinceStep}`}`),
   artifacts: (id) => json(`v1/jobs/${enc(id)}/artifacts`),
   cancel: (id) => json(`v1/jobs/${enc(id)}/cancel`, { method: "POST" }),
+  pause: (id) => json(`v1/jobs/${enc(id)}/pause`, { method: "POST" }),
+  resume: (id) => json(`v1/jobs/${enc(id)}/resume`, { method: "POST" }),
   /** The file as a Blob: a plain link cannot send the Authorization header a keyed server needs. */
   download: (id, path) => call(artifactUrl(id, path)).then((response) => response.blob()),
 };

@@ -1,4 +1,4 @@
-// One job (#/jobs/<id>): its state and progress, live curves, the log as it is written, its files, cancel.
+// One job (#/jobs/<id>): its state and progress, live curves, the log as it is written, its files, pause/resume and cancel.
 
 import { AuthError, api, apiKey, artifactUrl, followLog, poll } from "./api.js";
 import { h } from "./dom.js";
@@ -61,6 +61,7 @@ export function jobView(page, id) {
   const badge = h("span", {});
   const cancelButton = h("button", { type: "button", class: "danger", id: "cancel-job", hidden: true, onclick: cancel },
     "Cancel job");
+  const pauseButton = h("button", { type: "button", id: "pause-job", hidden: true, onclick: pauseOrResume }, "Pause");
   const facts = h("dl", { class: "facts" });
   const errorBox = h("pre", { class: "error-box", hidden: true });
   const charts = h("div", { class: "charts" }, h("p", { class: "muted" }, "No metrics yet."));
@@ -70,7 +71,8 @@ export function jobView(page, id) {
   page.main.append(
     h("a", { href: "#/", class: "back" }, "← All jobs"),
     h("section", { class: "card" },
-      h("div", { class: "card-head" }, h("div", { class: "title" }, title, badge), cancelButton), facts, errorBox),
+      h("div", { class: "card-head" }, h("div", { class: "title" }, title, badge),
+        h("div", { class: "actions" }, pauseButton, cancelButton)), facts, errorBox),
     h("section", { class: "card" }, h("h2", {}, "Curves"), charts),
     h("section", { class: "card" }, h("div", { class: "card-head" }, h("h2", {}, "Log"), logState), logBox),
     h("section", { class: "card" }, h("h2", {}, "Checkpoints and files"), files));
@@ -98,6 +100,11 @@ export function jobView(page, id) {
     cancelButton.hidden = isFinished(job.state);
     cancelButton.disabled = job.cancel_requested;
     cancelButton.textContent = job.cancel_requested ? "Cancelling…" : "Cancel job";
+    // Pause keeps the work done (a checkpoint at the next step); resume continues from it.
+    const paused = job.state === "paused";
+    pauseButton.hidden = isFinished(job.state) || job.cancel_requested;
+    pauseButton.disabled = Boolean(job.pause_requested);
+    pauseButton.textContent = paused ? "Resume" : job.pause_requested ? "Pausing…" : "Pause";
     // The last training record (an eval record, logged at the same step, has no speed of its own).
     const rate = latest("steps_per_s");
     const tokens = latest("tokens_per_s");
@@ -229,6 +236,17 @@ export function jobView(page, id) {
     }
   }
 
+  async function pauseOrResume() {
+    pauseButton.disabled = true;
+    try {
+      job = await (job.state === "paused" ? api.resume(id) : api.pause(id));
+      render();
+    } catch (error) {
+      page.onError(error);
+      pauseButton.disabled = false;
+    }
+  }
+
   function appendLines(lines) {
     const atEnd = logBox.scrollTop + logBox.clientHeight >= logBox.scrollHeight - 8;
     logBox.append(...lines.map((line) => h("div", { class: "line" }, line || "\u00a0")));
@@ -247,8 +265,10 @@ export function jobView(page, id) {
         for await (const event of followLog(id, LOG_TAIL, streams.signal)) {
           if (event.type === "end") {
             flush();
-            logState.textContent = `ended: job ${JSON.parse(event.data).state ?? "deleted"}`;
-            return;
+            const state = JSON.parse(event.data).state;
+            logState.textContent = `ended: job ${state ?? "deleted"}`;
+            if (state !== "paused") return;
+            break; // a paused job has no worker until it is resumed; follow again then
           }
           batch.push(event.data);
           // Lines arrive in bursts (the tail, then a log call's lines): draw them once per frame.
@@ -264,6 +284,7 @@ export function jobView(page, id) {
         logState.textContent = `reconnecting: ${error.message}`;
       }
       await sleep(3000, streams.signal);
+      while (job?.state === "paused" && !streams.signal.aborted) await sleep(1000, streams.signal);
     }
   }
 
