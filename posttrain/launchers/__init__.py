@@ -11,6 +11,7 @@ import signal
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -79,3 +80,10 @@ class Launcher(ABC):
     @abstractmethod
     def adopt(self, job_dir: Path, pid: int | None) -> WorkerHandle | None:
         """Find a worker of ``job_dir`` that outlived a previous server; None if there is none."""
+
+    def state(self) -> dict[str, Any]:
+        """What ``/readyz`` reports about the launcher (e.g. whether warm starts are ready)."""
+        return {}
+
+    def close(self) -> None:  # noqa: B027 - most launchers hold nothing
+        """Release what the launcher holds when the server stops; running workers keep running."""

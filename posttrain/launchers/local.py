@@ -22,6 +22,7 @@ import psutil
 
 from posttrain.jobdir import JobDir
 from posttrain.launchers import Launcher, LaunchRequest, WorkerExit, WorkerHandle
+from posttrain.launchers.identity import recorded_worker_identity
 
 # Variables a worker inherits from the server, by name or by prefix; everything else is dropped.
 PASSED_VARIABLES = frozenset({
@@ -44,12 +45,23 @@ def worker_environment(server_env: Mapping[str, str], extra: Mapping[str, str] |
     return env
 
 
-def _signal_group(pid: int, sig: int) -> None:
+def worker_arguments(request: LaunchRequest) -> list[str]:
+    """The arguments of ``python -m posttrain.worker`` for one job, however it is started."""
+    job_dir = JobDir(request.job_dir)
+    argv = ["--spec", str(job_dir.spec_path), "--job-dir", str(job_dir.root), "--no-log-file"]
+    return [*argv, "--resume"] if request.resume else argv
+
+
+def job_environment(request: LaunchRequest) -> dict[str, str]:
+    return worker_environment(os.environ, {"POSTTRAIN_JOB_ID": request.job_id, **request.env})
+
+
+def signal_group(pid: int, sig: int) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pid, sig)
 
 
-def _signal_process(pid: int, sig: int) -> None:
+def signal_process(pid: int, sig: int) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.kill(pid, sig)
 
@@ -70,16 +82,16 @@ class LocalWorker(WorkerHandle):
             exited = True
         if exited is None:
             return None
-        _signal_group(self.pid, signal.SIGKILL)
+        signal_group(self.pid, signal.SIGKILL)
         return WorkerExit(self.process.wait())
 
     def signal(self, sig: int) -> None:
         if self.process.returncode is None:  # not reaped: the pid is still ours
-            _signal_group(self.pid, sig)
+            signal_group(self.pid, sig)
 
     def signal_main(self, sig: int) -> None:
         if self.process.returncode is None:
-            _signal_process(self.pid, sig)
+            signal_process(self.pid, sig)
 
 
 class AdoptedWorker(WorkerHandle):
@@ -109,11 +121,11 @@ class AdoptedWorker(WorkerHandle):
 
     def signal(self, sig: int) -> None:
         if self.is_same_process():
-            _signal_group(self.pid, sig)
+            signal_group(self.pid, sig)
 
     def signal_main(self, sig: int) -> None:
         if self.is_same_process():
-            _signal_process(self.pid, sig)
+            signal_process(self.pid, sig)
 
     def _kill_leftovers(self) -> None:
         """Processes still in the worker's group, started after it (so not a group that reuses its id)."""
@@ -124,12 +136,17 @@ class AdoptedWorker(WorkerHandle):
 
 
 def _is_worker_of(process: psutil.Process, job_dir: Path) -> bool:
+    """Whether ``process`` is a live worker of ``job_dir``: one that recorded itself there (a warm start,
+    see identity.py) or one whose command line names it (a cold start, from its first instant)."""
     try:
         cmdline = process.cmdline()
         if process.status() == psutil.STATUS_ZOMBIE:
             return False
     except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
         return False
+    recorded = recorded_worker_identity(job_dir)
+    if recorded is not None and recorded.matches(process):
+        return True
     if "--job-dir" not in cmdline:
         return False
     index = cmdline.index("--job-dir")
@@ -144,11 +161,8 @@ class LocalLauncher(Launcher):
 
     def launch(self, request: LaunchRequest) -> WorkerHandle:
         job_dir = JobDir(request.job_dir)
-        argv = [*self.worker_command, "--spec", str(job_dir.spec_path), "--job-dir", str(job_dir.root),
-                "--no-log-file"]
-        if request.resume:
-            argv.append("--resume")
-        env = worker_environment(os.environ, {"POSTTRAIN_JOB_ID": request.job_id, **request.env})
+        argv = [*self.worker_command, *worker_arguments(request)]
+        env = job_environment(request)
         with open(job_dir.log_path, "ab") as log:
             process = subprocess.Popen(
                 argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env,
@@ -158,13 +172,16 @@ class LocalLauncher(Launcher):
 
     def adopt(self, job_dir: Path, pid: int | None) -> WorkerHandle | None:
         job_dir = job_dir.resolve()
-        if pid is not None:
+        # The pid the store recorded, and the one a warm-started worker recorded in its job directory.
+        recorded = recorded_worker_identity(job_dir)
+        candidates = dict.fromkeys(p for p in (pid, recorded.pid if recorded else None) if p is not None)
+        for candidate in candidates:
             try:
-                process = psutil.Process(pid)
-                if _is_worker_of(process, job_dir):
-                    return AdoptedWorker(process, job_dir)
+                process = psutil.Process(candidate)
             except psutil.NoSuchProcess:
-                pass
+                continue
+            if _is_worker_of(process, job_dir):
+                return AdoptedWorker(process, job_dir)
         # The pid may not have been recorded (server killed right after starting the worker):
         # look for any process running this job directory, so a job never runs twice.
         for process in psutil.process_iter():

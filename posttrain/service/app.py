@@ -29,8 +29,10 @@ from posttrain import __version__
 from posttrain.errors import PosttrainError
 from posttrain.launchers import Launcher
 from posttrain.launchers.local import LocalLauncher
+from posttrain.launchers.warm import WarmLauncher
 from posttrain.service.errors import error_body
 from posttrain.service.hosts import LoopbackHostOnly
+from posttrain.service.job_reads import RecentJobs
 from posttrain.service.limits import BodySizeLimit
 from posttrain.service.routes import ROUTERS
 from posttrain.service.scheduler import Scheduler
@@ -48,7 +50,8 @@ def create_app(settings: ServiceSettings, launcher: Launcher | None = None) -> F
     settings.files_dir.mkdir(parents=True, exist_ok=True)
     lock = lock_data_dir(settings.data_dir)
     store = JobStore(settings.database_url)
-    scheduler = Scheduler(store, launcher or LocalLauncher(settings.worker_command), settings)
+    launcher = launcher or local_launcher(settings)
+    scheduler = Scheduler(store, launcher, settings)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -58,12 +61,14 @@ def create_app(settings: ServiceSettings, launcher: Launcher | None = None) -> F
             yield
         finally:
             scheduler.stop()
+            launcher.close()
             store.close()
             lock.close()
 
     app = FastAPI(title="posttrain job service", version=__version__, lifespan=lifespan, responses=ERRORS)
     app.state.settings = settings
     app.state.store = store
+    app.state.recent_jobs = RecentJobs(store)
     app.state.scheduler = scheduler
     app.state.log_followers = 0
     app.add_middleware(BodySizeLimit, body_limit=settings.max_body_bytes, upload_limit=settings.max_upload_bytes)
@@ -73,6 +78,12 @@ def create_app(settings: ServiceSettings, launcher: Launcher | None = None) -> F
     for router in ROUTERS:
         app.include_router(router)
     return app
+
+
+def local_launcher(settings: ServiceSettings) -> Launcher:
+    if settings.starts_workers_warm:
+        return WarmLauncher(settings.worker_command, settings.data_dir / "warm-template.log")
+    return LocalLauncher(settings.worker_command)
 
 
 def lock_data_dir(data_dir: Path) -> IO[str]:

@@ -321,6 +321,9 @@ def serve(
     max_upload_mb: Annotated[int, typer.Option(help="Largest dataset upload, in MiB.")] = 1024,
     max_body_mb: Annotated[int, typer.Option(help="Largest JSON/YAML request body, in MiB.")] = 8,
     max_log_followers: Annotated[int, typer.Option(help="Log streams (logs --follow) open at once.")] = 32,
+    warm_workers: Annotated[bool, typer.Option(
+        "--warm-workers/--no-warm-workers", help="Fork workers from a process that has already imported "
+        "torch/transformers/TRL (start in well under a second); off: each worker starts a fresh Python.")] = True,
     log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
 ) -> None:
     """Run the job service (REST API on port 8322, OpenAPI at /openapi.json)."""
@@ -350,7 +353,7 @@ def serve(
             api_keys=api_keys, max_retries=max_retries, cancel_grace_s=cancel_grace,
             max_upload_bytes=max_upload_mb * MiB, max_body_bytes=max_body_mb * MiB,
             allowed_paths=list(allow_path or []), allow_user_code=allow_user_code, allowed_hosts=hosts,
-            max_log_followers=max_log_followers,
+            max_log_followers=max_log_followers, warm_workers=warm_workers,
         )
         logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         app = create_app(settings)

@@ -9,6 +9,7 @@ in the ``Host`` header. Such a server therefore answers only requests addressed 
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import json
 
@@ -17,6 +18,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from posttrain.service.errors import error_body
 
 
+@functools.lru_cache(maxsize=1024)  # every request asks, nearly always about the same few names
 def is_loopback(host: str) -> bool:
     """Whether a host name or address (``::1`` or ``[::1]``) means this machine's loopback interface."""
     host = host.strip("[]").rstrip(".").lower()

@@ -53,7 +53,9 @@ def job_events(record: JobRecord, fine_tuned_model: str | None) -> list[FineTuni
     add(record.created_at, 1, "validated", "Validated the training file: job queued")
     started = record.launched_at or record.created_at
     for offset, when, level, text in _log_lines(job_dir.log_path, started):
-        add(when, 2, f"log-{offset}", text, LEVELS[level])
+        # Log times are whole seconds: a line written within a second of the job's creation (a warm-started
+        # worker logs ~0.1 s after submit) would otherwise sort before "Created".
+        add(max(when, record.created_at), 2, f"log-{offset}", text, LEVELS[level])
     for index, metrics in enumerate(job_dir.read_metrics()):
         if isinstance(metrics, dict) and isinstance(metrics.get("step"), int):
             add(float(metrics.get("time") or started), 3, f"metrics-{index}", _metrics_message(metrics),

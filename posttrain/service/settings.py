@@ -32,6 +32,9 @@ class ServiceSettings:
     max_retries: int = 2  # requeues of a job whose worker died (killed, server restart)
     poll_interval_s: float = 0.25  # scheduler tick
     worker_command: list[str] = field(default_factory=default_worker_command)
+    # Fork workers from a template process that has imported the training stack (launchers/warm.py):
+    # a job starts in well under a second instead of ~5. Only with the default worker command.
+    warm_workers: bool = True
     # Server folders a spec may read data or models from. With API keys (a shared server) only these and
     # the uploads folder are readable, so a client cannot make the server read /etc; without keys (a
     # personal loopback server) any local path is allowed.
@@ -60,6 +63,10 @@ class ServiceSettings:
     @property
     def files_dir(self) -> Path:
         return self.data_dir / "files"
+
+    @property
+    def starts_workers_warm(self) -> bool:
+        return self.warm_workers and self.worker_command == default_worker_command()
 
     @property
     def keyed(self) -> bool:

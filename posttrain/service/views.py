@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import os
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
-from posttrain.jobdir import TERMINAL_STATES, JobDir
+from posttrain.jobdir import TERMINAL_STATES, JobDir, JobStatus
 from posttrain.service.schemas import Artifact, ArtifactList, JobInfo
 from posttrain.service.store import JobRecord
 
@@ -21,13 +22,13 @@ def job_info(record: JobRecord, live: bool = True) -> JobInfo:
     the latest metrics, started_at); without it nothing but the record is read (listings)."""
     job_dir = JobDir(record.job_dir)
     step, total_steps, started_at, metrics = record.step, record.total_steps, None, None
-    status = job_dir.read_status() if live else None
+    status = read_status(job_dir.status_path) if live else None
     if status is not None:
         started_at = status.started_at
         if record.state == "running":  # the job dir is fresher than the mirrored copy
             step, total_steps = status.step, status.total_steps
     if live:
-        metrics = last_metrics(job_dir.metrics_path)
+        metrics = latest_metrics(job_dir.metrics_path)
     return JobInfo(
         id=record.id, name=record.name, method=record.method, model=model_name(record.spec_json),
         state=record.state,  # type: ignore[arg-type]
@@ -38,6 +39,53 @@ def job_info(record: JobRecord, live: bool = True) -> JobInfo:
     )
 
 
+# What was last read from a job directory's small files, by path. Status pollers ask for the same job
+# many times between two writes of it; parsing the same bytes again is what costs (tens of microseconds).
+_LAST_STATUS: dict[Path, tuple[bytes, JobStatus | None]] = {}
+_LAST_METRICS: dict[Path, tuple[tuple[int, int, int], dict | None]] = {}
+_LAST_READ_LIMIT = 4096
+
+
+def _remember(cache: dict[Path, Any], path: Path, entry: Any) -> None:
+    if len(cache) >= _LAST_READ_LIMIT:
+        cache.clear()
+    cache[path] = entry
+
+
+def read_status(path: Path) -> JobStatus | None:
+    """status.json as JobDir.read_status reads it, parsed only when its bytes changed since the last call."""
+    try:
+        data = path.read_bytes()
+    except OSError:
+        return None
+    known = _LAST_STATUS.get(path)
+    if known is not None and known[0] == data:
+        return known[1]
+    try:
+        status: JobStatus | None = JobStatus.model_validate_json(data)
+    except ValueError:
+        status = None
+    _remember(_LAST_STATUS, path, (data, status))
+    return status
+
+
+def latest_metrics(path: Path) -> dict | None:
+    """:func:`last_metrics`, read again only when metrics.jsonl changed: it only grows (appends change its
+    size) or is replaced by rename (a new inode)."""
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return None
+    signature = (stat.st_ino, stat.st_size, stat.st_mtime_ns)
+    known = _LAST_METRICS.get(path)
+    if known is not None and known[0] == signature:
+        return known[1]
+    metrics = last_metrics(path)
+    _remember(_LAST_METRICS, path, (signature, metrics))
+    return metrics
+
+
+@functools.lru_cache(maxsize=1024)  # a job's spec never changes; status pollers ask again and again
 def model_name(spec_json: str) -> str | None:
     """The model a stored spec trains (``model.name_or_path``); None for a spec that does not parse."""
     try:

@@ -13,11 +13,14 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import psutil
 
 from posttrain.client import Client
+from posttrain.launchers.identity import recorded_worker_identity
 
 STARTUP_TIMEOUT_S = 60
+WARM_TIMEOUT_S = 180
 
 
 def free_port() -> int:
@@ -54,10 +57,23 @@ class ServerProcess:
                 if self.process.poll() is not None:
                     raise RuntimeError(f"server exited with {self.process.returncode}:\n{self.log()}")
                 if client.ready():
-                    return self
+                    break
                 time.sleep(0.1)
-        self.kill()
-        raise RuntimeError(f"server did not become ready in {STARTUP_TIMEOUT_S}s:\n{self.log()}")
+            else:
+                self.kill()
+                raise RuntimeError(f"server did not become ready in {STARTUP_TIMEOUT_S}s:\n{self.log()}")
+        # With warm start on (the default), tests start jobs from the warm template, as a long-running
+        # server does; while it is still importing, jobs would start cold.
+        deadline = time.monotonic() + WARM_TIMEOUT_S
+        while self.readiness().get("warm_workers") not in (None, "ready"):
+            if time.monotonic() > deadline:
+                self.kill()
+                raise RuntimeError(f"warm template not ready in {WARM_TIMEOUT_S}s:\n{self.log()}")
+            time.sleep(0.1)
+        return self
+
+    def readiness(self) -> dict[str, Any]:
+        return httpx.get(f"{self.url}/readyz", timeout=5).json()
 
     def client(self, api_key: str | None = None) -> Client:
         return Client(self.url, api_key if api_key is not None else self.api_key)
@@ -82,8 +98,9 @@ class ServerProcess:
 
 
 def worker_processes(data_dir: Path) -> list[psutil.Process]:
-    """Worker processes whose --job-dir is under ``data_dir`` (started by this test's servers)."""
-    found = []
+    """Live worker processes of jobs under ``data_dir`` (started by this test's servers): cold-started
+    ones by their --job-dir argument, warm-started ones by the identity they recorded in their job dir."""
+    found: dict[int, psutil.Process] = {}
     prefix = str(data_dir.resolve())
     for process in psutil.process_iter():
         with contextlib.suppress(psutil.Error):
@@ -91,8 +108,14 @@ def worker_processes(data_dir: Path) -> list[psutil.Process]:
             if "posttrain.worker" in cmdline and "--job-dir" in cmdline:
                 job_dir = cmdline[cmdline.index("--job-dir") + 1]
                 if job_dir.startswith(prefix) and process.status() != psutil.STATUS_ZOMBIE:
-                    found.append(process)
-    return found
+                    found[process.pid] = process
+    for job_dir in (data_dir / "jobs").glob("*"):
+        recorded = recorded_worker_identity(job_dir)
+        with contextlib.suppress(psutil.Error):
+            process = psutil.Process(recorded.pid) if recorded is not None else None
+            if process is not None and recorded.matches(process) and process.status() != psutil.STATUS_ZOMBIE:
+                found[process.pid] = process
+    return list(found.values())
 
 
 def kill_workers(data_dir: Path) -> None:

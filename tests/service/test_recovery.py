@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 from pathlib import Path
@@ -58,6 +59,10 @@ def test_worker_that_outlives_the_server_is_readopted_not_run_twice(start_server
         wait_for(lambda: client.get_job(job.id).step >= 5, 120, "training to start")
     server.kill()  # the worker runs in its own session and keeps training
     [worker] = worker_processes(server.data_dir)
+    # Forked from the warm template (the default): recognised after the restart by the identity it
+    # recorded in its job directory, since its command line names no job.
+    assert "forked from the warm template" in JobDir(server.data_dir / "jobs" / job.id).log_path.read_text()
+    assert "--job-dir" not in worker.cmdline()
 
     restarted = start_server(data_dir=server.data_dir)
     with restarted.client() as client:
@@ -125,37 +130,79 @@ def test_a_job_whose_end_cannot_be_recorded_in_its_directory_still_ends(start_se
         assert client.ready()
 
 
-def test_workers_get_a_minimal_environment_and_their_whole_group_ends_with_them(start_server, tmp_path: Path):
-    code = tmp_path / "code"
-    code.mkdir()
-    child_pid = tmp_path / "child.pid"
-    # Every Python process with this PYTHONPATH runs sitecustomize; in a worker it leaves a child behind,
-    # as a data loader or user code could.
-    pid_file = repr(str(child_pid))
-    (code / "sitecustomize.py").write_text(
-        "import os, subprocess\n"
-        f"if os.environ.get('POSTTRAIN_JOB_ID') and not os.path.exists({pid_file}):\n"
-        "    child = subprocess.Popen(['sleep', '300'])\n"
-        f"    open({pid_file}, 'w').write(str(child.pid))\n")
-    database = tmp_path / "from-env.db"
-    server = start_server(env={"PYTHONPATH": str(code), "POSTTRAIN_DB": f"sqlite:///{database}",
-                               "POSTTRAIN_API_KEY": "pt-not-for-workers", "SERVER_ONLY_SECRET": "s3cret"})
-    assert database.is_file()  # --db was taken from POSTTRAIN_DB
-    with server.client() as client:
-        job = client.submit(train_spec(**LONG))
-        job_dir = JobDir(server.data_dir / "jobs" / job.id)
-        wait_for(lambda: client.get_job(job.id).step >= 1 and child_pid.exists(), 120, "the worker and its child")
-        worker_pid = job_dir.read_status().pid
-        environ = Path(f"/proc/{worker_pid}/environ").read_bytes().split(b"\0")
-        names = {entry.split(b"=", 1)[0].decode() for entry in environ if entry}
-        assert {"PATH", "PYTHONPATH", "POSTTRAIN_JOB_ID"} <= names
-        assert not names & {"POSTTRAIN_DB", "POSTTRAIN_API_KEY", "SERVER_ONLY_SECRET"}
+# A reward module that, when a worker imports it, leaves a child process behind (as a data loader or user
+# code could) and records the environment the worker's code sees. It runs in the worker however it was
+# started: a fresh interpreter (cold) or a fork of the warm template.
+LEAVER = """
+import atexit, json, os, subprocess
+from pathlib import Path
 
-        child = psutil.Process(int(child_pid.read_text()))
-        assert os.getpgid(child.pid) == worker_pid  # in the worker's group
+_out = Path({out!r})
+(_out / f"env-{{os.getpid()}}.json").write_text(json.dumps(dict(os.environ)))
+atexit.register((_out / f"atexit-{{os.getpid()}}").write_text, "ran")  # runs when the worker exits normally
+_child = subprocess.Popen(["sleep", "300"])
+(_out / f"child-{{os.getpid()}}.pid").write_text(str(_child.pid))
+
+
+def reward(completions, **kwargs):
+    return [0.0] * len(completions)
+"""
+
+
+def leaver_spec(**training: object) -> dict:
+    spec = train_spec(per_device_train_batch_size=8, **training)
+    spec["method"] = {"name": "grpo", "num_generations": 4, "max_completion_length": 8,
+                      "reward_functions": ["leaver:reward"]}
+    spec["data"] = {"source": "posttrain:gsm8k", "max_samples": 64}
+    return spec
+
+
+def gone(process: psutil.Process) -> bool:
+    return not process.is_running() or process.status() == psutil.STATUS_ZOMBIE
+
+
+@pytest.mark.parametrize("start", ["--warm-workers", "--no-warm-workers"])
+def test_workers_get_a_minimal_environment_and_their_whole_group_ends_with_them(start_server, tmp_path: Path,
+                                                                                start: str):
+    code, out = tmp_path / "code", tmp_path / "out"
+    code.mkdir()
+    out.mkdir()
+    (code / "leaver.py").write_text(LEAVER.format(out=str(out)))
+    database = tmp_path / "from-env.db"
+    server = start_server(start, env={"PYTHONPATH": str(code), "POSTTRAIN_DB": f"sqlite:///{database}",
+                                      "POSTTRAIN_API_KEY": "pt-not-for-workers", "SERVER_ONLY_SECRET": "s3cret"})
+    assert database.is_file()  # --db was taken from POSTTRAIN_DB
+    secrets = {"POSTTRAIN_DB", "POSTTRAIN_API_KEY", "SERVER_ONLY_SECRET"}
+    with server.client() as client:
+        job = client.submit(leaver_spec(**LONG))
+        job_dir = JobDir(server.data_dir / "jobs" / job.id)
+
+        def child_of_worker() -> tuple[int, psutil.Process] | None:
+            status = job_dir.read_status()
+            pid_file = out / f"child-{status.pid}.pid" if status and status.pid else None
+            return (status.pid, psutil.Process(int(pid_file.read_text()))) if pid_file and pid_file.exists() else None
+
+        worker_pid, child = wait_for(child_of_worker, 120, "the worker and its child")
+        seen = json.loads((out / f"env-{worker_pid}.json").read_text())  # what the job's code sees
+        assert {"PATH", "PYTHONPATH", "POSTTRAIN_JOB_ID"} <= seen.keys() and seen["POSTTRAIN_JOB_ID"] == job.id
+        assert not seen.keys() & secrets
+        environ = Path(f"/proc/{worker_pid}/environ").read_bytes().split(b"\0")  # what the process started with
+        assert not {entry.split(b"=", 1)[0].decode() for entry in environ if entry} & secrets
+        warm = "forked from the warm template" in job_dir.log_path.read_text()
+        assert warm == (start == "--warm-workers")
+
+        assert os.getpgid(child.pid) == worker_pid == os.getsid(worker_pid)  # the worker's own session and group
         os.kill(worker_pid, signal.SIGKILL)  # the main process only: its child would live on by itself
-        wait_for(lambda: not child.is_running() or child.status() == psutil.STATUS_ZOMBIE, 60,
-                 "the worker's child to be killed with it")
+        wait_for(lambda: gone(child), 60, "the worker's child to be killed with it")
         wait_for(lambda: client.get_job(job.id).retries == 1, 60, "the job to be requeued")
-        client.cancel(job.id)
+
+        retry_pid, retry_child = wait_for(lambda: (found := child_of_worker()) and found[0] != worker_pid and found,
+                                          120, "the retried worker and its child")
+        client.cancel(job.id)  # SIGTERM to the worker's group: its child goes too
         assert client.wait(job.id, timeout=120).state == "cancelled"
+        wait_for(lambda: gone(retry_child), 60, "the retried worker's child to be killed by the cancel")
+        assert not psutil.pid_exists(retry_pid) or gone(psutil.Process(retry_pid))
+    # The cancelled worker ended like any Python program: exit handlers of the job's code ran (trackers
+    # finish their runs there); the SIGKILLed one never got to.
+    assert (out / f"atexit-{retry_pid}").read_text() == "ran"
+    assert not (out / f"atexit-{worker_pid}").exists()

@@ -8,6 +8,7 @@ from fastapi import Depends, HTTPException, Request
 
 from posttrain.service.auth import Principal, require_api_key
 from posttrain.service.ids import is_id
+from posttrain.service.job_reads import RecentJobs
 from posttrain.service.scheduler import Scheduler
 from posttrain.service.settings import ServiceSettings
 from posttrain.service.store import FileRecord, JobRecord, JobStore
@@ -18,6 +19,10 @@ AUTH = [Depends(require_api_key)]
 
 def store_of(request: Request) -> JobStore:
     return request.app.state.store
+
+
+def recent_jobs_of(request: Request) -> RecentJobs:
+    return request.app.state.recent_jobs
 
 
 def scheduler_of(request: Request) -> Scheduler:

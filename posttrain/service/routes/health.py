@@ -15,7 +15,7 @@ router = APIRouter(tags=["health"])
 
 
 @router.get("/healthz", response_model=Health)
-def healthz() -> Health:
+async def healthz() -> Health:  # async: answered in the event loop, no thread-pool hop
     return Health(status="ok")
 
 
@@ -28,4 +28,4 @@ def readyz(request: Request) -> JSONResponse:
         return JSONResponse({"status": "unavailable", "detail": "database unreachable (see the server log)"}, 503)
     if not scheduler_of(request).alive:
         return JSONResponse({"status": "unavailable", "detail": "scheduler is not running"}, 503)
-    return JSONResponse({"status": "ok"})
+    return JSONResponse({"status": "ok", **scheduler_of(request).launcher.state()})
