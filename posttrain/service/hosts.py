@@ -5,6 +5,12 @@ the browser connect: it points its own host name at 127.0.0.1 and sends requests
 in the ``Host`` header. Such a server therefore answers only requests addressed to a loopback name
 (``localhost``, ``127.0.0.1``, ``[::1]``, any port) or to a name the operator listed; everything else gets
 400 before any route runs. A keyed server needs no such check: the browser has no key to send.
+
+A page on another site can also send such a server requests under its real name (a form posted to
+``http://127.0.0.1:8322/v1/jobs/<id>/cancel`` needs no CORS preflight). Browsers mark those with an
+``Origin`` header (and ``Sec-Fetch-Site: cross-site``), so a request that changes something (any method but
+GET, HEAD, OPTIONS) from an origin other than the server's own is refused with 403. Programs (the CLI, the
+SDKs, curl) send no ``Origin`` and are unaffected; the dashboard is the server's own origin.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ from __future__ import annotations
 import functools
 import ipaddress
 import json
+from urllib.parse import urlsplit
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -39,8 +46,27 @@ def host_name(header: str) -> str:
     return name if colon and port.isdigit() else header
 
 
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+
+
+def cross_site(headers: dict[bytes, bytes], host: str, trusted: set[str] | frozenset[str] = frozenset()) -> bool:
+    """Whether a browser sent this request from a page of another origin than ``host`` (the Host header)
+    or the ``trusted`` host names (the operator's ``--allow-host`` names, e.g. behind a proxy)."""
+    if headers.get(b"sec-fetch-site", b"").decode("latin-1").lower() == "cross-site":
+        return True
+    origin = headers.get(b"origin")
+    if origin is None:
+        return False  # not a browser, or a same-origin GET-like request of an old one
+    parts = urlsplit(origin.decode("latin-1").strip())
+    # "null" (a sandboxed frame, a file:// page) has no host: never the server's own origin.
+    if not parts.netloc:
+        return True
+    return parts.netloc.lower() != host.strip().lower() and host_name(parts.netloc) not in trusted
+
+
 class LoopbackHostOnly:
-    """400 for requests whose Host header is neither a loopback name nor one of ``extra_hosts``."""
+    """400 for requests whose Host header is neither a loopback name nor one of ``extra_hosts``; 403 for a
+    browser's cross-site request that would change something."""
 
     def __init__(self, app: ASGIApp, extra_hosts: list[str] | None = None) -> None:
         self.app = app
@@ -57,12 +83,21 @@ class LoopbackHostOnly:
             await self.app(scope, receive, send)
             return
         header = next((value.decode("latin-1") for key, value in scope.get("headers", []) if key == b"host"), None)
-        if self.allowed(header):
-            await self.app(scope, receive, send)
+        if not self.allowed(header):
+            await _refuse(send, 400, f"host {header!r} not accepted: a server without API keys answers only "
+                                     "requests addressed to localhost, 127.0.0.1 or [::1]", "HostNotAllowed")
             return
-        body = json.dumps(error_body(400, f"host {header!r} not accepted: a server without API keys answers only "
-                                          "requests addressed to localhost, 127.0.0.1 or [::1]",
-                                     "HostNotAllowed")).encode()
-        await send({"type": "http.response.start", "status": 400,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
-        await send({"type": "http.response.body", "body": body})
+        if scope.get("method", "GET") not in SAFE_METHODS and cross_site(dict(scope.get("headers", [])), header or "",
+                                                                             self.extra):
+            await _refuse(send, 403, "cross-site request refused: a server without API keys accepts changes only "
+                                     "from its own pages and from programs, not from other web sites",
+                          "CrossSiteRequest")
+            return
+        await self.app(scope, receive, send)
+
+
+async def _refuse(send: Send, status: int, message: str, kind: str) -> None:
+    body = json.dumps(error_body(status, message, kind)).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})

@@ -174,6 +174,31 @@ def test_an_unkeyed_server_answers_only_loopback_host_names(server: ServerProces
         assert http.get("/healthz", headers={"Host": "evil.example"}).status_code == 400
 
 
+def test_an_unkeyed_server_refuses_changes_sent_by_other_web_sites(server: ServerProcess):
+    # A page on another site can post a form to 127.0.0.1 under its real name; the browser says where from.
+    with server.client() as client:
+        job = client.submit(train_spec(max_steps=5000))
+    own = f"http://127.0.0.1:{server.port}"
+    with httpx.Client(base_url=server.url) as http:
+        for headers in ({"Origin": "https://evil.example"}, {"Origin": "null"},
+                        {"Origin": f"http://localhost:{server.port + 1}"}, {"Sec-Fetch-Site": "cross-site"}):
+            response = http.post(f"/v1/jobs/{job.id}/cancel", headers=headers)
+            assert response.status_code == 403, headers
+            assert response.json()["type"] == "CrossSiteRequest"
+            assert http.post("/v1/files", files={"file": ("a.jsonl", b"{}")}, headers=headers).status_code == 403
+            # Reading is not a change (and the browser keeps the answer from the other site anyway).
+            assert http.get(f"/v1/jobs/{job.id}", headers=headers).status_code == 200
+        assert client_state(server, job.id) != "cancelled"
+        # Its own pages (the dashboard) and programs (no Origin) may.
+        response = http.post(f"/v1/jobs/{job.id}/cancel", headers={"Origin": own, "Sec-Fetch-Site": "same-origin"})
+        assert response.status_code == 200 and response.json()["cancel_requested"]
+
+
+def client_state(server: ServerProcess, job_id: str) -> str:
+    with server.client() as client:
+        return client.get_job(job_id).state
+
+
 def test_an_unkeyed_server_runs_user_code_for_its_one_user(server: ServerProcess):
     with server.client() as client:
         job = client.submit({**train_spec(max_steps=1), "model": {"trust_remote_code": True}})
