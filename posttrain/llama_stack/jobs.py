@@ -169,7 +169,7 @@ class LocalJobs:
 
     def describe(self, job: JobInfo) -> dict[str, Any]:
         spec = json.loads(self._record(job.id).spec_json)
-        return {"posttrain_job_id": job.id, "launcher": "local", "device": spec["model"]["device"],
+        return {"posttrain_job_id": job.id, "attempt": job.attempt, "launcher": "local", "device": spec["model"]["device"],
                 "worker_python": self.settings.worker_command[0], "job_dir": self.location(job.id, "")}
 
     def close(self) -> None:
