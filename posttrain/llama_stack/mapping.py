@@ -247,7 +247,13 @@ def posttrain_rows(rows: Iterable[Mapping[str, Any]], method: Method, dataset_id
     return converted
 
 
+def _present(value: Any) -> bool:
+    # Rows read from CSV files hold NaN (pandas) or "" where a cell is empty.
+    return value is not None and value != "" and not (isinstance(value, float) and math.isnan(value))
+
+
 def _row(row: dict[str, Any], data_format: str | None) -> dict[str, Any]:
+    row = {key: value for key, value in row.items() if _present(value)}
     if "chosen" in row or "rejected" in row:
         return {key: _messages(value) if isinstance(value, list | str) and _is_chat(value) else value
                 for key, value in row.items() if key in ("prompt", "chosen", "rejected")}
