@@ -34,7 +34,8 @@ class LlamaStackServer:
     """`llama stack run` with a run.yaml from `posttrain llama-stack config`; workers run under this
     test's interpreter (the posttrain venv), the server under Llama Stack's own."""
 
-    def __init__(self, data_dir: Path, provider: str, *, url: str | None = None, providers_d: bool = False) -> None:
+    def __init__(self, data_dir: Path, provider: str, *, url: str | None = None, api_key: str | None = None,
+                 providers_d: bool = False) -> None:
         self.data_dir = data_dir
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -43,7 +44,7 @@ class LlamaStackServer:
         data_dir.mkdir(parents=True, exist_ok=True)
         options: dict[str, Any] = {"port": self.port, "worker_python": sys.executable, "providers_d": providers_d}
         if url is not None:
-            options["url"] = url
+            options.update(url=url, api_key=api_key)
         self.run_yaml.write_text(run_yaml(provider, data_dir, **options))  # type: ignore[arg-type]
         self.process: subprocess.Popen[bytes] | None = None
 
