@@ -84,6 +84,13 @@ def test_job_list_shows_jobs(server, sft_job):
     assert {"job_uuid": "sft-rows"} in listed
 
 
+def test_the_client_s_stale_status_route_is_404_and_the_workaround_works(server, sft_job):
+    # llama-stack-client 0.6.1 calls /v1alpha/post-training/job/status (no job_uuid): docs/llama-stack.md.
+    assert server.call("stale-status")["error"]["status"] == 404
+    status = server.call("get", path="/v1alpha/post-training/jobs/sft-rows/status")
+    assert status["status"] == "completed" and status["job_uuid"] == "sft-rows"
+
+
 def test_instruct_rows_from_a_local_csv_file_and_a_data_uri(server, tmp_path):
     rows = [{"chat_completion_input": json.dumps([{"role": "user", "content": f"Spell {word}."}]),
              "expected_answer": " ".join(word)} for word in ("cat", "dog", "fish", "bird", "frog", "mouse")]
