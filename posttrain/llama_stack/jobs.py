@@ -12,8 +12,10 @@ Blocking (SQLite, HTTP, file writes): the provider calls these from a thread, ne
 from __future__ import annotations
 
 import json
+import os
 import secrets
 import shutil
+import subprocess
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -71,6 +73,17 @@ def _by_name(pages: Iterator[list[JobInfo]], job_uuid: str) -> JobInfo | None:
     return None
 
 
+def check_worker_python(python: str) -> None:
+    """Fail when the provider starts, not with every job: workers need an interpreter with torch."""
+    if not os.access(python, os.X_OK):
+        raise PosttrainError(f"worker_python {python!r} is not an executable file: point it at the python of "
+                             "posttrain's own environment (the one with torch)")
+    probe = "import importlib.util as u, sys; sys.exit(0 if u.find_spec('torch') and u.find_spec('posttrain') else 3)"
+    if subprocess.run([python, "-c", probe], stdin=subprocess.DEVNULL, capture_output=True).returncode != 0:
+        raise PosttrainError(f"worker_python {python!r} cannot import torch and posttrain: point it at the "
+                             "python of posttrain's own environment (where `make install` put them)")
+
+
 class LocalJobs:
     """Jobs run here by posttrain's scheduler (one worker process per job under ``worker_python``), with
     the SQLite store and job directories under ``data_dir``: the service without its HTTP layer."""
@@ -86,6 +99,7 @@ class LocalJobs:
         from posttrain.service.settings import ServiceSettings
         from posttrain.service.store import JobStore
 
+        check_worker_python(config.worker_python)
         self.settings = ServiceSettings(
             data_dir=config.resolved_data_dir(), slots=config.slots, cancel_grace_s=config.cancel_grace_s,
             worker_command=[config.worker_python, "-m", "posttrain.worker"], warm_workers=False)

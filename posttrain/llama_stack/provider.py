@@ -5,7 +5,9 @@ from __future__ import annotations
 
 from llama_stack_api import Api, InlineProviderSpec, ProviderSpec, RemoteProviderSpec
 
-PIP_PACKAGES = ["posttrain"]  # installed --no-deps beside its Llama Stack extra: see docs/llama-stack.md
+# Empty on purpose: `pip install posttrain` would pull torch into Llama Stack's environment. posttrain goes
+# in with --no-deps plus its `llama-stack` extra (`make llama-stack-venv`, docs/llama-stack.md).
+PIP_PACKAGES: list[str] = []
 DEPENDENCIES = [Api.datasetio, Api.datasets]
 
 

@@ -220,3 +220,13 @@ def test_providers_d_form_serves_the_same_provider(llama_stack_venv, tmp_path):
         assert "external_providers_dir" in server.run_yaml.read_text()
     finally:
         server.stop()
+
+
+def test_llama_stack_venv_has_the_provider_and_no_torch(llama_stack_venv):
+    import subprocess
+
+    probe = ("import importlib.util as u, posttrain.llama_stack.provider as p; "
+             "print(u.find_spec('torch') is None, [s.provider_type for s in p.get_provider_spec()])")
+    done = subprocess.run([str(llama_stack_venv / "bin" / "python"), "-c", probe], capture_output=True, text=True,
+                          check=True)
+    assert done.stdout.strip() == "True ['inline::posttrain', 'remote::posttrain']"

@@ -271,3 +271,17 @@ def test_unknown_launcher_is_refused(tmp_path):
 
     with pytest.raises(PosttrainError, match="launcher='torchrun' is not available yet"):
         LocalJobs(InlineProviderConfig(data_dir=str(tmp_path), launcher="torchrun"))
+
+
+def test_worker_python_is_checked_when_the_provider_starts(tmp_path):
+    from posttrain.errors import PosttrainError
+    from posttrain.llama_stack.jobs import check_worker_python
+
+    check_worker_python(sys.executable)  # this venv has torch and posttrain
+    with pytest.raises(PosttrainError, match="is not an executable file"):
+        check_worker_python(str(tmp_path / "no-python"))
+    no_torch = tmp_path / "python-without-torch"
+    no_torch.write_text("#!/bin/sh\nexit 3\n")  # stands in for a Llama Stack venv's python: no torch there
+    no_torch.chmod(0o755)
+    with pytest.raises(PosttrainError, match="cannot import torch and posttrain"):
+        check_worker_python(str(no_torch))
