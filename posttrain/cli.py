@@ -13,6 +13,7 @@ from rich.panel import Panel
 from rich.table import Table
 
 from posttrain.errors import PosttrainError
+from posttrain.llama_stack.commands import llama_stack_app
 from posttrain.service.commands import jobs_app, serve
 from posttrain.spec import JobSpec, describe_fields, load_spec, split_config_and_overrides
 
@@ -193,6 +194,7 @@ def config_keys() -> None:
 
 
 app.add_typer(jobs_app, name="jobs", help="Submit and follow jobs on a posttrain server.")
+app.add_typer(llama_stack_app, name="llama-stack", help="Llama Stack post_training providers: print a run.yaml.")
 app.command("serve")(serve)
 
 

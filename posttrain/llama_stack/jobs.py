@@ -1,0 +1,250 @@
+"""Where the providers' jobs live: posttrain's own store, scheduler and launcher on this machine (inline)
+or a posttrain job service reached with ``posttrain.client`` (remote). Both answer in the service's own
+shapes (JobInfo, ArtifactList), so the Llama Stack side is written once.
+
+Llama Stack names a job by the ``job_uuid`` its client chose; posttrain keeps that as the JobSpec's
+``name``, so the store (or the service) stays the only record of which job is which and nothing is lost
+when Llama Stack restarts.
+
+Blocking (SQLite, HTTP, file writes): the provider calls these from a thread, never on its event loop.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Protocol
+
+from posttrain.errors import PosttrainError
+from posttrain.jobdir import JobDir, atomic_write_text
+from posttrain.llama_stack.config import InlineProviderConfig, RemoteProviderConfig
+from posttrain.service.schemas import ArtifactList, JobInfo, SubmitJobRequest
+
+PAGE = 500
+
+
+class JobNotFound(PosttrainError):
+    status_code = 404
+
+
+class JobExists(PosttrainError):
+    status_code = 409
+
+
+class TrainingJobs(Protocol):
+    def submit(self, spec: dict[str, Any], train_rows: list[dict[str, Any]],
+               validation_rows: list[dict[str, Any]] | None) -> JobInfo:
+        """Queue a job training on these rows; ``spec``'s data sources are filled in here."""
+
+    def find(self, job_uuid: str) -> JobInfo | None: ...
+
+    def jobs(self) -> list[JobInfo]: ...
+
+    def cancel(self, job_id: str) -> None: ...
+
+    def artifacts(self, job_id: str) -> ArtifactList: ...
+
+    def metrics(self, job_id: str) -> list[dict[str, Any]]: ...
+
+    def location(self, job_id: str, relative: str) -> str:
+        """Where a file or folder of the job directory can be read: a path here, or a download URL."""
+
+    def describe(self, job: JobInfo) -> dict[str, Any]:
+        """What resources_allocated reports for a job."""
+
+    def close(self) -> None: ...
+
+
+def jsonl(rows: list[dict[str, Any]]) -> str:
+    return "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+
+
+def _by_name(pages: Iterator[list[JobInfo]], job_uuid: str) -> JobInfo | None:
+    for page in pages:
+        for job in page:
+            if job.name == job_uuid:
+                return job
+    return None
+
+
+def check_worker_python(python: str) -> None:
+    """Fail when the provider starts, not with every job: workers need an interpreter with torch."""
+    if not os.access(python, os.X_OK):
+        raise PosttrainError(f"worker_python {python!r} is not an executable file: point it at the python of "
+                             "posttrain's own environment (the one with torch)")
+    probe = "import importlib.util as u, sys; sys.exit(0 if u.find_spec('torch') and u.find_spec('posttrain') else 3)"
+    if subprocess.run([python, "-c", probe], stdin=subprocess.DEVNULL, capture_output=True).returncode != 0:
+        raise PosttrainError(f"worker_python {python!r} cannot import torch and posttrain: point it at the "
+                             "python of posttrain's own environment (where `make install` put them)")
+
+
+class LocalJobs:
+    """Jobs run here by posttrain's scheduler (one worker process per job under ``worker_python``), with
+    the SQLite store and job directories under ``data_dir``: the service without its HTTP layer."""
+
+    def __init__(self, config: InlineProviderConfig) -> None:
+        if config.launcher != "local":
+            raise PosttrainError(f"launcher={config.launcher!r} is not available yet in posttrain's inline "
+                                 "provider; use launcher: local")
+        # Imported here: the scheduler and store need SQLAlchemy and psutil, which the remote provider does not.
+        from posttrain.launchers.local import LocalLauncher
+        from posttrain.service.app import lock_data_dir
+        from posttrain.service.scheduler import Scheduler
+        from posttrain.service.settings import ServiceSettings
+        from posttrain.service.store import JobStore
+
+        check_worker_python(config.worker_python)
+        self.settings = ServiceSettings(
+            data_dir=config.resolved_data_dir(), slots=config.slots, cancel_grace_s=config.cancel_grace_s,
+            worker_command=[config.worker_python, "-m", "posttrain.worker"], warm_workers=False)
+        for folder in (self.settings.jobs_dir, self.settings.files_dir, self.datasets_dir):
+            folder.mkdir(parents=True, exist_ok=True)
+        self._lock = lock_data_dir(self.settings.data_dir)
+        self.store = JobStore(self.settings.database_url)
+        self.launcher = LocalLauncher(self.settings.worker_command)
+        self.scheduler = Scheduler(self.store, self.launcher, self.settings)
+        self.scheduler.start()  # re-adopts workers of jobs that ran while Llama Stack was down
+
+    @property
+    def datasets_dir(self) -> Path:
+        return self.settings.data_dir / "llama-stack-datasets"
+
+    def submit(self, spec: dict[str, Any], train_rows: list[dict[str, Any]],
+               validation_rows: list[dict[str, Any]] | None) -> JobInfo:
+        from posttrain.service.auth import LOCAL_USER
+        from posttrain.service.submission import submit_job
+        from posttrain.service.views import job_info
+
+        folder = self.datasets_dir / secrets.token_hex(8)
+        folder.mkdir(parents=True)
+        try:
+            atomic_write_text(folder / "train.jsonl", jsonl(train_rows))
+            spec["data"]["source"] = str(folder / "train.jsonl")
+            if validation_rows is not None:
+                atomic_write_text(folder / "validation.jsonl", jsonl(validation_rows))
+                spec["data"]["validation"]["source"] = str(folder / "validation.jsonl")
+            # The rows were checked by the mapping; the preflight would import torch, which is not here.
+            record = submit_job(SubmitJobRequest(spec=spec), self.store, self.settings, LOCAL_USER,
+                                check_data_and_model=False)
+        except BaseException:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
+        self.scheduler.wake()
+        return job_info(record)
+
+    def _pages(self) -> Iterator[list[JobInfo]]:
+        from posttrain.service.views import job_info
+
+        offset = 0
+        while True:
+            records, total = self.store.list_jobs(limit=PAGE, offset=offset)
+            yield [job_info(record, live=False) for record in records]
+            offset += PAGE
+            if offset >= total:
+                return
+
+    def find(self, job_uuid: str) -> JobInfo | None:
+        from posttrain.service.views import job_info
+
+        job = _by_name(self._pages(), job_uuid)
+        record = self.store.get_job(job.id) if job else None
+        return job_info(record) if record else None
+
+    def jobs(self) -> list[JobInfo]:
+        return [job for page in self._pages() for job in page]
+
+    def _record(self, job_id: str) -> Any:
+        record = self.store.get_job(job_id)
+        if record is None:
+            raise JobNotFound(f"posttrain job {job_id} is no longer in the store")
+        return record
+
+    def cancel(self, job_id: str) -> None:
+        from posttrain.service.lifecycle import cancel_job
+
+        cancel_job(self.store, self.scheduler, self.settings, self._record(job_id))
+
+    def artifacts(self, job_id: str) -> ArtifactList:
+        from posttrain.service.views import artifact_list
+
+        return artifact_list(self._record(job_id))
+
+    def metrics(self, job_id: str) -> list[dict[str, Any]]:
+        return JobDir(self._record(job_id).job_dir).read_metrics()
+
+    def location(self, job_id: str, relative: str) -> str:
+        return str(Path(self._record(job_id).job_dir) / relative)
+
+    def describe(self, job: JobInfo) -> dict[str, Any]:
+        spec = json.loads(self._record(job.id).spec_json)
+        return {"posttrain_job_id": job.id, "attempt": job.attempt, "launcher": "local", "device": spec["model"]["device"],
+                "worker_python": self.settings.worker_command[0], "job_dir": self.location(job.id, "")}
+
+    def close(self) -> None:
+        self.scheduler.stop()
+        self.launcher.close()
+        self.store.close()
+        self._lock.close()
+
+
+class RemoteJobs:
+    """Jobs sent to a posttrain job service; its store and job directories are the truth."""
+
+    def __init__(self, config: RemoteProviderConfig) -> None:
+        from posttrain.client import Client
+
+        self.url = config.url.rstrip("/")
+        self.client = Client(self.url, api_key=config.resolved_api_key(), timeout=config.timeout_s)
+
+    def submit(self, spec: dict[str, Any], train_rows: list[dict[str, Any]],
+               validation_rows: list[dict[str, Any]] | None) -> JobInfo:
+        with tempfile.TemporaryDirectory(prefix="posttrain-llama-stack-") as folder:
+            train = Path(folder) / "train.jsonl"
+            train.write_text(jsonl(train_rows))
+            spec["data"]["source"] = self.client.upload(train).source
+            if validation_rows is not None:
+                validation = Path(folder) / "validation.jsonl"
+                validation.write_text(jsonl(validation_rows))
+                spec["data"]["validation"]["source"] = self.client.upload(validation).source
+        spec.pop("output", None)  # the service places each job in its own directory
+        return self.client.submit(spec)
+
+    def _pages(self) -> Iterator[list[JobInfo]]:
+        offset = 0
+        while True:
+            page = self.client.list_jobs(limit=PAGE, offset=offset)
+            yield page.jobs
+            offset += PAGE
+            if offset >= page.total:
+                return
+
+    def find(self, job_uuid: str) -> JobInfo | None:
+        job = _by_name(self._pages(), job_uuid)
+        return self.client.get_job(job.id) if job else None
+
+    def jobs(self) -> list[JobInfo]:
+        return [job for page in self._pages() for job in page]
+
+    def cancel(self, job_id: str) -> None:
+        self.client.cancel(job_id)
+
+    def artifacts(self, job_id: str) -> ArtifactList:
+        return self.client.artifacts(job_id)
+
+    def metrics(self, job_id: str) -> list[dict[str, Any]]:
+        return self.client.metrics(job_id)
+
+    def location(self, job_id: str, relative: str) -> str:
+        return f"{self.url}/v1/jobs/{job_id}/artifacts/{relative}"
+
+    def describe(self, job: JobInfo) -> dict[str, Any]:
+        return {"posttrain_job_id": job.id, "service": self.url, "attempt": job.attempt}
+
+    def close(self) -> None:
+        self.client.close()

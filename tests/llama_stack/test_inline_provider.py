@@ -1,0 +1,232 @@
+"""inline::posttrain through a real `llama stack run` (Llama Stack 0.6.1 in its own Python 3.12 venv),
+driven by the official llama-stack-client: datasets registered through Llama Stack, SFT with LoRA and DPO
+on the embedded tiny model, job list / status / artifacts / cancel, and a Llama Stack restart mid-job.
+One server is shared by the module; the restart test has its own."""
+
+from __future__ import annotations
+
+import base64
+import csv
+import io
+import json
+import math
+from pathlib import Path
+
+import pytest
+from llama_stack_harness import LlamaStackServer, messages_rows, preference_rows, sft_request, training_config
+from service_harness import kill_workers, worker_processes
+from waiting import wait_for
+
+pytestmark = pytest.mark.usefixtures("llama_stack_venv")
+
+
+def workers_of(data_dir: Path, job_dir: Path) -> list:
+    """Live worker processes of one job (found by their --job-dir argument)."""
+    return [process for process in worker_processes(data_dir / "posttrain")
+            if str(job_dir) in process.cmdline()]
+
+
+@pytest.fixture(scope="module")
+def server(llama_stack_venv, tmp_path_factory):
+    server = LlamaStackServer(tmp_path_factory.mktemp("inline") / "data", "inline").start()
+    yield server
+    server.stop()
+    kill_workers(server.data_dir / "posttrain")
+
+
+@pytest.fixture(scope="module")
+def sft_job(server) -> dict:
+    """A LoRA SFT job on rows registered inline, trained to completion."""
+    registered = server.call("register", purpose="post-training/messages", dataset_id="adds",
+                             source={"type": "rows", "rows": messages_rows()})
+    assert registered["identifier"] == "adds", registered
+    assert server.call("sft", **sft_request("sft-rows", "adds")) == {"job_uuid": "sft-rows"}
+    return server.wait_finished("sft-rows")
+
+
+def test_sft_with_lora_completes_with_checkpoints_and_metrics(server, sft_job):
+    assert sft_job["status"] == "completed", server.log()[-3000:]
+    assert sft_job["scheduled_at"] <= sft_job["started_at"] <= sft_job["completed_at"]
+    resources = sft_job["resources_allocated"]
+    assert resources["launcher"] == "local" and resources["posttrain_job_id"].startswith("job-")
+    final = sft_job["checkpoints"][-1]
+    assert final["identifier"] == "sft-rows/final" and final["post_training_job_id"] == "sft-rows"
+    assert Path(final["path"]).is_dir() and final["epoch"] == 1
+    metrics = final["training_metrics"]
+    assert metrics["train_loss"] > 0 and metrics["validation_loss"] > 0
+    assert math.isclose(metrics["perplexity"], math.exp(metrics["validation_loss"]), rel_tol=1e-9)
+    # The job is posttrain's own: its spec has the request's settings, mapped.
+    spec = json.loads((Path(resources["job_dir"]) / "spec.json").read_text())
+    assert spec["name"] == "sft-rows" and spec["training"]["max_steps"] == 3
+    assert spec["peft"]["target_modules"] == ["q_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    assert spec["data"]["validation"]["source"]  # a held-out split gives the validation loss
+
+
+def test_artifacts_load_with_transformers_and_peft_and_generate(server, sft_job):
+    import torch
+    from peft import AutoPeftModelForCausalLM
+    from transformers import AutoTokenizer
+
+    artifacts = server.artifacts("sft-rows")
+    assert artifacts["job_uuid"] == "sft-rows"
+    assert [c["identifier"] for c in artifacts["checkpoints"]] == [c["identifier"] for c in sft_job["checkpoints"]]
+    final = Path(artifacts["checkpoints"][-1]["path"])
+    model = AutoPeftModelForCausalLM.from_pretrained(final)
+    tokenizer = AutoTokenizer.from_pretrained(final)
+    ids = tokenizer("What is 2 plus 2?", return_tensors="pt")
+    with torch.no_grad():
+        out = model.generate(**ids, max_new_tokens=5, do_sample=False)
+    assert out.shape[-1] > ids["input_ids"].shape[-1]
+
+
+def test_job_list_shows_jobs(server, sft_job):
+    listed = server.call("list")
+    assert {"job_uuid": "sft-rows"} in listed
+
+
+def test_the_client_s_stale_status_route_is_404_and_the_workaround_works(server, sft_job):
+    # llama-stack-client 0.6.1 calls /v1alpha/post-training/job/status (no job_uuid): docs/llama-stack.md.
+    assert server.call("stale-status")["error"]["status"] == 404
+    status = server.call("get", path="/v1alpha/post-training/jobs/sft-rows/status")
+    assert status["status"] == "completed" and status["job_uuid"] == "sft-rows"
+
+
+def test_instruct_rows_from_a_local_csv_file_and_a_data_uri(server, tmp_path):
+    rows = [{"chat_completion_input": json.dumps([{"role": "user", "content": f"Spell {word}."}]),
+             "expected_answer": " ".join(word)} for word in ("cat", "dog", "fish", "bird", "frog", "mouse")]
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=["chat_completion_input", "expected_answer"])
+    writer.writeheader()
+    writer.writerows(rows)
+    (tmp_path / "spell.csv").write_text(buffer.getvalue())
+    data_uri = "data:text/csv;base64," + base64.b64encode(buffer.getvalue().encode()).decode()
+    server.call("register", purpose="post-training/messages", dataset_id="spell-file",
+                source={"type": "uri", "uri": f"file://{tmp_path / 'spell.csv'}"})
+    server.call("register", purpose="post-training/messages", dataset_id="spell-data",
+                source={"type": "uri", "uri": data_uri})
+    # The data: URI dataset validates the file one: validation_dataset_id instead of a held-out split.
+    request = sft_request("sft-instruct", "spell-file", steps=2, data_format="instruct",
+                          validation_dataset_id="spell-data")
+    assert server.call("sft", **request) == {"job_uuid": "sft-instruct"}
+    status = server.wait_finished("sft-instruct")
+    assert status["status"] == "completed", server.log()[-3000:]
+    assert status["checkpoints"][-1]["training_metrics"]["validation_loss"] > 0
+    job_dir = Path(status["resources_allocated"]["job_dir"])
+    spec = json.loads((job_dir / "spec.json").read_text())
+    train_rows = [json.loads(line) for line in Path(spec["data"]["source"]).read_text().splitlines()]
+    assert train_rows[0] == {"messages": [{"role": "user", "content": "Spell cat."},
+                                          {"role": "assistant", "content": "c a t"}]}
+    assert len(train_rows) == 6  # all of them: validation comes from the other dataset
+
+
+def test_dpo_through_preference_optimize(server):
+    server.call("register", purpose="post-training/messages", dataset_id="prefs",
+                source={"type": "rows", "rows": preference_rows()})
+    request = {"job_uuid": "dpo-1", "finetuned_model": "posttrain:tiny",
+               "algorithm_config": {"beta": 0.2, "loss_type": "sigmoid"},
+               "training_config": training_config("prefs", steps=2), "hyperparam_search_config": {},
+               "logger_config": {}}
+    assert server.call("dpo", **request) == {"job_uuid": "dpo-1"}
+    status = server.wait_finished("dpo-1")
+    assert status["status"] == "completed", server.log()[-3000:]
+    spec = json.loads((Path(status["resources_allocated"]["job_dir"]) / "spec.json").read_text())
+    assert spec["method"]["name"] == "dpo" and spec["method"]["beta"] == 0.2
+    assert status["checkpoints"][-1]["training_metrics"]["validation_loss"] > 0
+
+
+def test_cancel_stops_a_running_worker(server):
+    server.call("register", purpose="post-training/messages", dataset_id="long",
+                source={"type": "rows", "rows": messages_rows(16)})
+    assert server.call("sft", **sft_request("to-cancel", "long", steps=100_000)) == {"job_uuid": "to-cancel"}
+    wait_for(lambda: server.status("to-cancel")["status"] == "in_progress", 120, "the job to start")
+    job_dir = Path(server.status("to-cancel")["resources_allocated"]["job_dir"])
+    wait_for(lambda: workers_of(server.data_dir, job_dir), 60, "its worker process")
+    response = server.cancel("to-cancel")
+    assert response.status_code == 200, response.text
+    status = server.wait_finished("to-cancel", timeout=120)
+    assert status["status"] == "cancelled" and status["completed_at"]
+    assert not workers_of(server.data_dir, job_dir)
+
+
+def _set(section: str, **values):
+    def change(request: dict) -> None:
+        target = request
+        for part in section.split(".") if section else []:
+            target = target[part]
+        target.update(values)
+    return change
+
+
+@pytest.mark.parametrize(("change", "named"), [
+    (_set("training_config.data_config", dataset_id="no-such-dataset"), "no-such-dataset"),
+    (lambda request: request.update(algorithm_config={"type": "QAT", "quantizer_name": "int8", "group_size": 32}),
+     "QAT"),
+    (_set("training_config", n_epochs="many"), "n_epochs"),
+    (_set("training_config.data_config", shuffle=False), "shuffle"),
+    (_set("algorithm_config", use_dora=True), "use_dora"),
+    (lambda request: request["training_config"].update(efficiency_config={"fsdp_cpu_offload": True}),
+     "fsdp_cpu_offload"),
+    (_set("", job_uuid="sft-rows"), "already taken"),
+], ids=["unknown-dataset", "qat", "malformed-training-config", "no-shuffle", "dora", "fsdp", "duplicate-uuid"])
+def test_bad_requests_are_errors_naming_the_problem_and_the_server_stays_up(server, sft_job, change, named):
+    request = sft_request("bad-request", "adds")
+    request["algorithm_config"] = dict(request["algorithm_config"])
+    change(request)
+    answer = server.call("sft", **request)
+    assert "error" in answer, answer
+    assert 400 <= answer["error"]["status"] < 500 and named in answer["error"]["message"], answer
+    assert server.alive()
+    assert {"job_uuid": "bad-request"} not in server.call("list")
+
+
+def test_unknown_job_is_404(server):
+    assert server.get("/v1alpha/post-training/jobs/no-such-job/status").status_code == 404
+
+
+def test_jobs_survive_a_llama_stack_restart_while_one_runs(llama_stack_venv, tmp_path):
+    first = LlamaStackServer(tmp_path / "data", "inline").start()
+    try:
+        first.call("register", purpose="post-training/messages", dataset_id="adds",
+                   source={"type": "rows", "rows": messages_rows(16)})
+        first.call("sft", **sft_request("before", "adds", steps=2))
+        assert first.wait_finished("before")["status"] == "completed"
+        first.call("sft", **sft_request("across", "adds", steps=60))
+        wait_for(lambda: first.status("across")["status"] == "in_progress", 120, "the job to start")
+        job_dir = Path(first.status("across")["resources_allocated"]["job_dir"])
+        wait_for(lambda: json.loads((job_dir / "status.json").read_text()).get("step", 0) > 0, 120, "a step")
+        worker = workers_of(tmp_path / "data", job_dir)
+        first.kill()  # no goodbye: the worker runs on in its own session
+        assert worker and worker[0].is_running()
+        second = LlamaStackServer(tmp_path / "data", "inline").start()
+        try:
+            assert {"job_uuid": "before"} in second.call("list")
+            assert second.status("before")["status"] == "completed"
+            assert second.status("across")["status"] in ("in_progress", "completed")
+            done = second.wait_finished("across")
+            assert done["status"] == "completed", second.log()[-3000:]
+            assert json.loads((job_dir / "status.json").read_text())["step"] == 60
+            assert done["resources_allocated"]["attempt"] == 1  # the same worker went on: never restarted
+        finally:
+            second.stop()
+    finally:
+        first.kill()
+        kill_workers(tmp_path / "data" / "posttrain")
+
+
+def test_providers_d_form_serves_the_same_provider(llama_stack_venv, tmp_path):
+    server = LlamaStackServer(tmp_path / "data", "inline", providers_d=True).start()
+    try:
+        assert server.call("list") == []
+        assert "external_providers_dir" in server.run_yaml.read_text()
+    finally:
+        server.stop()
+
+
+def test_llama_stack_venv_has_the_provider_and_no_torch(llama_stack_venv):
+    import subprocess
+
+    probe = ("import importlib.util as u, posttrain.llama_stack.provider as p; "
+             "print(u.find_spec('torch') is None, [s.provider_type for s in p.get_provider_spec()])")
+    done = subprocess.run([str(llama_stack_venv / "bin" / "python"), "-c", probe], capture_output=True, text=True,
+                          check=True)
+    assert done.stdout.strip() == "True ['inline::posttrain', 'remote::posttrain']"
