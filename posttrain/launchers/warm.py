@@ -40,9 +40,14 @@ from posttrain.launchers.local import (
 
 log = logging.getLogger("posttrain.service")
 SPAWN_TIMEOUT_S = 60.0
-# pyarrow (imported by datasets) loads a jemalloc whose idle background thread would make the template
-# multi-threaded. pyarrow allocates with mimalloc, so that jemalloc is unused; its thread is not needed.
-TEMPLATE_ONLY_ENV = {"JE_ARROW_MALLOC_CONF": "background_thread:false"}
+# Libraries that start threads when they are imported would make the template multi-threaded (it then
+# refuses to fork and every job starts cold):
+# - pyarrow (imported by datasets) loads a jemalloc with an idle background thread. pyarrow allocates
+#   with mimalloc, so that jemalloc is unused; its thread is not needed.
+# - numpy's OpenBLAS starts a pool of (cores - 1) threads at import unless told to use one. Training runs
+#   its matrix work in torch (its own thread pool, started lazily in each worker), so numpy keeps one
+#   BLAS thread in warm-started workers; the tests set OMP_NUM_THREADS=1, which hid this.
+TEMPLATE_ONLY_ENV = {"JE_ARROW_MALLOC_CONF": "background_thread:false", "OPENBLAS_NUM_THREADS": "1"}
 
 
 class TemplateError(RuntimeError):

@@ -9,6 +9,7 @@ import threading
 from pathlib import Path
 
 import psutil
+import pytest
 from service_harness import train_spec
 from waiting import wait_for
 
@@ -53,7 +54,15 @@ def test_a_job_outlives_its_dead_template_and_the_next_job_starts_cold_until_it_
     assert restarted != template_pid and server.readiness()["warm_workers"] == "ready"
 
 
-def test_the_template_forks_single_threaded_and_reports_each_exit_code(tmp_path: Path):
+@pytest.mark.parametrize("omp_threads", ["1", None], ids=["OMP_NUM_THREADS=1", "no-thread-settings"])
+def test_the_template_forks_single_threaded_and_reports_each_exit_code(tmp_path: Path, monkeypatch,
+                                                                       omp_threads: str | None):
+    # A server started from a plain shell has no thread settings (the test suite sets OMP_NUM_THREADS=1):
+    # numpy's BLAS would then start a thread pool at import, and the template could never fork.
+    for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        monkeypatch.delenv(name, raising=False)
+    if omp_threads is not None:
+        monkeypatch.setenv("OMP_NUM_THREADS", omp_threads)
     launcher = WarmLauncher(default_worker_command(), tmp_path / "template.log")
     template = launcher.template
     try:
