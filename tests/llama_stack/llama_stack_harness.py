@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from waiting import kill_process, stop_process
 
 from posttrain.llama_stack.run_config import run_yaml
 
@@ -76,18 +77,10 @@ class LlamaStackServer:
             httpx.get(f"{self.url}/v1/health", timeout=5).status_code == 200
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_process(self.process, 30)
 
     def kill(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.kill()
-            self.process.wait()
+        kill_process(self.process)
 
     # -- the official client (run under Llama Stack's Python) ----------------------------------------
     def call(self, action: str, **kwargs: Any) -> Any:

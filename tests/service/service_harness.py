@@ -15,6 +15,7 @@ from typing import Any
 
 import httpx
 import psutil
+from waiting import kill_process, stop_process
 
 from posttrain.client import Client
 from posttrain.launchers.identity import recorded_worker_identity
@@ -82,19 +83,11 @@ class ServerProcess:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_process(self.process, 15)
 
     def kill(self) -> None:
         """SIGKILL the server only (its workers live in their own sessions and keep running)."""
-        if self.process is not None and self.process.poll() is None:
-            self.process.kill()
-            self.process.wait()
+        kill_process(self.process)
 
 
 def worker_processes(data_dir: Path) -> list[psutil.Process]:
