@@ -33,7 +33,8 @@ class RecentJobs:
         self.max_age_s = max_age_s
         self.generation = 0
         self._records: dict[str, tuple[int, float, JobRecord]] = {}
-        self._pending: dict[str, asyncio.Future[JobRecord | None]] = {}  # reads in flight (event loop only)
+        # Reads in flight, with the generation they started in (event loop only).
+        self._pending: dict[str, tuple[int, asyncio.Future[JobRecord | None]]] = {}
         event.listen(store.engine, "after_cursor_execute", self._after_execute)
         event.listen(store.engine, "commit", self._on_commit)
 
@@ -68,12 +69,22 @@ class RecentJobs:
         record = self.cached(job_id)
         if record is not None:
             return record
-        pending = self._pending.get(job_id)
-        if pending is None:
+        # A read that started before a write since then may return the old row: join only one that
+        # started after the latest write, so a client sees its own cancel (or delete) at once.
+        generation = self.generation
+        entry = self._pending.get(job_id)
+        if entry is None or entry[0] != generation:
             pending = asyncio.ensure_future(run_in_threadpool(self.read, job_id))
-            self._pending[job_id] = pending
-            pending.add_done_callback(lambda _done: self._pending.pop(job_id, None))
+            self._pending[job_id] = (generation, pending)
+            pending.add_done_callback(lambda done: self._forget(job_id, done))
+        else:
+            pending = entry[1]
         return await asyncio.shield(pending)
+
+    def _forget(self, job_id: str, done: asyncio.Future[JobRecord | None]) -> None:
+        entry = self._pending.get(job_id)
+        if entry is not None and entry[1] is done:
+            del self._pending[job_id]
 
     def read(self, job_id: str) -> JobRecord | None:
         """Read from the store (blocking: call it from a worker thread) and remember the result."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from pathlib import Path
 
@@ -77,6 +78,37 @@ def test_pollers_that_miss_together_share_one_read(store: JobStore, monkeypatch)
     *records, missing = asyncio.run(poll_together())
     assert {record.id for record in records} == {"job-1"} and missing is None
     assert calls == ["job-1", "job-404"]
+
+
+def test_a_read_after_a_write_never_joins_a_read_that_started_before_it(store: JobStore, monkeypatch):
+    # A poller's read is in flight when a client's cancel commits; that client's next GET must see it.
+    reads = RecentJobs(store, max_age_s=60)
+    real_get = store.get_job
+    release = threading.Event()
+
+    async def scenario() -> tuple[JobRecord | None, JobRecord | None]:
+        loop = asyncio.get_running_loop()
+        old_row_read = asyncio.Event()
+
+        def slow_get(job_id: str, owner: str | None = None):
+            record = real_get(job_id, owner)  # the row as it was before the cancel
+            loop.call_soon_threadsafe(old_row_read.set)
+            release.wait(5)
+            return record
+
+        monkeypatch.setattr(store, "get_job", slow_get)
+        poller = asyncio.ensure_future(reads.get("job-1"))
+        await old_row_read.wait()
+        monkeypatch.setattr(store, "get_job", real_get)
+        store.cancel("job-1")  # commits while the poller's read is on its way back
+        client = asyncio.ensure_future(reads.get("job-1"))
+        await asyncio.sleep(0.05)
+        release.set()
+        return await poller, await client
+
+    polled, seen_by_client = asyncio.run(scenario())
+    assert polled.state == "queued"
+    assert seen_by_client.state == "cancelled"
 
 
 def test_job_info_sees_every_change_of_the_job_directory(store: JobStore):
