@@ -73,8 +73,11 @@ def _by_name(pages: Iterator[list[JobInfo]], job_uuid: str) -> JobInfo | None:
     return None
 
 
-def check_worker_python(python: str) -> None:
-    """Fail when the provider starts, not with every job: workers need an interpreter with torch."""
+def check_worker_python(python: str) -> str:
+    """The interpreter's absolute path (a bare name such as ``python3`` is looked up on PATH). Fails when
+    the provider starts, not with every job: workers need an interpreter with torch and posttrain."""
+    if os.sep not in python:
+        python = shutil.which(python) or python
     if not os.access(python, os.X_OK):
         raise PosttrainError(f"worker_python {python!r} is not an executable file: point it at the python of "
                              "posttrain's own environment (the one with torch)")
@@ -82,6 +85,7 @@ def check_worker_python(python: str) -> None:
     if subprocess.run([python, "-c", probe], stdin=subprocess.DEVNULL, capture_output=True).returncode != 0:
         raise PosttrainError(f"worker_python {python!r} cannot import torch and posttrain: point it at the "
                              "python of posttrain's own environment (where `make install` put them)")
+    return python
 
 
 class LocalJobs:
@@ -99,10 +103,10 @@ class LocalJobs:
         from posttrain.service.settings import ServiceSettings
         from posttrain.service.store import JobStore
 
-        check_worker_python(config.worker_python)
+        worker_python = check_worker_python(config.worker_python)
         self.settings = ServiceSettings(
             data_dir=config.resolved_data_dir(), slots=config.slots, cancel_grace_s=config.cancel_grace_s,
-            worker_command=[config.worker_python, "-m", "posttrain.worker"], warm_workers=False)
+            worker_command=[worker_python, "-m", "posttrain.worker"], warm_workers=False)
         for folder in (self.settings.jobs_dir, self.settings.files_dir, self.datasets_dir):
             folder.mkdir(parents=True, exist_ok=True)
         self._lock = lock_data_dir(self.settings.data_dir)

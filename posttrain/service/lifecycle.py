@@ -75,7 +75,12 @@ def resume_job(store: JobStore, scheduler: Scheduler, settings: ServiceSettings,
     checkpoint (step, optimizer, scheduler and data position). Any other state is a conflict."""
     check_run_here(job, settings, "resume")
     if store.resume(job.id):
-        note_status(JobDir(job.job_dir), job.id, state="queued", error=None)
+        # Only while status.json still says paused: once the scheduler has claimed the job, its worker may
+        # already have recorded "running" with its pid, which the scheduler needs to signal a later pause.
+        job_dir = JobDir(job.job_dir)
+        status = job_dir.read_status()
+        if status is None or status.state == "paused":
+            note_status(job_dir, job.id, state="queued", error=None)
         scheduler.wake()
         return _current(store, job)
     current = _current(store, job)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -277,7 +278,7 @@ def test_worker_python_is_checked_when_the_provider_starts(tmp_path):
     from posttrain.errors import PosttrainError
     from posttrain.llama_stack.jobs import check_worker_python
 
-    check_worker_python(sys.executable)  # this venv has torch and posttrain
+    assert check_worker_python(sys.executable) == sys.executable  # this venv has torch and posttrain
     with pytest.raises(PosttrainError, match="is not an executable file"):
         check_worker_python(str(tmp_path / "no-python"))
     no_torch = tmp_path / "python-without-torch"
@@ -285,3 +286,16 @@ def test_worker_python_is_checked_when_the_provider_starts(tmp_path):
     no_torch.chmod(0o755)
     with pytest.raises(PosttrainError, match="cannot import torch and posttrain"):
         check_worker_python(str(no_torch))
+
+
+def test_a_bare_worker_python_name_is_found_on_path(tmp_path, monkeypatch):
+    # The sample run config says `python3`: a name on PATH, as a shell would run it.
+    from posttrain.llama_stack.jobs import check_worker_python
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    wrapper = bin_dir / "posttrain-python"
+    wrapper.write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')  # a symlink would lose the venv
+    wrapper.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    assert check_worker_python("posttrain-python") == str(bin_dir / "posttrain-python")
