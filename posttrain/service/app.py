@@ -42,7 +42,7 @@ from posttrain.service.store import JobStore
 
 log = logging.getLogger("posttrain.service")
 ERRORS = {code: {"model": ErrorBody} for code in (400, 401, 403, 404, 409, 413, 422, 429, 500)}
-OPENAI_PREFIXES = ("/v1/fine_tuning/",)
+OPENAI_PREFIXES = ("/v1/fine_tuning/", "/v1/files")
 
 
 def create_app(settings: ServiceSettings, launcher: Launcher | None = None) -> FastAPI:

@@ -123,8 +123,10 @@ def job_checkpoints(record: JobRecord, fine_tuned_model: str) -> list[FineTuning
         step = JobDir.checkpoint_step(folder)
         train = next((m for m in reversed(records) if m["step"] <= step and "loss" in m), {})
         valid = next((m for m in reversed(records) if m["step"] <= step and "eval_loss" in m), {})
-        marker = folder / COMPLETE_MARKER
-        created = marker.stat().st_mtime if marker.exists() else record.created_at
+        try:  # the trainer may delete an old checkpoint (save_total_limit) while this lists it
+            created = (folder / COMPLETE_MARKER).stat().st_mtime
+        except OSError:
+            created = record.created_at
         checkpoints.append(FineTuningJobCheckpoint(
             id=f"ftckpt-{record.id}-{step}", created_at=int(created),
             fine_tuned_model_checkpoint=f"{fine_tuned_model}:ckpt-step-{step}", fine_tuning_job_id=record.id,

@@ -130,6 +130,11 @@ def migrate(engine: Engine) -> None:
                         conn.execute(text(f"ALTER TABLE {table} ALTER COLUMN {name} TYPE BIGINT"))
 
 
+def _owned(record: Any, owner: str | None) -> Any:
+    """A paging cursor only from the caller's own records: another owner's id says nothing about theirs."""
+    return record if record is None or owner is None or record.owner == owner else None
+
+
 def _inside(folder: str) -> ColumnElement[bool]:
     prefix = folder.rstrip("/") + "/"
     escaped = prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
@@ -192,7 +197,7 @@ class JobStore:
         if owner is not None:
             query = query.where(JobRecord.owner == owner)
         with self._session() as session:
-            cursor = session.get(JobRecord, after) if after else None
+            cursor = _owned(session.get(JobRecord, after) if after else None, owner)
             if cursor is not None:
                 query = query.where((JobRecord.created_at < cursor.created_at)
                                     | ((JobRecord.created_at == cursor.created_at) & (JobRecord.id < cursor.id)))
@@ -340,13 +345,19 @@ class JobStore:
         return record if record is not None and (owner is None or record.owner == owner) else None
 
     def list_files(self, owner: str | None = None, limit: int = 1000, after: str | None = None,
-                   oldest_first: bool = False) -> list[FileRecord]:
-        """Newest first (or oldest first), those after file ``after`` (cursor paging)."""
+                   oldest_first: bool = False, id_prefix: str | None = None,
+                   not_id_prefix: str | None = None) -> list[FileRecord]:
+        """Newest first (or oldest first), those after file ``after`` (cursor paging); with ``id_prefix`` /
+        ``not_id_prefix`` only the files whose id does / does not start with it (a kind of file)."""
         query = select(FileRecord)
         if owner is not None:
             query = query.where(FileRecord.owner == owner)
+        if id_prefix is not None:
+            query = query.where(FileRecord.id.startswith(id_prefix, autoescape=True))
+        if not_id_prefix is not None:
+            query = query.where(~FileRecord.id.startswith(not_id_prefix, autoescape=True))
         with self._session() as session:
-            cursor = session.get(FileRecord, after) if after else None
+            cursor = _owned(session.get(FileRecord, after) if after else None, owner)
             if cursor is not None:
                 if oldest_first:
                     query = query.where((FileRecord.created_at > cursor.created_at)

@@ -53,3 +53,26 @@ def test_a_database_from_before_owners_is_migrated_and_its_jobs_are_admin_only(t
     finally:
         store.close()
     JobStore(f"sqlite:///{path}").close()  # migrating again changes nothing
+
+
+def test_file_listing_filters_kinds_before_the_limit_and_pages_only_from_the_callers_own_files(tmp_path: Path):
+    from posttrain.service.schemas import RESULTS_PREFIX
+    from posttrain.service.store import FileRecord
+
+    store = JobStore(f"sqlite:///{tmp_path / 'jobs.db'}")
+    try:
+        # alice: two uploads, then two newer results files; bob: one upload in between.
+        for at, (file_id, owner) in enumerate([("file-a1", "alice"), ("file-a2", "alice"), ("file-b1", "bob"),
+                                               (f"{RESULTS_PREFIX}1", "alice"), (f"{RESULTS_PREFIX}2", "alice")]):
+            store.add_file(FileRecord(id=file_id, owner=owner, filename="x.jsonl", path=f"/x/{file_id}", size=1,
+                                      sha256="0" * 64, created_at=1000.0 + at))
+        # The two newest of alice's files are results files: a page of uploads must still hold uploads.
+        assert [f.id for f in store.list_files("alice", 2, not_id_prefix=RESULTS_PREFIX)] == ["file-a2", "file-a1"]
+        assert [f.id for f in store.list_files("alice", 5, id_prefix=RESULTS_PREFIX)] == [f"{RESULTS_PREFIX}2",
+                                                                                      f"{RESULTS_PREFIX}1"]
+        # Paging after one's own file continues; after someone else's id it starts over (reveals nothing).
+        assert [f.id for f in store.list_files("alice", 5, after="file-a2")] == ["file-a1"]
+        assert [f.id for f in store.list_files("alice", 1, after="file-b1")] == [f"{RESULTS_PREFIX}2"]
+        assert [f.id for f in store.list_files(None, 5, after="file-b1")] == ["file-a2", "file-a1"]  # admin
+    finally:
+        store.close()

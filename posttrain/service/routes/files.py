@@ -16,11 +16,12 @@ from posttrain.data.openai_files import check_fine_tuning_file
 from posttrain.errors import DatasetError
 from posttrain.service.errors import InvalidRequest
 from posttrain.service.routes.deps import AUTH, Caller, find_file, owner_filter, settings_of, store_of
-from posttrain.service.schemas import FileDeleted, FileInfo, FileList
+from posttrain.service.schemas import RESULTS_PREFIX, FileDeleted, FileInfo, FileList
 from posttrain.service.uploads import UploadTooLarge, delete_upload, file_info, save_upload
 
 router = APIRouter(prefix="/v1/files", tags=["files"], dependencies=AUTH)
 PURPOSE = "fine-tune"
+RESULTS_PURPOSE = "fine-tune-results"  # a job's results file (its id starts with RESULTS_PREFIX)
 
 
 @router.post("", status_code=201, response_model=FileInfo)
@@ -58,8 +59,15 @@ def list_files(request: Request, caller: Caller,
                order: Annotated[Literal["asc", "desc"], Query(description="By creation time.")] = "desc",
                purpose: Annotated[str | None, Query(max_length=64, description="Only files of this purpose.")] = None,
                ) -> FileList:
-    records = store_of(request).list_files(owner_filter(caller), limit + 1, after, oldest_first=order == "asc")
-    data = [info for info in map(file_info, records[:limit]) if purpose is None or info.purpose == purpose]
+    # The purpose is filtered in the query, before the limit: a page must not come back empty while
+    # files of that purpose remain (OpenAI's SDK stops paging at an empty page).
+    kinds = {} if purpose is None else (
+        {"id_prefix": RESULTS_PREFIX} if purpose == RESULTS_PURPOSE else {"not_id_prefix": RESULTS_PREFIX})
+    if purpose not in (None, PURPOSE, RESULTS_PURPOSE):
+        return FileList(data=[], has_more=False, first_id=None, last_id=None)
+    records = store_of(request).list_files(owner_filter(caller), limit + 1, after, oldest_first=order == "asc",
+                                           **kinds)
+    data = [file_info(record) for record in records[:limit]]
     return FileList(data=data, has_more=len(records) > limit, first_id=data[0].id if data else None,
                     last_id=data[-1].id if data else None)
 
