@@ -2,8 +2,8 @@
 
 Events: the job's lifecycle (created, started, finished), one ``metrics`` event per record of
 ``metrics.jsonl`` and one ``message`` event per line the worker logged (``HH:MM:SS LEVEL name: text`` in
-``worker.log``; its last 256 KiB). Ids are stable (a log line is named by its byte offset, a metrics
-record by its line), so ``after`` pages through them while the job runs. Checkpoints: the complete
+``worker.log``; its last 256 KiB). Ids carry their position (time, kind, sequence), so ``after`` pages
+through them while the job runs, even past items that are gone since. Checkpoints: the complete
 ``checkpoints/checkpoint-N`` folders, with the train and validation losses logged at or before step N.
 """
 
@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from posttrain.jobdir import COMPLETE_MARKER, JobDir
+from posttrain.service.errors import InvalidRequest
 from posttrain.service.openai_schemas import (
     CheckpointMetrics,
     FineTuningJobCheckpoint,
@@ -29,51 +30,77 @@ LEVELS = {"DEBUG": "info", "INFO": "info", "WARNING": "warn", "ERROR": "error", 
 
 
 def page(items: list[Any], after: str | None, limit: int) -> tuple[list[Any], bool]:
-    """The ``limit`` items after the one whose id is ``after`` (all from the start when it is unknown)."""
-    start = 0
-    if after is not None:
-        start = next((index + 1 for index, item in enumerate(items) if item.id == after), 0)
-    chosen = items[start:start + limit]
-    return chosen, start + limit < len(items)
+    """The ``limit`` items that come after ``after`` in the list (newest first). The position is read from
+    the id itself, so paging goes on even when that item is gone (a log line out of the tail, a checkpoint
+    deleted by rotation); an id that is not one of ours is a 400."""
+    if after is None:
+        return items[:limit], len(items) > limit
+    cursor = position(after)
+    rest = [item for item in items if position(item.id) < cursor]
+    return rest[:limit], len(rest) > limit
+
+
+def position(item_id: str) -> tuple[int, ...]:
+    """The sort key an event or checkpoint id carries: (time in ms, kind, sequence) or (step,)."""
+    try:
+        if item_id.startswith("ftevent-"):
+            _, when, kind, sequence = item_id.rsplit("-", 3)
+            return int(when), int(kind), int(sequence)
+        if item_id.startswith("ftckpt-"):
+            return (int(item_id.rsplit("-", 1)[1]),)
+    except ValueError:
+        pass
+    raise InvalidRequest(f"after={item_id!r} is not an event or checkpoint id of this API", param="after")
+
+
+# Events of one moment, in the order they happened.
+CREATED, VALIDATED, LOGGED, METRICS, MODEL, FINISHED = range(6)
 
 
 def job_events(record: JobRecord, fine_tuned_model: str | None) -> list[FineTuningJobEvent]:
-    """Every event of the job, newest first."""
+    """Every event of the job, newest first. An id is ``ftevent-<job>-<ms>-<kind>-<sequence>``: unique
+    (a resumed run's metrics records have new times) and ordered, so ``after`` can page from it."""
     job_dir = JobDir(record.job_dir)
-    prefix = f"ftevent-{record.id}"
-    events: list[tuple[float, int, FineTuningJobEvent]] = []
+    events: list[tuple[tuple[int, int, int], FineTuningJobEvent]] = []
 
-    def add(when: float, order: int, suffix: str, message: str, level: str = "info", kind: str = "message",
+    def add(when: float, kind: int, sequence: int, message: str, level: str = "info", event_type: str = "message",
             data: dict[str, Any] | None = None) -> None:
-        event = FineTuningJobEvent(id=f"{prefix}-{suffix}", created_at=int(when), level=level,  # type: ignore[arg-type]
-                                   message=message, type=kind, data=data)  # type: ignore[arg-type]
-        events.append((when, order, event))
+        key = (round(when * 1000), kind, sequence)
+        event = FineTuningJobEvent(id=f"ftevent-{record.id}-{key[0]}-{kind}-{sequence}", created_at=int(when),
+                                   level=level, message=message, type=event_type, data=data)  # type: ignore[arg-type]
+        events.append((key, event))
 
-    add(record.created_at, 0, "created", f"Created fine-tuning job: {record.id}")
-    add(record.created_at, 1, "validated", "Validated the training file: job queued")
-    started = record.launched_at or record.created_at
-    for offset, when, level, text in _log_lines(job_dir.log_path, started):
+    add(record.created_at, CREATED, 0, f"Created fine-tuning job: {record.id}")
+    add(record.created_at, VALIDATED, 0, "Validated the training file: job queued")
+    latest = max(record.finished_at or 0.0, record.updated_at)
+    for offset, when, level, text in _log_lines(job_dir.log_path, latest):
         # Log times are whole seconds: a line written within a second of the job's creation (a warm-started
         # worker logs ~0.1 s after submit) would otherwise sort before "Created".
-        add(max(when, record.created_at), 2, f"log-{offset}", text, LEVELS[level])
+        add(max(when, record.created_at), LOGGED, offset, text, LEVELS[level])
+    started = record.launched_at or record.created_at
     for index, metrics in enumerate(job_dir.read_metrics()):
         if isinstance(metrics, dict) and isinstance(metrics.get("step"), int):
-            add(float(metrics.get("time") or started), 3, f"metrics-{index}", _metrics_message(metrics),
-                kind="metrics", data=_metrics_data(metrics))
+            add(float(metrics.get("time") or started), METRICS, index, _metrics_message(metrics),
+                event_type="metrics", data=_metrics_data(metrics))
     if record.finished_at is not None:
         finished = {"succeeded": ("The job has successfully completed", "info"),
                     "failed": (f"The job failed: {record.error or 'unknown error'}", "error"),
                     "cancelled": ("The job was cancelled", "info")}.get(record.state)
         if finished is not None:
             if record.state == "succeeded" and fine_tuned_model:
-                add(record.finished_at, 4, "model", f"New fine-tuned model created: {fine_tuned_model}")
-            add(record.finished_at, 5, "finished", *finished)
-    events.sort(key=lambda entry: (entry[0], entry[1]))
-    return [event for _, _, event in reversed(events)]
+                add(record.finished_at, MODEL, 0, f"New fine-tuned model created: {fine_tuned_model}")
+            add(record.finished_at, FINISHED, 0, *finished)
+    events.sort(key=lambda entry: entry[0], reverse=True)
+    return [event for _, event in events]
 
 
-def _log_lines(path: Path, started: float) -> list[tuple[int, float, str, str]]:
-    """(byte offset, time, level, text) of the worker's own log lines, from the end of its log."""
+def _log_lines(path: Path, latest: float) -> list[tuple[int, float, str, str]]:
+    """(byte offset, time, level, text) of the worker's own log lines, from the end of its log.
+
+    Lines carry only a time of day. The last one was written by ``latest`` (the job's last change), and
+    each line is no later than the next: walking back from the end, each gets the latest date that keeps
+    that order. This dates the lines of earlier runs (a paused and resumed job appends to the same log)
+    and runs across midnight correctly."""
     try:
         with open(path, "rb") as handle:
             size = handle.seek(0, 2)
@@ -82,19 +109,24 @@ def _log_lines(path: Path, started: float) -> list[tuple[int, float, str, str]]:
             data = handle.read()
     except FileNotFoundError:
         return []
-    day = dt.datetime.fromtimestamp(started)
-    found = []
+    parsed = []
     offset = start
     for raw in data.split(b"\n"):
         line_offset, offset = offset, offset + len(raw) + 1
         match = LOG_LINE.match(raw.decode(errors="replace").rstrip("\r"))
         if match is None or (line_offset == start and start > 0):  # the first line may be cut
             continue
+        parsed.append((line_offset, match))
+    found = []
+    bound = dt.datetime.fromtimestamp(latest) + dt.timedelta(seconds=1)  # whole seconds, rounded down
+    for line_offset, match in reversed(parsed):
         hour, minute, second = (int(part) for part in match.group(1, 2, 3))
-        when = day.replace(hour=hour, minute=minute, second=second, microsecond=0)
-        if when < day - dt.timedelta(hours=1):  # the log's clock went past midnight
-            when += dt.timedelta(days=1)
+        when = bound.replace(hour=hour, minute=minute, second=second, microsecond=0)
+        if when > bound:
+            when -= dt.timedelta(days=1)
+        bound = when
         found.append((line_offset, when.timestamp(), match.group(4), match.group(5)))
+    found.reverse()
     return found
 
 
