@@ -2,8 +2,9 @@
 or a posttrain job service reached with ``posttrain.client`` (remote). Both answer in the service's own
 shapes (JobInfo, ArtifactList), so the Llama Stack side is written once.
 
-Llama Stack names a job by the ``job_uuid`` its client chose; posttrain keeps that as the JobSpec's
-``name``, so the store (or the service) stays the only record of which job is which and nothing is lost
+Llama Stack names a job by the ``job_uuid`` its client chose; posttrain keeps that in the JobSpec's
+``name`` (``llama-stack/<job_uuid>``, so a service's jobs from other doors are never taken for Llama
+Stack's), so the store (or the service) stays the only record of which job is which and nothing is lost
 when Llama Stack restarts.
 
 Blocking (SQLite, HTTP, file writes): the provider calls these from a thread, never on its event loop.
@@ -24,6 +25,7 @@ from typing import Any, Protocol
 from posttrain.errors import PosttrainError
 from posttrain.jobdir import JobDir, atomic_write_text
 from posttrain.llama_stack.config import InlineProviderConfig, RemoteProviderConfig
+from posttrain.llama_stack.mapping import job_uuid_of
 from posttrain.service.schemas import ArtifactList, JobInfo, SubmitJobRequest
 
 PAGE = 500
@@ -68,7 +70,7 @@ def jsonl(rows: list[dict[str, Any]]) -> str:
 def _by_name(pages: Iterator[list[JobInfo]], job_uuid: str) -> JobInfo | None:
     for page in pages:
         for job in page:
-            if job.name == job_uuid:
+            if job_uuid_of(job.name) == job_uuid:
                 return job
     return None
 
@@ -161,7 +163,8 @@ class LocalJobs:
         return job_info(record) if record else None
 
     def jobs(self) -> list[JobInfo]:
-        return [job for page in self._pages() for job in page]
+        """The jobs made through Llama Stack (not the service's other jobs)."""
+        return [job for page in self._pages() for job in page if job_uuid_of(job.name)]
 
     def _record(self, job_id: str) -> Any:
         record = self.store.get_job(job_id)
@@ -233,7 +236,8 @@ class RemoteJobs:
         return self.client.get_job(job.id) if job else None
 
     def jobs(self) -> list[JobInfo]:
-        return [job for page in self._pages() for job in page]
+        """The jobs made through Llama Stack (not the service's other jobs)."""
+        return [job for page in self._pages() for job in page if job_uuid_of(job.name)]
 
     def cancel(self, job_id: str) -> None:
         self.client.cancel(job_id)

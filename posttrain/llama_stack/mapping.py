@@ -53,7 +53,7 @@ def job_spec(method: Method, request: Mapping[str, Any], defaults: TrainingDefau
     _refuse_unused(request)
     training = _training_config(request)
     spec: dict[str, Any] = {
-        "name": _job_uuid(request),
+        "name": job_name(_job_uuid(request)),
         "model": {"name_or_path": _model(method, request), "device": defaults.device,
                   "dtype": defaults.dtype or _dtype(training.get("dtype"))},
         "data": {"source": data_source, "format": "auto"},
@@ -78,6 +78,20 @@ def job_spec(method: Method, request: Mapping[str, Any], defaults: TrainingDefau
         return spec_from_dict(spec).model_dump(mode="json")
     except PosttrainError as exc:  # a value out of posttrain's range, e.g. a negative learning rate
         raise RequestError(f"training_config: {exc.message}") from None
+
+
+# Jobs made through Llama Stack carry this in their name, so only they are Llama Stack's jobs (a service
+# also runs jobs of its other doors, whose names could equal a job_uuid).
+JOB_NAME_PREFIX = "llama-stack/"
+
+
+def job_name(job_uuid: str) -> str:
+    return JOB_NAME_PREFIX + job_uuid
+
+
+def job_uuid_of(name: str | None) -> str | None:
+    """The job_uuid of a job made through Llama Stack; None for any other job."""
+    return name[len(JOB_NAME_PREFIX):] if name and name.startswith(JOB_NAME_PREFIX) else None
 
 
 def _job_uuid(request: Mapping[str, Any]) -> str:

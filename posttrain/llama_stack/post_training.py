@@ -36,6 +36,7 @@ from posttrain.llama_stack.mapping import (
     RequestError,
     job_spec,
     job_status,
+    job_uuid_of,
     posttrain_rows,
     split_validation,
     training_metrics,
@@ -83,11 +84,12 @@ class PosttrainPostTraining:
             rows, validation = split_validation(rows, self.defaults, training)
         spec = job_spec(method, request, self.defaults, data_source=PLACEHOLDER_SOURCE,
                         validation_source=PLACEHOLDER_SOURCE)
+        job_uuid = request["job_uuid"]
         async with self._submitting:
-            if await asyncio.to_thread(self.jobs.find, spec["name"]) is not None:
-                raise JobExists(f"job_uuid {spec['name']!r} is already taken by another job; choose a new one")
+            if await asyncio.to_thread(self.jobs.find, job_uuid) is not None:
+                raise JobExists(f"job_uuid {job_uuid!r} is already taken by another job; choose a new one")
             await asyncio.to_thread(self.jobs.submit, spec, rows, validation)
-        return PostTrainingJob(job_uuid=spec["name"])
+        return PostTrainingJob(job_uuid=job_uuid)
 
     async def _rows(self, dataset_id: str, field: str) -> list[dict[str, Any]]:
         try:
@@ -99,7 +101,8 @@ class PosttrainPostTraining:
     # -- jobs ----------------------------------------------------------------------------------------
     async def get_training_jobs(self) -> ListPostTrainingJobsResponse:
         jobs = await asyncio.to_thread(self.jobs.jobs)
-        return ListPostTrainingJobsResponse(data=[PostTrainingJob(job_uuid=job.name) for job in jobs if job.name])
+        uuids = (job_uuid_of(job.name) for job in jobs)
+        return ListPostTrainingJobsResponse(data=[PostTrainingJob(job_uuid=uuid) for uuid in uuids if uuid])
 
     async def _job(self, job_uuid: str) -> JobInfo:
         job = await asyncio.to_thread(self.jobs.find, job_uuid)
@@ -137,7 +140,8 @@ class PosttrainPostTraining:
             epoch = max(1, math.ceil(float(upto[-1].get("epoch", 1)))) if upto else 1
             metrics = training_metrics(upto, epoch)
             checkpoints.append(Checkpoint(
-                identifier=f"{job.name}/{name}", created_at=_time(job.finished_at or job.updated_at),
-                epoch=epoch, post_training_job_id=job.name or job.id, path=self.jobs.location(job.id, relative),
+                identifier=f"{job_uuid_of(job.name) or job.id}/{name}",
+                created_at=_time(job.finished_at or job.updated_at), epoch=epoch,
+                post_training_job_id=job_uuid_of(job.name) or job.id, path=self.jobs.location(job.id, relative),
                 training_metrics=PostTrainingMetric(**metrics) if metrics else None))
         return checkpoints, self.jobs.describe(job)

@@ -57,7 +57,7 @@ def test_sft_with_lora_completes_with_checkpoints_and_metrics(server, sft_job):
     assert math.isclose(metrics["perplexity"], math.exp(metrics["validation_loss"]), rel_tol=1e-9)
     # The job is posttrain's own: its spec has the request's settings, mapped.
     spec = json.loads((Path(resources["job_dir"]) / "spec.json").read_text())
-    assert spec["name"] == "sft-rows" and spec["training"]["max_steps"] == 3
+    assert spec["name"] == "llama-stack/sft-rows" and spec["training"]["max_steps"] == 3
     assert spec["peft"]["target_modules"] == ["q_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     assert spec["data"]["validation"]["source"]  # a held-out split gives the validation loss
 

@@ -65,7 +65,7 @@ def test_training_config_maps_to_the_schedule_batch_and_optimizer():
         ("adamw_torch", 3e-4, 0.01, 2)
     assert training["eval_steps"] == 10  # the validation loss is measured once, at the last step
     assert spec["model"] == {**spec["model"], "name_or_path": "posttrain:tiny", "dtype": "bf16"}
-    assert spec["name"] == "job-1"
+    assert spec["name"] == "llama-stack/job-1"
     assert spec["data"]["source"] == "train.jsonl" and spec["data"]["validation"]["source"] == "val.jsonl"
     assert spec["method"] == {"name": "sft", "completion_only_loss": True, "assistant_only_loss": False}
 

@@ -44,7 +44,7 @@ def test_sft_runs_on_the_service_and_shows_through_llama_stack(stack, service, t
     assert status["resources_allocated"]["service"] == service.url
     with service.client() as client:
         job = client.get_job(job_id)
-        assert job.name == "remote-sft" and job.state == "succeeded" and job.total_steps == 3
+        assert job.name == "llama-stack/remote-sft" and job.state == "succeeded" and job.total_steps == 3
         final = status["checkpoints"][-1]
         assert final["path"] == f"{service.url}/v1/jobs/{job_id}/artifacts/final"
         assert final["training_metrics"]["validation_loss"] > 0
@@ -59,6 +59,16 @@ def test_sft_runs_on_the_service_and_shows_through_llama_stack(stack, service, t
         assert model.generate(**ids, max_new_tokens=4, do_sample=False).shape[-1] > ids["input_ids"].shape[-1]
     assert {"job_uuid": "remote-sft"} in stack.call("list")
     assert stack.artifacts("remote-sft")["checkpoints"] == status["checkpoints"]
+
+
+def test_the_services_other_jobs_are_not_llama_stacks(stack, service):
+    # A job submitted to the service directly, named like a job_uuid: not listed, found or cancelled as one.
+    with service.client() as client:
+        other = client.submit({"name": "not-from-llama-stack", "model": {"name_or_path": "posttrain:tiny"},
+                               "training": {"max_steps": 1}})
+        assert {"job_uuid": "not-from-llama-stack"} not in stack.call("list")
+        assert stack.cancel("not-from-llama-stack").status_code == 404
+        assert client.get_job(other.id).cancel_requested is False
 
 
 def test_dpo_runs_on_the_service(stack, service):
