@@ -264,9 +264,9 @@ class JobStore:
             return result.rowcount == 1
 
     def finish(self, job_id: str, state: str, **values: Any) -> None:
-        """Record a terminal state (succeeded, failed, cancelled)."""
+        """Record a terminal state (succeeded, failed, cancelled). A pause still pending is moot then."""
         now = time.time()
-        values.update(state=state, pid=None, finished_at=now, updated_at=now)
+        values.update(state=state, pid=None, finished_at=now, updated_at=now, pause_requested=False)
         with self._session() as session:
             session.execute(update(JobRecord).where(JobRecord.id == job_id).values(**values))
 

@@ -184,6 +184,7 @@ def test_a_cancel_while_a_pause_is_pending_wins(server: ServerProcess):
             os.kill(pid, signal.SIGCONT)
         job = client.wait(job.id, timeout=120, states=STOPPED)
         assert job.state == "cancelled" and job.error is None
+        assert not job.pause_requested  # the pause it never acted on is not shown as still pending
         assert job_dir_of(server, job.id).read_status().state == "cancelled"
         assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
 
