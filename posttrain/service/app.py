@@ -1,9 +1,9 @@
 """The FastAPI app: the routers of ``routes/`` over the store, the scheduler and the job directories.
 
-Paths (the client in ``posttrain/client.py`` is the only other place that knows them):
+Paths (``posttrain/client.py`` and the dashboard's ``api.js`` are the only other places that know them):
 ``/v1/jobs`` (POST submit, GET list), ``/v1/jobs/{id}`` (GET, DELETE), ``/v1/jobs/{id}/cancel|pause|resume``,
 ``/v1/jobs/{id}/logs``, ``/v1/jobs/{id}/metrics``, ``/v1/jobs/{id}/artifacts[/{path}]``, ``/v1/files``,
-``/v1/fine_tuning/jobs...`` (the OpenAI door), ``/healthz``, ``/readyz``. Every error body is JSON
+``/v1/fine_tuning/jobs...`` (the OpenAI door), ``/healthz``, ``/readyz``, ``/`` (the dashboard). Every error body is JSON
 ``{"detail": "<message>", "type": ..., "error": {"message", "type", "param", "code"}}`` (the last in
 OpenAI's shape); an unexpected error is logged with a request id and answered 500 with only that id.
 """
