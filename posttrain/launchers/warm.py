@@ -22,7 +22,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import psutil
 
@@ -37,6 +37,9 @@ from posttrain.launchers.local import (
     worker_arguments,
     worker_environment,
 )
+
+if TYPE_CHECKING:  # settings are a service module; this one is also used by the Llama Stack provider
+    from posttrain.service.settings import ServiceSettings
 
 log = logging.getLogger("posttrain.service")
 SPAWN_TIMEOUT_S = 60.0
@@ -57,7 +60,7 @@ class TemplateError(RuntimeError):
 class WarmTemplate:
     """The server's side of one template process: start it, ask it to fork a worker, collect exits."""
 
-    def __init__(self, log_path: Path) -> None:
+    def __init__(self, log_path: Path, python: str = sys.executable) -> None:
         self.log_path = log_path
         self.ready = False
         self.pid: int | None = None
@@ -69,7 +72,7 @@ class WarmTemplate:
         self._lock = threading.Lock()
         with open(log_path, "ab") as template_log:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "posttrain.launchers.zygote"], stdin=subprocess.PIPE,
+                [python, "-m", "posttrain.launchers.zygote"], stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE, stderr=template_log, env=worker_environment(os.environ, TEMPLATE_ONLY_ENV),
                 start_new_session=True,  # a Ctrl-C of the server's terminal is not for it
                 cwd=log_path.parent,  # the data dir: no Python modules there to shadow the ones it imports
@@ -201,6 +204,9 @@ class WarmLauncher(Launcher):
 
     def __init__(self, worker_command: list[str], log_path: Path) -> None:
         self.cold = LocalLauncher(worker_command)
+        # The template runs under the workers' Python (``[python, "-m", "posttrain.worker"]``), which may
+        # be another environment than the server's (Llama Stack's, without torch, drives posttrain's).
+        self.python = worker_command[0]
         self.log_path = log_path
         self.template: WarmTemplate | None = None
         self._told_not_ready = False
@@ -208,7 +214,7 @@ class WarmLauncher(Launcher):
 
     def start_template(self) -> None:
         try:
-            self.template = WarmTemplate(self.log_path)
+            self.template = WarmTemplate(self.log_path, self.python)
         except OSError as exc:
             log.warning("cannot start the warm template (%s); workers start cold", exc)
             self.template = None
@@ -275,3 +281,10 @@ class WarmLauncher(Launcher):
         if self.template is not None:
             self.template.close()
             self.template = None
+
+
+def local_launcher(settings: ServiceSettings) -> Launcher:
+    """Workers on this machine: forked from a warm template when the settings allow it, else cold."""
+    if settings.starts_workers_warm:
+        return WarmLauncher(settings.worker_command, settings.data_dir / "warm-template.log")
+    return LocalLauncher(settings.worker_command)

@@ -55,6 +55,10 @@ class InlineProviderConfig(TrainingDefaults):
         "local", description="How workers start; only 'local' is available in this version.")
     slots: int = Field(1, ge=1, description="Jobs training at once.")
     cancel_grace_s: float = Field(30.0, gt=0, description="Seconds between SIGTERM and SIGKILL on cancel.")
+    warm_workers: bool = Field(
+        True, description="Fork each job's worker from a template process (under worker_python) that has "
+        "imported torch/transformers/TRL already: a job starts in well under a second instead of seconds. "
+        "Off: a fresh worker process per job.")
 
     def resolved_data_dir(self) -> Path:
         return Path(os.path.expanduser(self.data_dir)).resolve()

@@ -99,7 +99,7 @@ class LocalJobs:
             raise PosttrainError(f"launcher={config.launcher!r} is not available yet in posttrain's inline "
                                  "provider; use launcher: local")
         # Imported here: the scheduler and store need SQLAlchemy and psutil, which the remote provider does not.
-        from posttrain.launchers.local import LocalLauncher
+        from posttrain.launchers.warm import local_launcher
         from posttrain.service.app import lock_data_dir
         from posttrain.service.scheduler import Scheduler
         from posttrain.service.settings import ServiceSettings
@@ -108,12 +108,12 @@ class LocalJobs:
         worker_python = check_worker_python(config.worker_python)
         self.settings = ServiceSettings(
             data_dir=config.resolved_data_dir(), slots=config.slots, cancel_grace_s=config.cancel_grace_s,
-            worker_command=[worker_python, "-m", "posttrain.worker"], warm_workers=False)
+            worker_command=[worker_python, "-m", "posttrain.worker"], warm_workers=config.warm_workers)
         for folder in (self.settings.jobs_dir, self.settings.files_dir, self.datasets_dir):
             folder.mkdir(parents=True, exist_ok=True)
         self._lock = lock_data_dir(self.settings.data_dir)
         self.store = JobStore(self.settings.database_url)
-        self.launcher = LocalLauncher(self.settings.worker_command)
+        self.launcher = local_launcher(self.settings)
         self.scheduler = Scheduler(self.store, self.launcher, self.settings)
         self.scheduler.start()  # re-adopts workers of jobs that ran while Llama Stack was down
 

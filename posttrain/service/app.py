@@ -28,8 +28,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from posttrain import __version__
 from posttrain.errors import PosttrainError
 from posttrain.launchers import Launcher
-from posttrain.launchers.local import LocalLauncher
-from posttrain.launchers.warm import WarmLauncher
+from posttrain.launchers.warm import local_launcher
 from posttrain.service.errors import error_body
 from posttrain.service.hosts import LoopbackHostOnly
 from posttrain.service.job_reads import RecentJobs
@@ -78,12 +77,6 @@ def create_app(settings: ServiceSettings, launcher: Launcher | None = None) -> F
     for router in ROUTERS:
         app.include_router(router)
     return app
-
-
-def local_launcher(settings: ServiceSettings) -> Launcher:
-    if settings.starts_workers_warm:
-        return WarmLauncher(settings.worker_command, settings.data_dir / "warm-template.log")
-    return LocalLauncher(settings.worker_command)
 
 
 def lock_data_dir(data_dir: Path) -> IO[str]:

@@ -66,7 +66,10 @@ class ServiceSettings:
 
     @property
     def starts_workers_warm(self) -> bool:
-        return self.warm_workers and self.worker_command == default_worker_command()
+        """Warm start forks posttrain's own worker from a template run by the worker command's Python; any
+        other worker command (a wrapper, a test's fake worker) starts cold."""
+        command = self.worker_command
+        return self.warm_workers and len(command) == 3 and command[1:] == default_worker_command()[1:]
 
     @property
     def keyed(self) -> bool:

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from waiting import kill_process, stop_process
+from waiting import kill_process, stop_process, wait_for
 
 from posttrain.llama_stack.run_config import run_yaml
 
@@ -38,6 +38,7 @@ class LlamaStackServer:
     def __init__(self, data_dir: Path, provider: str, *, url: str | None = None, api_key: str | None = None,
                  providers_d: bool = False) -> None:
         self.data_dir = data_dir
+        self.provider = provider
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = data_dir / "llama-stack-server.log"
@@ -50,6 +51,7 @@ class LlamaStackServer:
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> LlamaStackServer:
+        templates_before = self.templates_ready()
         log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child
         # --port: 0.6.1 ignores server.port without it.
         self.process = subprocess.Popen([str(VENV / "bin" / "llama"), "stack", "run", str(self.run_yaml),
@@ -62,6 +64,9 @@ class LlamaStackServer:
                 raise RuntimeError(f"llama stack run exited with {self.process.returncode}:\n{self.log()}")
             try:
                 if httpx.get(f"{self.url}/v1/health", timeout=2).status_code == 200:
+                    if self.provider == "inline":  # jobs start warm once the template has imported torch
+                        wait_for(lambda: self.templates_ready() > templates_before, STARTUP_TIMEOUT_S,
+                                 "the inline provider's warm template")
                     return self
             except httpx.HTTPError:
                 pass
@@ -71,6 +76,11 @@ class LlamaStackServer:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def templates_ready(self) -> int:
+        """How many warm templates of the inline provider have finished importing (its log is appended)."""
+        path = self.data_dir / "posttrain" / "warm-template.log"
+        return path.read_text(errors="replace").count("imports took") if path.exists() else 0
 
     def alive(self) -> bool:
         return self.process is not None and self.process.poll() is None and \
@@ -108,8 +118,6 @@ class LlamaStackServer:
         return httpx.post(f"{self.url}{JOBS}/{job_uuid}/cancel", timeout=60)
 
     def wait_finished(self, job_uuid: str, timeout: float = 300) -> dict[str, Any]:
-        from waiting import wait_for
-
         return wait_for(lambda: (status := self.status(job_uuid))["status"] in ("completed", "failed", "cancelled")
                         and status, timeout, f"job {job_uuid} to finish")
 

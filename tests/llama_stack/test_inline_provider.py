@@ -17,13 +17,16 @@ from llama_stack_harness import LlamaStackServer, messages_rows, preference_rows
 from service_harness import kill_workers, worker_processes
 from waiting import wait_for
 
+from posttrain.launchers.identity import recorded_worker_identity
+
 pytestmark = pytest.mark.usefixtures("llama_stack_venv")
 
 
 def workers_of(data_dir: Path, job_dir: Path) -> list:
-    """Live worker processes of one job (found by their --job-dir argument)."""
+    """Live worker processes of one job: by their --job-dir argument (cold) or recorded identity (warm)."""
+    recorded = recorded_worker_identity(job_dir)
     return [process for process in worker_processes(data_dir / "posttrain")
-            if str(job_dir) in process.cmdline()]
+            if str(job_dir) in process.cmdline() or (recorded is not None and process.pid == recorded.pid)]
 
 
 @pytest.fixture(scope="module")
@@ -60,6 +63,8 @@ def test_sft_with_lora_completes_with_checkpoints_and_metrics(server, sft_job):
     assert spec["name"] == "llama-stack/sft-rows" and spec["training"]["max_steps"] == 3
     assert spec["peft"]["target_modules"] == ["q_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     assert spec["data"]["validation"]["source"]  # a held-out split gives the validation loss
+    # Its worker was forked from the warm template run by worker_python (the posttrain venv, with torch).
+    assert "forked from the warm template" in (Path(resources["job_dir"]) / "worker.log").read_text()
 
 
 def test_artifacts_load_with_transformers_and_peft_and_generate(server, sft_job):
