@@ -23,6 +23,7 @@ from posttrain.service.openai_schemas import (
     FineTuningJobEvent,
 )
 from posttrain.service.store import JobRecord
+from posttrain.service.views import read_tail
 
 LOG_BYTES = 256 * 1024
 LOG_LINE = re.compile(r"^(\d\d):(\d\d):(\d\d) (DEBUG|INFO|WARNING|ERROR|CRITICAL) [\w.]+: (.*)$")
@@ -101,14 +102,8 @@ def _log_lines(path: Path, latest: float) -> list[tuple[int, float, str, str]]:
     each line is no later than the next: walking back from the end, each gets the latest date that keeps
     that order. This dates the lines of earlier runs (a paused and resumed job appends to the same log)
     and runs across midnight correctly."""
-    try:
-        with open(path, "rb") as handle:
-            size = handle.seek(0, 2)
-            start = max(0, size - LOG_BYTES)
-            handle.seek(start)
-            data = handle.read()
-    except FileNotFoundError:
-        return []
+    data, end = read_tail(path, LOG_BYTES)
+    start = end - len(data)
     parsed = []
     offset = start
     for raw in data.split(b"\n"):

@@ -96,7 +96,7 @@ def model_name(spec_json: str) -> str | None:
     return name if isinstance(name, str) else None
 
 
-def _read_tail(path: Path, max_bytes: int) -> tuple[bytes, int]:
+def read_tail(path: Path, max_bytes: int) -> tuple[bytes, int]:
     """The last ``max_bytes`` of a file and the offset just past what was read (where a follower goes on)."""
     try:
         with open(path, "rb") as handle:
@@ -111,7 +111,7 @@ def _read_tail(path: Path, max_bytes: int) -> tuple[bytes, int]:
 
 def last_metrics(path: Path) -> dict | None:
     """The last complete JSON line of metrics.jsonl, without reading the whole file."""
-    for line in reversed(_read_tail(path, TAIL_CHUNK)[0].splitlines()):
+    for line in reversed(read_tail(path, TAIL_CHUNK)[0].splitlines()):
         try:
             record = json.loads(line)
         except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
@@ -150,7 +150,7 @@ def tail_lines(path: Path, count: int) -> tuple[list[str], int]:
     """The last ``count`` lines of a log and the byte offset where the file ended."""
     max_bytes = TAIL_CHUNK
     while True:
-        data, end = _read_tail(path, max_bytes)
+        data, end = read_tail(path, max_bytes)
         lines = data.decode(errors="replace").replace("\r", "\n").splitlines()
         # Offset `end` is where this read stopped, so lines appended meanwhile are not skipped.
         if len(lines) > count or len(data) >= end or max_bytes >= 64 * TAIL_CHUNK:
