@@ -208,9 +208,10 @@ def result_file(record: JobRecord, store: JobStore, files_dir: Path) -> str | No
     lines = ["step,train_loss,train_mean_token_accuracy,valid_loss,valid_mean_token_accuracy"]
     for step, row in sorted(steps.items()):
         lines.append(",".join([str(step)] + [str(row.get(key, "")) for key in keys]))
-    content = ("\n".join(lines) + "\n").encode()
+    text = "\n".join(lines) + "\n"
+    content = text.encode()
     target = files_dir / file_id / "step_metrics.csv"
-    atomic_write_text(target, content.decode())
+    atomic_write_text(target, text)
     upload = FileRecord(id=file_id, owner=record.owner, filename=target.name, path=str(target), size=len(content),
                         sha256=hashlib.sha256(content).hexdigest(), created_at=time.time())
     with contextlib.suppress(IntegrityError):  # another request recorded the same file first
