@@ -260,6 +260,95 @@ class TrackingSpec(Section):
         return data
 
 
+class FSDPSpec(Section):
+    sharding_strategy: Literal["full_shard", "shard_grad_op", "hybrid_shard", "no_shard"] = Field(
+        "full_shard",
+        description="What FSDP2 shards: full_shard (parameters, gradients, optimizer state), shard_grad_op "
+        "(gradients and optimizer state; parameters kept after forward), hybrid_shard (full_shard within a "
+        "node, replicated across nodes), no_shard (DDP-like).",
+    )
+    cpu_offload: bool = Field(False, description="Keep sharded parameters and optimizer state in CPU memory.")
+    activation_checkpointing: bool = Field(
+        False, description="Recompute each transformer layer's activations in the backward to save memory."
+    )
+    auto_wrap: Literal["transformer_layer"] = Field(
+        "transformer_layer", description="Unit of sharding: each transformer decoder layer (then the root)."
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _upper_case_names(cls, data: Any) -> Any:
+        # The Llama Stack FSDP provider and torch spell strategies FULL_SHARD; accept both spellings.
+        if isinstance(data, dict) and isinstance(data.get("sharding_strategy"), str):
+            return {**data, "sharding_strategy": data["sharding_strategy"].lower()}
+        return data
+
+
+class KFPSpec(Section):
+    host: str | None = Field(None, description="Kubeflow Pipelines API host to submit to (default: KFP_HOST).")
+    s3_bucket: str | None = Field(
+        None, description="S3-compatible bucket for datasets and outputs of remote runs (default: KFP_S3_BUCKET)."
+    )
+    s3_endpoint_url: str | None = Field(None, description="S3 endpoint for non-AWS storage (MinIO, Ceph...).")
+    namespace: str | None = Field(None, description="Kubernetes namespace of the run (default: the host's own).")
+    experiment: str | None = Field(None, description="KFP experiment the run is filed under.")
+    base_image: str | None = Field(None, description="Container image of the components (default: a Python image).")
+    packages_to_install: list[str] = Field(
+        default_factory=list, description="pip requirements installed in each component before it runs."
+    )
+    use_gpu: bool = Field(False, description="Request GPUs for the training step (also the USE_GPU variable).")
+    gpu_count: int = Field(1, gt=0, le=1024, description="nvidia.com/gpu count requested when use_gpu is true.")
+
+
+class DistributedSpec(Section):
+    launcher: Literal["local", "torchrun", "kfp"] = Field(
+        "local",
+        description="How the worker is started: local (one process), torchrun (one process per device, "
+        "one or many nodes), kfp (a Kubeflow pipeline: validate data, train, export).",
+    )
+    strategy: Literal["ddp", "fsdp"] = Field(
+        "ddp", description="With torchrun: ddp (a full copy per process) or fsdp (FSDP2 sharding, see fsdp.*)."
+    )
+    nproc_per_node: Annotated[int, Field(gt=0, le=65536)] | Literal["auto"] = Field(
+        "auto", description="Processes per node; auto: one per GPU, else 1."
+    )
+    nnodes: int = Field(1, gt=0, le=65536, description="Number of nodes (machines) in the run.")
+    node_rank: int = Field(0, ge=0, lt=65536, description="This node's rank (0 .. nnodes-1).")
+    rdzv_backend: Literal["auto", "c10d", "static"] = Field(
+        "auto",
+        description="Rendezvous: c10d (ranks assigned at rendezvous) or static (node_rank is honoured); "
+        "auto: static when node_rank is set on a multi-node run, else c10d.",
+    )
+    rdzv_endpoint: str | None = Field(None, description="HOST:PORT every node meets at (multi-node runs).")
+    master_port: int | None = Field(
+        None, gt=0, lt=65536, description="Port of the single-node rendezvous (default: a free port)."
+    )
+    max_restarts: int = Field(0, ge=0, le=1000, description="Elastic restarts of the worker group after a failure.")
+    backend: Literal["auto", "gloo", "nccl"] = Field(
+        "auto", description="Collective backend; auto: nccl on CUDA, gloo on CPU."
+    )
+    mixed_precision: Literal["no", "bf16", "fp16"] = Field(
+        "no", description="Compute dtype of FSDP/DDP training (parameters kept in fp32)."
+    )
+    fsdp: FSDPSpec = Field(default_factory=FSDPSpec, description="FSDP2 options (strategy=fsdp).")
+    data_parallel_size: int | None = Field(
+        None, gt=0, le=65536, description="Data-parallel replicas (default: the world size divided by the others)."
+    )
+    tensor_parallel_size: int = Field(1, gt=0, le=65536, description="Tensor-parallel degree.")
+    context_parallel_size: int = Field(1, gt=0, le=65536, description="Context (sequence) parallel degree.")
+    pipeline_parallel_size: int = Field(1, gt=0, le=65536, description="Pipeline stages (only 1 is supported).")
+    kfp: KFPSpec = Field(default_factory=KFPSpec, description="Kubeflow Pipelines options (launcher=kfp).")
+
+    @model_validator(mode="after")
+    def _supported_layout(self) -> DistributedSpec:
+        if self.pipeline_parallel_size != 1:
+            raise ValueError("pipeline_parallel_size > 1: pipeline parallelism is not supported by posttrain; "
+                             "use data, tensor or context parallelism (or FSDP) instead")
+        if self.node_rank >= self.nnodes:
+            raise ValueError(f"node_rank {self.node_rank} is not below nnodes {self.nnodes}")
+        return self
+
+
 class JobSpec(Section):
     """A complete training job: what to train, on what, how, and where to write it."""
 
@@ -274,6 +363,9 @@ class JobSpec(Section):
     training: TrainingSpec = Field(default_factory=TrainingSpec, description="Optimisation and schedule.")
     output: OutputSpec = Field(default_factory=OutputSpec, description="Where results go.")
     tracking: TrackingSpec = Field(default_factory=TrackingSpec, description="Experiment tracking.")
+    distributed: DistributedSpec = Field(
+        default_factory=DistributedSpec, description="How many processes and machines run the job, and how."
+    )
 
     @model_validator(mode="before")
     @classmethod
