@@ -14,6 +14,7 @@ from rich.table import Table
 
 from posttrain.errors import PosttrainError
 from posttrain.llama_stack.commands import llama_stack_app
+from posttrain.rl.commands import rl_app
 from posttrain.service.commands import jobs_app, serve
 from posttrain.spec import JobSpec, describe_fields, load_spec, split_config_and_overrides
 
@@ -195,6 +196,7 @@ def config_keys() -> None:
 
 app.add_typer(jobs_app, name="jobs", help="Submit and follow jobs on a posttrain server.")
 app.add_typer(llama_stack_app, name="llama-stack", help="Llama Stack post_training providers: print a run.yaml.")
+app.add_typer(rl_app, name="rl", help="Online RL: trajectory API, environments, inference server, trainer.")
 app.command("serve")(serve)
 
 
