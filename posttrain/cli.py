@@ -13,6 +13,7 @@ from rich.panel import Panel
 from rich.table import Table
 
 from posttrain.errors import PosttrainError
+from posttrain.kfp.commands import kfp_app
 from posttrain.llama_stack.commands import llama_stack_app
 from posttrain.rl.commands import rl_app
 from posttrain.service.commands import jobs_app, serve
@@ -196,6 +197,7 @@ def config_keys() -> None:
 
 app.add_typer(jobs_app, name="jobs", help="Submit and follow jobs on a posttrain server.")
 app.add_typer(llama_stack_app, name="llama-stack", help="Llama Stack post_training providers: print a run.yaml.")
+app.add_typer(kfp_app, name="kfp", help="Kubeflow Pipelines: compile a config to a pipeline, run it here or on a cluster.")
 app.add_typer(rl_app, name="rl", help="Online RL: trajectory API, environments, inference server, trainer.")
 app.command("serve")(serve)
 

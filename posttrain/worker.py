@@ -179,11 +179,12 @@ def check_fresh_job_dir(job_dir: JobDir) -> None:
 
 
 def run_worker(spec: JobSpec, job_dir: str | Path, resume: bool = False, log_to_file: bool = True,
-               extra_callbacks: Sequence[Any] = ()) -> JobResult:
+               extra_callbacks: Sequence[Any] = (), recorded_spec: JobSpec | None = None) -> JobResult:
     """Run one job to its end and record it in ``job_dir``.
 
     ``extra_callbacks`` are ``transformers.TrainerCallback`` objects added after posttrain's own (Python API
-    users and the benchmark, which times every variant with the same callback).
+    users and the benchmark, which times every variant with the same callback). ``recorded_spec``: what
+    spec.json says when it is not ``spec`` itself (a KFP train step runs the job's spec on prepared data).
 
     Never raises for job failures; raises ConfigError, touching nothing, when ``job_dir`` already
     holds another run and ``resume`` is not set.
@@ -204,7 +205,8 @@ def run_worker(spec: JobSpec, job_dir: str | Path, resume: bool = False, log_to_
     try:
         spec = spec.model_copy(update={"output": spec.output.model_copy(update={"dir": str(jd.root)})})
         if is_main_process():
-            jd.write_spec(spec_to_json(spec))
+            recorded = recorded_spec or spec
+            jd.write_spec(spec_to_json(recorded.model_copy(update={"output": spec.output})))
         _record(jd, state="running", pid=os.getpid(), attempt=attempt, error=None, finished_at=None)
         result = _train(spec, jd, resume, stop, result, extra_callbacks)
     except KeyboardInterrupt as exc:
