@@ -323,6 +323,38 @@ def test_kfp_launcher_cancel_stops_the_pipeline_and_leaves_no_process(tmp_path, 
     assert group_members(handle.pid) == []
 
 
+def test_kfp_launcher_pause_checkpoints_and_resume_finishes_the_run(tmp_path, make_spec, small_data):
+    from posttrain.launchers import LaunchRequest
+    from posttrain.launchers.kfp import KFPLauncher
+    from posttrain.worker import EXIT_PAUSED, PAUSE_SIGNAL
+
+    spec = tiny_spec(make_spec, small_data, distributed={"launcher": "kfp"})
+    spec["training"].update(max_steps=30, save_steps=1000)
+    job = JobDir(tmp_path / "job").create()
+    job.write_spec(json.dumps(spec_from_dict(spec).model_dump(mode="json")))
+    launcher = KFPLauncher(sys.executable)
+    env = {"OMP_NUM_THREADS": "1"}
+    handle = launcher.launch(LaunchRequest("job-1", job.root, env=env))
+    try:
+        wait_for(lambda: (job.read_status() and job.read_status().step >= 1) or handle.poll(), 300,
+                 "the train step to log a step")
+        handle.signal_main(PAUSE_SIGNAL)  # what the scheduler sends to pause: to the driver only
+        paused = wait_for(handle.poll, 120, "the pipeline to pause")
+    finally:
+        handle.signal(signal.SIGKILL)
+    assert paused.code == EXIT_PAUSED, job.log_path.read_text()[-3000:]
+    assert job.read_status().state == "paused" and job.latest_checkpoint() is not None
+    paused_at = job.checkpoint_step(job.latest_checkpoint())
+    resumed = launcher.launch(LaunchRequest("job-1", job.root, resume=True, env=env))
+    try:
+        assert wait_for(resumed.poll, 300, "the resumed pipeline to finish").code == 0, job.log_path.read_text()[-3000:]
+    finally:
+        resumed.signal(signal.SIGKILL)
+    status = job.read_status()
+    assert status.state == "succeeded" and status.step == 30 and job.final_dir.is_dir()
+    assert f"resuming from {job.checkpoints_dir / f'checkpoint-{paused_at}'}" in job.log_path.read_text()
+
+
 def test_llama_stack_inline_provider_with_launcher_kfp_runs_the_pipeline(tmp_path, make_spec, small_data):
     from posttrain.llama_stack.config import InlineProviderConfig
     from posttrain.llama_stack.jobs import LocalJobs
@@ -334,7 +366,7 @@ def test_llama_stack_inline_provider_with_launcher_kfp_runs_the_pipeline(tmp_pat
                                                   "apply_lora_to_mlp": False, "apply_lora_to_output": False,
                                                   "rank": 4, "alpha": 8},
         "training_config": {"n_epochs": 1, "max_steps_per_epoch": 2, "gradient_accumulation_steps": 1,
-                            "data_config": {"dataset_id": "d", "batch_size": 4, "shuffle": False,
+                            "data_config": {"dataset_id": "d", "batch_size": 4, "shuffle": True,
                                             "data_format": "instruct"}},
     }
     config = InlineProviderConfig(data_dir=str(tmp_path / "ls"), worker_python=sys.executable, launcher="kfp",
