@@ -103,6 +103,7 @@ def train(
 
     Example: posttrain train examples/llama3.2-3b-qlora-sft.yaml training.max_steps=50
     """
+    from posttrain.distributed.runtime import torchrun_rank
     from posttrain.worker import run_worker
 
     try:
@@ -110,7 +111,12 @@ def train(
         job_dir = output or default_job_dir(spec)
         if overwrite and job_dir.exists() and not resume:
             remove_previous_run(job_dir)
-        result = run_worker(spec, job_dir, resume=resume)
+        if spec.distributed.launcher == "torchrun" and torchrun_rank() is None:
+            from posttrain.launchers.torchrun import run_torchrun
+
+            result = run_torchrun(spec, job_dir, resume=resume)  # the same worker, one process per rank
+        else:
+            result = run_worker(spec, job_dir, resume=resume)
     except PosttrainError as exc:
         fail(exc.message)
     print_summary(result, spec)

@@ -80,6 +80,10 @@ def setup_logging(job_dir: JobDir | None, to_file: bool) -> None:
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
     if to_file and job_dir is not None:
         handlers.append(logging.FileHandler(job_dir.log_path))
+    rank = int(os.environ.get("RANK", "0") or 0)
+    if rank and job_dir is not None:
+        # Under torchrun, rank 0 logs as a single worker does; every other rank to worker.rankN.log only.
+        handlers = [logging.FileHandler(job_dir.root / f"worker.rank{rank}.log")]
     for handler in handlers:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
         handler._posttrain = True  # type: ignore[attr-defined]
@@ -189,7 +193,10 @@ def run_worker(spec: JobSpec, job_dir: str | Path, resume: bool = False, log_to_
     Never raises for job failures; raises ConfigError, touching nothing, when ``job_dir`` already
     holds another run and ``resume`` is not set.
     """
+    from posttrain.distributed.runtime import launcher_pid, leave_process_group, restarted_by_torchrun
+
     jd = JobDir(job_dir)
+    resume = resume or restarted_by_torchrun()  # torchrun's elastic restart continues the run
     if not resume:
         check_fresh_job_dir(jd)
     jd.create()
@@ -207,7 +214,7 @@ def run_worker(spec: JobSpec, job_dir: str | Path, resume: bool = False, log_to_
         if is_main_process():
             recorded = recorded_spec or spec
             jd.write_spec(spec_to_json(recorded.model_copy(update={"output": spec.output})))
-        _record(jd, state="running", pid=os.getpid(), attempt=attempt, error=None, finished_at=None)
+        _record(jd, state="running", pid=launcher_pid(), attempt=attempt, error=None, finished_at=None)
         result = _train(spec, jd, resume, stop, result, extra_callbacks)
     except KeyboardInterrupt as exc:
         result.state, result.cancelled_by = "cancelled", str(exc) or "SIGINT"
@@ -226,6 +233,7 @@ def run_worker(spec: JobSpec, job_dir: str | Path, resume: bool = False, log_to_
         status = jd.read_status()
         result.step = status.step if status else result.step
         _record(jd, state=result.state, error=result.error, step=result.step)
+        leave_process_group()
     return result
 
 
@@ -237,6 +245,7 @@ def _train(spec: JobSpec, jd: JobDir, resume: bool, stop, result: JobResult,
 
     from posttrain.callbacks import JobDirCallback, ProgressCallback
     from posttrain.data import load_training_data
+    from posttrain.distributed.runtime import barrier, init_process_group
     from posttrain.modeling import apply_threads, load_tokenizer, resolve_placement
     from posttrain.preflight import check_options
     from posttrain.recipes import RecipeInputs, build_trainer
@@ -246,6 +255,7 @@ def _train(spec: JobSpec, jd: JobDir, resume: bool, stop, result: JobResult,
         log.warning("%s", warning)
     placement = resolve_placement(spec.model)
     threads = apply_threads(spec.training.num_threads, placement.device)
+    rank_info = init_process_group(spec.distributed, placement.device) if spec.distributed.launcher == "torchrun" else None
     os.environ["TENSORBOARD_LOGGING_DIR"] = str(jd.tensorboard_dir)
     set_seed(spec.training.seed)
     log.info("job %s: method=%s model=%s device=%s dtype=%s threads=%d", spec.name or jd.root.name,
@@ -263,18 +273,32 @@ def _train(spec: JobSpec, jd: JobDir, resume: bool, stop, result: JobResult,
     trainer = build_trainer(RecipeInputs(spec, jd, placement, data, tokenizer, callbacks))
     for unwanted in (PrinterCallback, HFProgressCallback):
         trainer.remove_callback(unwanted)
+    if rank_info is not None:
+        from posttrain.distributed.trainer import prepare_trainer
+
+        prepare_trainer(trainer, spec, rank_info, placement.device)
     if stop.is_set():
         result.state = stop.outcome
         return result
 
     checkpoint = None
     if resume:
-        removed = jd.remove_incomplete_checkpoints()
-        for path in removed:
-            log.warning("removed incomplete checkpoint %s", path.name)
+        if is_main_process():  # one rank tidies the job directory; the others wait for it
+            for path in jd.remove_incomplete_checkpoints():
+                log.warning("removed incomplete checkpoint %s", path.name)
+        barrier()
         checkpoint = jd.latest_checkpoint()
         log.info("resuming from %s", checkpoint if checkpoint else "the start (no complete checkpoint yet)")
-        jd.truncate_metrics(jd.checkpoint_step(checkpoint) if checkpoint else 0)
+        if is_main_process():
+            jd.truncate_metrics(jd.checkpoint_step(checkpoint) if checkpoint else 0)
+        if rank_info is None and checkpoint is not None:
+            from posttrain.distributed.checkpoint import (
+                is_distributed_checkpoint,
+                use_distributed_checkpoints,
+            )
+
+            if is_distributed_checkpoint(checkpoint):  # a torchrun run's checkpoint, resumed on one process
+                use_distributed_checkpoints(trainer)
     output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
 
     result.step = trainer.state.global_step

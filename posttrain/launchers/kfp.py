@@ -22,8 +22,3 @@ class KFPLauncher(LocalLauncher):
 
     def __init__(self, python: str) -> None:
         super().__init__([python, "-m", DRIVER_MODULE])
-
-
-def kfp_launcher(settings) -> KFPLauncher:
-    """The KFP launcher of a service: its driver runs under the interpreter of the service's workers."""
-    return KFPLauncher(settings.worker_command[0])

@@ -100,8 +100,7 @@ class LocalJobs:
                                  "provider; use launcher: local or kfp")
         self.launcher_name = config.launcher
         # Imported here: the scheduler and store need SQLAlchemy and psutil, which the remote provider does not.
-        from posttrain.launchers.kfp import kfp_launcher
-        from posttrain.launchers.warm import local_launcher
+        from posttrain.launchers.routing import service_launcher
         from posttrain.service.app import lock_data_dir
         from posttrain.service.scheduler import Scheduler
         from posttrain.service.settings import ServiceSettings
@@ -115,7 +114,7 @@ class LocalJobs:
             folder.mkdir(parents=True, exist_ok=True)
         self._lock = lock_data_dir(self.settings.data_dir)
         self.store = JobStore(self.settings.database_url)
-        self.launcher = local_launcher(self.settings) if config.launcher == "local" else kfp_launcher(self.settings)
+        self.launcher = service_launcher(self.settings)  # each job by its spec's distributed.launcher
         self.scheduler = Scheduler(self.store, self.launcher, self.settings)
         self.scheduler.start()  # re-adopts workers of jobs that ran while Llama Stack was down
 

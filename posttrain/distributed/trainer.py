@@ -1,0 +1,28 @@
+"""What the worker does to a recipe's trainer under torchrun: FSDP2 sharding and sharded checkpoints.
+
+DDP needs nothing here: the Trainer (through accelerate) wraps the model in DistributedDataParallel itself.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from posttrain.distributed.checkpoint import use_distributed_checkpoints
+from posttrain.distributed.fsdp import check_parallel_sizes, shard_model, sharded_parameter_count
+from posttrain.distributed.runtime import RankInfo
+from posttrain.spec import JobSpec
+
+log = logging.getLogger("posttrain.worker")
+
+
+def prepare_trainer(trainer, spec: JobSpec, info: RankInfo, device: str) -> None:
+    """Shard ``trainer.model`` with FSDP2 when ``distributed.strategy=fsdp``; sharded checkpoints either way."""
+    check_parallel_sizes(spec.distributed, info.world_size, device)
+    if spec.distributed.strategy == "fsdp":
+        shard_model(trainer.model, spec, info, device)
+        # transformers' flag for a model that already owns its placement and gradient reduction (set for
+        # models it shards at load): the Trainer then neither wraps it in DDP nor shards it again.
+        trainer.is_distributed_loading_by_transformers = True
+        sharded, total = sharded_parameter_count(trainer.model)
+        log.info("fsdp: %d of %d parameters are DTensors on rank %d", sharded, total, info.rank)
+    use_distributed_checkpoints(trainer)
