@@ -115,6 +115,10 @@ def train(
             from posttrain.launchers.torchrun import run_torchrun
 
             result = run_torchrun(spec, job_dir, resume=resume)  # the same worker, one process per rank
+        elif spec.distributed.launcher == "kfp":
+            from posttrain.kfp.runs import run_local_job
+
+            result = run_local_job(spec, job_dir, resume=resume)  # its pipeline, here (kfp.local)
         else:
             result = run_worker(spec, job_dir, resume=resume)
     except PosttrainError as exc:

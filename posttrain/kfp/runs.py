@@ -99,6 +99,25 @@ def run_local(spec: JobSpec, job_dir: str | Path, *, resume: bool = False, log_f
     return LocalRun(state=state, job_dir=jd.root, model_dir=model_dir, error=status.error if status else None)
 
 
+def run_local_job(spec: JobSpec, job_dir: str | Path, *, resume: bool = False):
+    """``run_local`` reported as the worker reports a run (``posttrain train`` with distributed.launcher=kfp
+    prints the same summary as for any run)."""
+    import time
+
+    from posttrain.worker import JobResult
+
+    started = time.perf_counter()
+    run = run_local(spec, job_dir, resume=resume)
+    jd = JobDir(run.job_dir)
+    status = jd.read_status()
+    losses = [record["loss"] for record in jd.read_metrics() if "loss" in record]
+    return JobResult(state=run.state, job_dir=run.job_dir, step=status.step if status else 0,
+                     total_steps=status.total_steps if status else None, final_loss=losses[-1] if losses else None,
+                     runtime_s=time.perf_counter() - started, error=run.error,
+                     final_dir=jd.final_dir if run.state == "succeeded" else None,
+                     input_error=bool(run.error and run.error.startswith("prepare-data:")))
+
+
 def _model_dir(task: object) -> Path | None:
     try:
         model = task.output  # type: ignore[union-attr]
