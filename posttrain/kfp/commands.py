@@ -100,8 +100,9 @@ def _run_local(spec: JobSpec, job_dir: Path, resume: bool) -> None:
 
 def _submit(spec: JobSpec, host: str | None, bucket: str | None) -> None:
     from posttrain.kfp.pipeline import image_warning
-    from posttrain.kfp.runs import submit_remote
+    from posttrain.kfp.runs import remote_settings, submit_remote
 
+    remote_settings(spec, host, bucket)  # no host: say so before anything else
     if warning := image_warning(spec):
         console.print(f"[yellow]warning:[/] {warning}", highlight=False)
     run = submit_remote(spec, host=host, bucket=bucket)
