@@ -38,6 +38,10 @@ def _step_processes() -> list:
     return found
 
 
+class _Cancel:
+    signal_name: str | None = None  # set once SIGTERM/SIGINT arrived
+
+
 def _install_handlers() -> None:
     def pass_pause_on(_signum, _frame) -> None:
         for process in _step_processes():
@@ -46,6 +50,7 @@ def _install_handlers() -> None:
 
     def wait_for_steps(signum, _frame) -> None:
         # The group's signal reached the steps too; their worker records the cancel, we wait for it.
+        _Cancel.signal_name = signal.Signals(signum).name
         print(f"posttrain.kfp.driver: {signal.Signals(signum).name} received, waiting for the steps to stop",
               file=sys.stderr, flush=True)
 
@@ -95,7 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     _install_handlers()
     try:
-        run_local(spec, jd.root, resume=args.resume, log_file=not args.no_log_file)
+        run_local(spec, jd.root, resume=args.resume, log_file=not args.no_log_file,
+                  stop_requested=lambda: _Cancel.signal_name is not None)
     except PosttrainError as exc:  # the directory holds another run: report it, change nothing
         print(f"error: {exc.message}", file=sys.stderr)
         return EXIT_BAD_INPUT

@@ -16,6 +16,7 @@ import logging
 import os
 import tempfile
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,9 +67,11 @@ def with_absolute_paths(spec: JobSpec) -> JobSpec:
 
 # -- local ----------------------------------------------------------------------------------------------
 
-def run_local(spec: JobSpec, job_dir: str | Path, *, resume: bool = False, log_file: bool = True) -> LocalRun:
+def run_local(spec: JobSpec, job_dir: str | Path, *, resume: bool = False, log_file: bool = True,
+              stop_requested: Callable[[], bool] = lambda: False) -> LocalRun:
     """Run the pipeline here, on ``job_dir``, and wait for it. Never raises for a failed step: the job
-    directory's status says what happened."""
+    directory's status says what happened. ``stop_requested``: whether the caller was told to cancel (a
+    step that dies of that signal outside training then means cancelled, not failed)."""
     require_kfp()
     from kfp import local
 
@@ -85,16 +88,18 @@ def run_local(spec: JobSpec, job_dir: str | Path, *, resume: bool = False, log_f
     jd.update_status(state="running", pid=os.getpid(), error=None, finished_at=None)
     pipeline = build_pipeline(spec, local=True)
     task = None
+    interrupted = False
     try:
         task = pipeline(job_dir=str(jd.root), resume=resume, log_file=log_file)
+    except KeyboardInterrupt:  # Ctrl-C reached the steps too; kfp waited for the running one to stop
+        interrupted = True
     except Exception as exc:  # kfp's own errors (raise_on_error=False still raises for some)
         log.error("the pipeline did not run: %s", exc)
         _record_unfinished(jd, f"kfp: {exc}")
     model_dir = _model_dir(task)
+    if model_dir is None:
+        finish_unfinished(jd, cancelled=interrupted or stop_requested())
     status = jd.read_status()
-    if model_dir is None and status is not None and status.state in ("succeeded", "running"):
-        _record_unfinished(jd, "a pipeline step failed (see worker.log)")
-        status = jd.read_status()
     state = status.state if status else "failed"
     return LocalRun(state=state, job_dir=jd.root, model_dir=model_dir, error=status.error if status else None)
 
@@ -132,6 +137,17 @@ def _record_unfinished(jd: JobDir, error: str) -> None:
     status = jd.read_status()
     if status is None or status.state in ("running", "queued", "succeeded"):
         jd.update_status(state="failed", error=error)
+
+
+def finish_unfinished(jd: JobDir, *, cancelled: bool) -> None:
+    """The state of a pipeline that produced no Model: what its steps recorded (failed, cancelled, paused),
+    else cancelled when it was told to stop (a step outside training died of the signal), else failed."""
+    status = jd.read_status()
+    if status is not None and status.state in ("running", "queued", "succeeded"):
+        if cancelled:
+            jd.update_status(state="cancelled", error=None)
+        else:
+            _record_unfinished(jd, "a pipeline step failed (see worker.log)")
 
 
 # -- remote ---------------------------------------------------------------------------------------------
