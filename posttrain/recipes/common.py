@@ -90,6 +90,8 @@ def training_arguments(inputs: RecipeInputs, num_params: int) -> dict[str, Any]:
         "fp16": placement.mixed_precision == "fp16",
         "use_cpu": placement.device == "cpu",
         "dataloader_num_workers": training.dataloader_num_workers,
+        # DDP's search for unused parameters costs a graph walk per step; every trained parameter is used.
+        "ddp_find_unused_parameters": False if spec.distributed.launcher == "torchrun" else None,
         # Our own progress display and metrics writer replace tqdm and the log printer.
         "disable_tqdm": True,
         # GRPO counts prompt + completion tokens itself; the Trainer's counter cannot see its inputs.
