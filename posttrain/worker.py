@@ -318,6 +318,15 @@ def _train(spec: JobSpec, jd: JobDir, resume: bool, stop, result: JobResult,
     return result
 
 
+def _stopped_before_restart(jd: JobDir) -> str | None:
+    """A pause or cancel ends every rank with a non-zero code, which torchrun (with max_restarts) takes for a
+    failure and restarts the ranks: such a restart must not train on. Its state, or None to run."""
+    from posttrain.distributed.runtime import restarted_by_torchrun
+
+    status = jd.read_status() if restarted_by_torchrun() else None
+    return status.state if status is not None and status.state in ("paused", "cancelled") else None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m posttrain.worker", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -328,6 +337,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="do not write worker.log (the launcher already captures stdout/stderr there)")
     args = parser.parse_args(argv)
     jd = JobDir(args.job_dir).create()
+    stopped = _stopped_before_restart(jd)
+    if stopped is not None:
+        print(f"the run was {stopped}: torchrun's restart of its ranks ends here", file=sys.stderr)
+        return EXIT_OK  # exit 0, so that torchrun (max_restarts) does not restart them again
     try:
         from posttrain.spec import load_yaml
 

@@ -196,3 +196,16 @@ def test_qlora_with_fsdp_on_cpu_says_why_it_cannot_run():
     with pytest.raises(UnsupportedError, match=r"QLoRA .* cannot run on CPU"):
         check_fsdp_support(spec, "cpu")
 
+
+
+def test_a_torchrun_restart_after_a_pause_does_not_train_on(tmp_path, monkeypatch):
+    from posttrain.worker import EXIT_OK, main
+
+    job = JobDir(tmp_path / "job").create()
+    job.update_status(state="paused", step=7)
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    # (no spec file: a restart of a paused run stops before it reads anything)
+    assert main(["--spec", str(tmp_path / "missing.json"), "--job-dir", str(job.root)]) == EXIT_OK
+    assert job.read_status().state == "paused" and job.read_status().step == 7
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "0")
+    assert main(["--spec", str(tmp_path / "missing.json"), "--job-dir", str(job.root)]) != EXIT_OK

@@ -95,14 +95,18 @@ def check_fsdp_support(spec: JobSpec, device: str) -> None:
                                    "not shardable there; use peft.type=lora with strategy=fsdp, or strategy=ddp")
         raise UnsupportedError("QLoRA (4-bit weights) with posttrain's FSDP2 sharding is not supported; use "
                                "peft.type=lora with strategy=fsdp, or QLoRA with strategy=ddp")
-    if spec.distributed.mixed_precision == "fp16" and device != "cuda":
-        raise UnsupportedError("distributed.mixed_precision=fp16 cannot train on the CPU; use bf16 or no")
 
 
 def shard_model(model, spec: JobSpec, info: RankInfo, device: str) -> int:
     """Apply FSDP2 to ``model`` in place; returns the number of sharded units (layers + root)."""
     import torch
-    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+    from torch.distributed.fsdp import (
+        CPUOffloadPolicy,
+        MixedPrecisionPolicy,
+        OffloadPolicy,
+        fully_shard,
+        register_fsdp_forward_method,
+    )
 
     dist, fsdp = spec.distributed, spec.distributed.fsdp
     check_fsdp_support(spec, device)
@@ -124,6 +128,10 @@ def shard_model(model, spec: JobSpec, info: RankInfo, device: str) -> int:
     for layer in layers:
         fully_shard(layer, **options)
     fully_shard(model, **options)
+    if hasattr(model, "generate"):
+        # generate() (GRPO's rollouts, evaluation) calls forward repeatedly from outside it: gather the root's
+        # parameters around the whole call, as the root's forward does.
+        register_fsdp_forward_method(model, "generate")
     if fsdp.sharding_strategy == "no_shard":
         log.info("fsdp: no_shard replicates the model on every rank (DDP through FSDP2); nothing is sharded")
     log.info("fsdp: %s over mesh %s, %d layers + root, mixed_precision=%s cpu_offload=%s activation_checkpointing=%s",

@@ -70,6 +70,8 @@ def init_process_group(dist_spec: DistributedSpec, device: str) -> RankInfo | No
         return None
     if device == "mps":
         raise UnsupportedError("torchrun runs need CUDA or CPU processes; MPS has no collective backend")
+    if dist_spec.mixed_precision == "fp16" and device != "cuda":
+        raise UnsupportedError("distributed.mixed_precision=fp16 cannot train on the CPU; use bf16 or no")
     import torch
     import torch.distributed as dist
 

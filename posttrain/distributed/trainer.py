@@ -26,3 +26,21 @@ def prepare_trainer(trainer, spec: JobSpec, info: RankInfo, device: str) -> None
         sharded, total = sharded_parameter_count(trainer.model)
         log.info("fsdp: %d of %d parameters are DTensors on rank %d", sharded, total, info.rank)
     use_distributed_checkpoints(trainer)
+    record_layout(trainer, spec, info)
+
+
+def local_parameter_bytes(model) -> int:
+    """Bytes of parameters this rank holds: its shards under FSDP, the whole model under DDP."""
+    from torch.distributed.tensor import DTensor
+
+    return sum((param.to_local() if isinstance(param, DTensor) else param).nbytes for param in model.parameters())
+
+
+def record_layout(trainer, spec: JobSpec, info: RankInfo) -> None:
+    """Add the run's layout to every metrics.jsonl record (through the worker's metrics callback)."""
+    layout = {"world_size": info.world_size, "strategy": spec.distributed.strategy,
+              "parameter_bytes_per_rank": local_parameter_bytes(trainer.model)}
+    for callback in trainer.callback_handler.callbacks:
+        extra = getattr(callback, "extra", None)
+        if isinstance(extra, dict):
+            extra.update(layout)
