@@ -204,6 +204,9 @@ def fake_cluster():
 
     @app.post("/apis/v2beta1/runs")
     async def create_run(request: Request):
+        if state.get("reject"):
+            return Response(json.dumps({"error": state["reject"], "code": 3}), status_code=400,
+                            media_type="application/json")
         run = {**await request.json(), "run_id": f"run-{len(state['runs']) + 1}", "state": "PENDING"}
         state["runs"].append(run)
         return run
@@ -272,7 +275,18 @@ def test_remote_run_errors_name_what_is_missing(tmp_path, make_spec, small_data,
     assert next(iter(state["objects"])).startswith("s3://env-bucket/")
     down = posttrain("kfp", "run", str(config), "--host", f"http://127.0.0.1:{free_port()}", "--s3-bucket", "b",
                      f"distributed.kfp.s3_endpoint_url={url}", cwd=tmp_path, env=env)
-    assert down.returncode == 2 and "could not submit the run to the KFP host" in down.stderr and "Traceback" not in down.stderr
+    assert down.returncode == 2 and "could not reach the KFP host" in down.stderr and "Traceback" not in down.stderr
+    # A bundled (or hub) dataset is read by the step itself: nothing to upload, so no bucket is needed.
+    bundled = posttrain("kfp", "run", str(config), "--host", url, "data.source=posttrain:alpaca", cwd=tmp_path,
+                        env=env)
+    assert bundled.returncode == 0, bundled.stderr
+    assert len(state["objects"]) == 1 and "pipeline_root" not in state["runs"][-1]["runtime_config"]
+    assert "comp-prepare-data" in state["runs"][-1]["pipeline_spec"]["components"]
+    state["reject"] = "Invalid input error: pipeline spec is invalid"
+    refused = posttrain("kfp", "run", str(config), "--host", url, "data.source=posttrain:alpaca", cwd=tmp_path,
+                        env=env)
+    assert refused.returncode == 2 and "did not accept the run" in refused.stderr
+    assert "pipeline spec is invalid" in refused.stderr and "Traceback" not in refused.stderr
     mixed = posttrain("kfp", "run", str(config), "--local", "--host", url, cwd=tmp_path, env=env)
     assert mixed.returncode == 2 and "--local runs here" in mixed.stderr
 

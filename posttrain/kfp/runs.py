@@ -218,15 +218,22 @@ def submit_remote(spec: JobSpec, *, host: str | None = None, bucket: str | None 
         raise ConfigError(f"the data ({', '.join(str(p) for p in files.values())}) is on this machine: a remote "
                           "run needs an S3 bucket to upload it to (--s3-bucket, distributed.kfp.s3_bucket or "
                           "KFP_S3_BUCKET)", "distributed.kfp.s3_bucket")
+    import kfp
+
+    make_client = client_factory or (lambda h, ns: kfp.Client(host=h, namespace=ns or "kubeflow"))
+    try:
+        kfp_client = make_client(host, options.namespace)  # asks the host's health: nothing is uploaded for a dead host
+    except Exception as exc:
+        raise PosttrainError(f"could not reach the KFP host {host}: {exc}") from None
     run_id = uuid.uuid4().hex[:12]
     prefix = f"{S3_PREFIX}/{run_id}"
     pipeline_root = f"s3://{bucket}/{prefix}" if bucket else None
     uploaded: list[str] = []
     data_uri = None
     if files:
-        client = s3_client(options.s3_endpoint_url)
+        s3 = s3_client(options.s3_endpoint_url)
         for name, path in files.items():
-            uploaded += upload(client, bucket or "", f"{prefix}/data", name, path)
+            uploaded += upload(s3, bucket or "", f"{prefix}/data", name, path)
         data_uri = f"s3://{bucket}/{prefix}/data"
         spec = spec.model_copy(deep=True)
         names = iter(files)
@@ -234,18 +241,16 @@ def submit_remote(spec: JobSpec, *, host: str | None = None, bucket: str | None 
             spec.data.source = next(names)  # relative to the imported folder (steps.uploaded_spec)
         if is_local_file(spec.data.validation.source):
             spec.data.validation.source = next(names)
-    import kfp
-
-    make_client = client_factory or (lambda h, ns: kfp.Client(host=h, namespace=ns or "kubeflow"))
     with tempfile.TemporaryDirectory(prefix="posttrain-kfp-") as folder:
         package = compile_pipeline(spec, Path(folder) / "pipeline.yaml", uploaded_data_uri=data_uri)
         try:
-            client = make_client(host, options.namespace)  # it asks the host's health already
-            result = client.create_run_from_pipeline_package(
+            result = kfp_client.create_run_from_pipeline_package(
                 str(package), arguments={}, run_name=run_name or f"{spec.name or spec.method.name}-{run_id}",
                 experiment_name=options.experiment, namespace=options.namespace, pipeline_root=pipeline_root,
             )
-        except Exception as exc:  # the API's errors (HTTP status and body) or a host that does not answer
-            raise PosttrainError(f"could not submit the run to the KFP host {host}: {exc}") from None
+        except Exception as exc:  # the API's errors: its ApiException carries the HTTP status and body
+            status = getattr(exc, "status", None)
+            detail = f"HTTP {status}: {getattr(exc, 'body', '')}" if status else str(exc)
+            raise PosttrainError(f"the KFP host {host} did not accept the run: {detail}") from None
     return RemoteRun(run_id=result.run_id, host=host, pipeline_root=pipeline_root, uploaded=uploaded,
                      url=f"{host.rstrip('/')}/#/runs/details/{result.run_id}")
