@@ -172,6 +172,18 @@ def test_bad_rows_fail_the_prepare_step_and_nothing_trains(tmp_path, make_spec, 
     assert not (tmp_path / "run" / "final").exists() and not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
+def test_export_checks_final_and_copies_a_full_model_or_fails_naming_the_step(tmp_path, tiny_model_dir):
+    from posttrain.kfp.steps import StepFailed, export_model
+
+    job = JobDir(tmp_path / "job").create()
+    with pytest.raises(StepFailed, match="the train step wrote no model"):
+        export_model(str(job.root), str(tmp_path / "model"), record_in=str(job.root))
+    assert job.read_status().state == "failed" and job.read_status().error.startswith("export: ")
+    shutil.copytree(tiny_model_dir, job.final_dir)  # a full model (no adapter), as peft.type=none leaves
+    metadata = export_model(str(job.root), str(tmp_path / "model"))
+    assert metadata["kind"] == "model" and (tmp_path / "model" / "config.json").is_file()
+
+
 # -- submit to a KFP host (fake API + S3 stub on loopback) ------------------------------------------------
 
 def free_port() -> int:

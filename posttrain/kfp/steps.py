@@ -121,13 +121,10 @@ def train_job(spec_json: str, dataset_dir: str, job_dir: str, *, resume: bool = 
     exactly as from ``posttrain train``."""
     from posttrain.worker import run_worker
 
-    try:
-        job_spec = parse_spec(spec_json)
-        result = run_worker(dataset_spec(job_spec, dataset_dir), job_dir, resume=resume, log_to_file=log_file,
-                            recorded_spec=job_spec)
-    except PosttrainError as exc:  # the directory holds another run
-        _record_failure(job_dir, "train", exc.message)
-        raise
+    # Raises, recording nothing, only when job_dir holds another run (never overwrite that run's status).
+    job_spec = parse_spec(spec_json)
+    result = run_worker(dataset_spec(job_spec, dataset_dir), job_dir, resume=resume, log_to_file=log_file,
+                        recorded_spec=job_spec)
     if result.state == "succeeded" and (Path(job_dir) / "final").is_dir():
         return 0
     if result.state == "succeeded":
