@@ -255,7 +255,8 @@ def _train(spec: JobSpec, jd: JobDir, resume: bool, stop, result: JobResult,
         log.warning("%s", warning)
     placement = resolve_placement(spec.model)
     threads = apply_threads(spec.training.num_threads, placement.device)
-    rank_info = init_process_group(spec.distributed, placement.device) if spec.distributed.launcher == "torchrun" else None
+    under_torchrun = spec.distributed.launcher == "torchrun"
+    rank_info = init_process_group(spec, placement.device) if under_torchrun else None
     os.environ["TENSORBOARD_LOGGING_DIR"] = str(jd.tensorboard_dir)
     set_seed(spec.training.seed)
     log.info("job %s: method=%s model=%s device=%s dtype=%s threads=%d", spec.name or jd.root.name,

@@ -88,6 +88,21 @@ def test_ddp_and_fsdp_on_two_ranks_match_one_process_and_fsdp_really_shards(tmp_
     assert not any(type(param).__name__ == "DTensor" for param in model.parameters())
 
 
+def test_fsdp_options_lora_bf16_offload_and_activation_checkpointing_train_and_export(tmp_path, make_spec):
+    config = write_config(tmp_path, make_spec, max_steps=2, per_device_train_batch_size=2)
+    job_dir = tmp_path / "job"
+    posttrain_train(config, job_dir, "distributed.launcher=torchrun", "distributed.nproc_per_node=2",
+                    "distributed.strategy=fsdp", "distributed.fsdp.sharding_strategy=shard_grad_op",
+                    "distributed.mixed_precision=bf16", "distributed.fsdp.cpu_offload=true",
+                    "distributed.fsdp.activation_checkpointing=true", "peft.type=lora")
+    log = (job_dir / "worker.log").read_text()
+    assert "shard_grad_op over mesh (2,), 2 layers + root, mixed_precision=bf16 cpu_offload=True " \
+           "activation_checkpointing=True" in log
+    assert "48 of 48 parameters are DTensors" in log  # the LoRA adapters are sharded with their layers
+    assert all(loss > 0 for loss in losses(job_dir).values()) and sorted(losses(job_dir)) == [1, 2]
+    assert (job_dir / "final" / "adapter_config.json").is_file()
+
+
 def kill_tree(process: subprocess.Popen[str]) -> None:
     """SIGKILL the CLI, torchrun and every rank (each rank runs in a session of its own)."""
     root = psutil.Process(process.pid)

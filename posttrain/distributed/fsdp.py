@@ -109,7 +109,6 @@ def shard_model(model, spec: JobSpec, info: RankInfo, device: str) -> int:
     )
 
     dist, fsdp = spec.distributed, spec.distributed.fsdp
-    check_fsdp_support(spec, device)
     mesh = device_mesh(dist, info, device)
     precision = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(dist.mixed_precision)
     options: dict[str, Any] = {
@@ -119,7 +118,8 @@ def shard_model(model, spec: JobSpec, info: RankInfo, device: str) -> int:
         # Parameters and gradient reductions in fp32 unless mixed precision asks for lower-precision compute.
         "mp_policy": MixedPrecisionPolicy(param_dtype=precision, reduce_dtype=torch.float32)
         if precision else MixedPrecisionPolicy(),
-        "offload_policy": CPUOffloadPolicy() if fsdp.cpu_offload else OffloadPolicy(),
+        # Pinned host memory speeds copies to a GPU; without one there is nothing to pin (and torch refuses).
+        "offload_policy": CPUOffloadPolicy(pin_memory=device == "cuda") if fsdp.cpu_offload else OffloadPolicy(),
     }
     if fsdp.activation_checkpointing:
         # transformers recomputes each decoder layer in the backward (non-reentrant, so it composes with FSDP2).

@@ -10,7 +10,7 @@ import os
 from dataclasses import dataclass
 
 from posttrain.errors import UnsupportedError
-from posttrain.spec import DistributedSpec
+from posttrain.spec import DistributedSpec, JobSpec
 
 log = logging.getLogger("posttrain.worker")
 
@@ -62,12 +62,18 @@ def collective_backend(dist_spec: DistributedSpec, device: str) -> str:
     return "nccl" if device == "cuda" else "gloo"
 
 
-def init_process_group(dist_spec: DistributedSpec, device: str) -> RankInfo | None:
+def init_process_group(spec: JobSpec, device: str) -> RankInfo | None:
     """Join the run's process group (gloo on CPU, NCCL on CUDA), each rank on its own GPU; None outside
-    torchrun."""
+    torchrun. Layouts this run cannot have are refused first, before anything is loaded."""
     info = torchrun_rank()
     if info is None:
         return None
+    from posttrain.distributed.fsdp import check_fsdp_support, check_parallel_sizes
+
+    dist_spec = spec.distributed
+    check_parallel_sizes(dist_spec, info.world_size, device)
+    if dist_spec.strategy == "fsdp":
+        check_fsdp_support(spec, device)
     if device == "mps":
         raise UnsupportedError("torchrun runs need CUDA or CPU processes; MPS has no collective backend")
     if dist_spec.mixed_precision == "fp16" and device != "cuda":

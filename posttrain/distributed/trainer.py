@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 
 from posttrain.distributed.checkpoint import use_distributed_checkpoints
-from posttrain.distributed.fsdp import check_parallel_sizes, shard_model, sharded_parameter_count
+from posttrain.distributed.fsdp import shard_model, sharded_parameter_count
 from posttrain.distributed.runtime import RankInfo
 from posttrain.spec import JobSpec
 
@@ -16,8 +16,8 @@ log = logging.getLogger("posttrain.worker")
 
 
 def prepare_trainer(trainer, spec: JobSpec, info: RankInfo, device: str) -> None:
-    """Shard ``trainer.model`` with FSDP2 when ``distributed.strategy=fsdp``; sharded checkpoints either way."""
-    check_parallel_sizes(spec.distributed, info.world_size, device)
+    """Shard ``trainer.model`` with FSDP2 when ``distributed.strategy=fsdp``; sharded checkpoints either way.
+    (The layout was checked when the rank joined the process group.)"""
     if spec.distributed.strategy == "fsdp":
         shard_model(trainer.model, spec, info, device)
         # transformers' flag for a model that already owns its placement and gradient reduction (set for
