@@ -11,6 +11,7 @@ from typing import Any
 
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
+from posttrain.distributed.runtime import CANCEL, NO_STOP, PAUSE, agree_on_stop, barrier, is_distributed
 from posttrain.jobdir import JobDir
 from posttrain.worker import PAUSE_SIGNAL
 
@@ -71,12 +72,22 @@ class JobDirCallback(TrainerCallback):
             self.job_dir.update_status(state="running", step=state.global_step, total_steps=state.max_steps)
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **_: Any):
+        if is_distributed():
+            self._agree_on_stop(args)
         if self.stop.is_set():
             control.should_training_stop = True
             # A pause keeps the work done: the trainer saves a checkpoint of this step (weights, optimizer,
             # scheduler, RNG and data position) before it stops, and on_save marks it complete.
             control.should_save = self.stop.pausing
         return control
+
+    def _agree_on_stop(self, args: TrainingArguments) -> None:
+        """Ranks of a torchrun run stop after the same step: a signal that reached one rank (or reached them
+        at different moments) stops them all, pause or cancel (a cancel wins)."""
+        local = (CANCEL if not self.stop.pausing else PAUSE) if self.stop.is_set() else NO_STOP
+        agreed = agree_on_stop(local, args.device.type)
+        if agreed > local:
+            self.stop.set(PAUSE_SIGNAL.name if agreed == PAUSE else "SIGTERM")
 
     def on_log(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                logs: dict[str, Any] | None = None, **_: Any):
@@ -98,6 +109,7 @@ class JobDirCallback(TrainerCallback):
         self.job_dir.update_status(step=state.global_step, total_steps=state.max_steps)
 
     def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **_: Any):
+        barrier()  # a torchrun run's checkpoint is complete only once every rank has written its part
         if not state.is_world_process_zero:
             return
         checkpoint = self.job_dir.checkpoints_dir / f"checkpoint-{state.global_step}"

@@ -13,6 +13,7 @@ from rich.panel import Panel
 from rich.table import Table
 
 from posttrain.errors import PosttrainError
+from posttrain.kfp.commands import kfp_app
 from posttrain.llama_stack.commands import llama_stack_app
 from posttrain.rl.commands import rl_app
 from posttrain.service.commands import jobs_app, serve
@@ -102,6 +103,7 @@ def train(
 
     Example: posttrain train examples/llama3.2-3b-qlora-sft.yaml training.max_steps=50
     """
+    from posttrain.distributed.runtime import torchrun_rank
     from posttrain.worker import run_worker
 
     try:
@@ -109,7 +111,16 @@ def train(
         job_dir = output or default_job_dir(spec)
         if overwrite and job_dir.exists() and not resume:
             remove_previous_run(job_dir)
-        result = run_worker(spec, job_dir, resume=resume)
+        if spec.distributed.launcher == "torchrun" and torchrun_rank() is None:
+            from posttrain.launchers.torchrun import run_torchrun
+
+            result = run_torchrun(spec, job_dir, resume=resume)  # the same worker, one process per rank
+        elif spec.distributed.launcher == "kfp":
+            from posttrain.kfp.runs import run_local_job
+
+            result = run_local_job(spec, job_dir, resume=resume)  # its pipeline, here (kfp.local)
+        else:
+            result = run_worker(spec, job_dir, resume=resume)
     except PosttrainError as exc:
         fail(exc.message)
     print_summary(result, spec)
@@ -196,6 +207,7 @@ def config_keys() -> None:
 
 app.add_typer(jobs_app, name="jobs", help="Submit and follow jobs on a posttrain server.")
 app.add_typer(llama_stack_app, name="llama-stack", help="Llama Stack post_training providers: print a run.yaml.")
+app.add_typer(kfp_app, name="kfp", help="Kubeflow Pipelines: compile a config to a pipeline, run it here or on a cluster.")
 app.add_typer(rl_app, name="rl", help="Online RL: trajectory API, environments, inference server, trainer.")
 app.command("serve")(serve)
 

@@ -80,6 +80,10 @@ def setup_logging(job_dir: JobDir | None, to_file: bool) -> None:
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
     if to_file and job_dir is not None:
         handlers.append(logging.FileHandler(job_dir.log_path))
+    rank = int(os.environ.get("RANK", "0") or 0)
+    if rank and job_dir is not None:
+        # Under torchrun, rank 0 logs as a single worker does; every other rank to worker.rankN.log only.
+        handlers = [logging.FileHandler(job_dir.root / f"worker.rank{rank}.log")]
     for handler in handlers:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
         handler._posttrain = True  # type: ignore[attr-defined]
@@ -179,16 +183,20 @@ def check_fresh_job_dir(job_dir: JobDir) -> None:
 
 
 def run_worker(spec: JobSpec, job_dir: str | Path, resume: bool = False, log_to_file: bool = True,
-               extra_callbacks: Sequence[Any] = ()) -> JobResult:
+               extra_callbacks: Sequence[Any] = (), recorded_spec: JobSpec | None = None) -> JobResult:
     """Run one job to its end and record it in ``job_dir``.
 
     ``extra_callbacks`` are ``transformers.TrainerCallback`` objects added after posttrain's own (Python API
-    users and the benchmark, which times every variant with the same callback).
+    users and the benchmark, which times every variant with the same callback). ``recorded_spec``: what
+    spec.json says when it is not ``spec`` itself (a KFP train step runs the job's spec on prepared data).
 
     Never raises for job failures; raises ConfigError, touching nothing, when ``job_dir`` already
     holds another run and ``resume`` is not set.
     """
+    from posttrain.distributed.runtime import launcher_pid, leave_process_group, restarted_by_torchrun
+
     jd = JobDir(job_dir)
+    resume = resume or restarted_by_torchrun()  # torchrun's elastic restart continues the run
     if not resume:
         check_fresh_job_dir(jd)
     jd.create()
@@ -204,8 +212,9 @@ def run_worker(spec: JobSpec, job_dir: str | Path, resume: bool = False, log_to_
     try:
         spec = spec.model_copy(update={"output": spec.output.model_copy(update={"dir": str(jd.root)})})
         if is_main_process():
-            jd.write_spec(spec_to_json(spec))
-        _record(jd, state="running", pid=os.getpid(), attempt=attempt, error=None, finished_at=None)
+            recorded = recorded_spec or spec
+            jd.write_spec(spec_to_json(recorded.model_copy(update={"output": spec.output})))
+        _record(jd, state="running", pid=launcher_pid(), attempt=attempt, error=None, finished_at=None)
         result = _train(spec, jd, resume, stop, result, extra_callbacks)
     except KeyboardInterrupt as exc:
         result.state, result.cancelled_by = "cancelled", str(exc) or "SIGINT"
@@ -224,6 +233,7 @@ def run_worker(spec: JobSpec, job_dir: str | Path, resume: bool = False, log_to_
         status = jd.read_status()
         result.step = status.step if status else result.step
         _record(jd, state=result.state, error=result.error, step=result.step)
+        leave_process_group()
     return result
 
 
@@ -235,6 +245,7 @@ def _train(spec: JobSpec, jd: JobDir, resume: bool, stop, result: JobResult,
 
     from posttrain.callbacks import JobDirCallback, ProgressCallback
     from posttrain.data import load_training_data
+    from posttrain.distributed.runtime import barrier, init_process_group
     from posttrain.modeling import apply_threads, load_tokenizer, resolve_placement
     from posttrain.preflight import check_options
     from posttrain.recipes import RecipeInputs, build_trainer
@@ -244,6 +255,8 @@ def _train(spec: JobSpec, jd: JobDir, resume: bool, stop, result: JobResult,
         log.warning("%s", warning)
     placement = resolve_placement(spec.model)
     threads = apply_threads(spec.training.num_threads, placement.device)
+    under_torchrun = spec.distributed.launcher == "torchrun"
+    rank_info = init_process_group(spec, placement.device) if under_torchrun else None
     os.environ["TENSORBOARD_LOGGING_DIR"] = str(jd.tensorboard_dir)
     set_seed(spec.training.seed)
     log.info("job %s: method=%s model=%s device=%s dtype=%s threads=%d", spec.name or jd.root.name,
@@ -261,18 +274,32 @@ def _train(spec: JobSpec, jd: JobDir, resume: bool, stop, result: JobResult,
     trainer = build_trainer(RecipeInputs(spec, jd, placement, data, tokenizer, callbacks))
     for unwanted in (PrinterCallback, HFProgressCallback):
         trainer.remove_callback(unwanted)
+    if rank_info is not None:
+        from posttrain.distributed.trainer import prepare_trainer
+
+        prepare_trainer(trainer, spec, rank_info, placement.device)
     if stop.is_set():
         result.state = stop.outcome
         return result
 
     checkpoint = None
     if resume:
-        removed = jd.remove_incomplete_checkpoints()
-        for path in removed:
-            log.warning("removed incomplete checkpoint %s", path.name)
+        if is_main_process():  # one rank tidies the job directory; the others wait for it
+            for path in jd.remove_incomplete_checkpoints():
+                log.warning("removed incomplete checkpoint %s", path.name)
+        barrier()
         checkpoint = jd.latest_checkpoint()
         log.info("resuming from %s", checkpoint if checkpoint else "the start (no complete checkpoint yet)")
-        jd.truncate_metrics(jd.checkpoint_step(checkpoint) if checkpoint else 0)
+        if is_main_process():
+            jd.truncate_metrics(jd.checkpoint_step(checkpoint) if checkpoint else 0)
+        if rank_info is None and checkpoint is not None:
+            from posttrain.distributed.checkpoint import (
+                is_distributed_checkpoint,
+                use_distributed_checkpoints,
+            )
+
+            if is_distributed_checkpoint(checkpoint):  # a torchrun run's checkpoint, resumed on one process
+                use_distributed_checkpoints(trainer)
     output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
 
     result.step = trainer.state.global_step
@@ -292,6 +319,15 @@ def _train(spec: JobSpec, jd: JobDir, resume: bool, stop, result: JobResult,
     return result
 
 
+def _stopped_before_restart(jd: JobDir) -> str | None:
+    """A pause or cancel ends every rank with a non-zero code, which torchrun (with max_restarts) takes for a
+    failure and restarts the ranks: such a restart must not train on. Its state, or None to run."""
+    from posttrain.distributed.runtime import restarted_by_torchrun
+
+    status = jd.read_status() if restarted_by_torchrun() else None
+    return status.state if status is not None and status.state in ("paused", "cancelled") else None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m posttrain.worker", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -302,6 +338,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="do not write worker.log (the launcher already captures stdout/stderr there)")
     args = parser.parse_args(argv)
     jd = JobDir(args.job_dir).create()
+    stopped = _stopped_before_restart(jd)
+    if stopped is not None:
+        print(f"the run was {stopped}: torchrun's restart of its ranks ends here", file=sys.stderr)
+        return EXIT_OK  # exit 0, so that torchrun (max_restarts) does not restart them again
     try:
         from posttrain.spec import load_yaml
 

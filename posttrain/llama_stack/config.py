@@ -52,7 +52,9 @@ class InlineProviderConfig(TrainingDefaults):
         description="Interpreter that runs `python -m posttrain.worker` (posttrain with torch installed); the "
         "Llama Stack environment itself needs no torch.")
     launcher: Literal["local", "torchrun", "kfp"] = Field(
-        "local", description="How workers start; only 'local' is available in this version.")
+        "local", description="How workers start: local (one process per job) or kfp (each job runs as a Kubeflow "
+        "pipeline, prepare data -> train -> export, under kfp.local with worker_python; needs posttrain[kfp] there); "
+        "torchrun is not available here yet.")
     slots: int = Field(1, ge=1, description="Jobs training at once.")
     cancel_grace_s: float = Field(30.0, gt=0, description="Seconds between SIGTERM and SIGKILL on cancel.")
     warm_workers: bool = Field(

@@ -95,11 +95,12 @@ class LocalJobs:
     the SQLite store and job directories under ``data_dir``: the service without its HTTP layer."""
 
     def __init__(self, config: InlineProviderConfig) -> None:
-        if config.launcher != "local":
+        if config.launcher not in ("local", "kfp"):
             raise PosttrainError(f"launcher={config.launcher!r} is not available yet in posttrain's inline "
-                                 "provider; use launcher: local")
+                                 "provider; use launcher: local or kfp")
+        self.launcher_name = config.launcher
         # Imported here: the scheduler and store need SQLAlchemy and psutil, which the remote provider does not.
-        from posttrain.launchers.warm import local_launcher
+        from posttrain.launchers.routing import service_launcher
         from posttrain.service.app import lock_data_dir
         from posttrain.service.scheduler import Scheduler
         from posttrain.service.settings import ServiceSettings
@@ -113,7 +114,7 @@ class LocalJobs:
             folder.mkdir(parents=True, exist_ok=True)
         self._lock = lock_data_dir(self.settings.data_dir)
         self.store = JobStore(self.settings.database_url)
-        self.launcher = local_launcher(self.settings)
+        self.launcher = service_launcher(self.settings)  # each job by its spec's distributed.launcher
         self.scheduler = Scheduler(self.store, self.launcher, self.settings)
         self.scheduler.start()  # re-adopts workers of jobs that ran while Llama Stack was down
 
@@ -127,6 +128,8 @@ class LocalJobs:
         from posttrain.service.submission import submit_job
         from posttrain.service.views import job_info
 
+        # The JobSpec says how its worker starts (launcher: kfp runs the job as a Kubeflow pipeline).
+        spec.setdefault("distributed", {})["launcher"] = self.launcher_name
         folder = self.datasets_dir / secrets.token_hex(8)
         folder.mkdir(parents=True)
         try:
@@ -190,7 +193,7 @@ class LocalJobs:
 
     def describe(self, job: JobInfo) -> dict[str, Any]:
         spec = json.loads(self._record(job.id).spec_json)
-        return {"posttrain_job_id": job.id, "attempt": job.attempt, "launcher": "local", "device": spec["model"]["device"],
+        return {"posttrain_job_id": job.id, "attempt": job.attempt, "launcher": self.launcher_name, "device": spec["model"]["device"],
                 "worker_python": self.settings.worker_command[0], "job_dir": self.location(job.id, "")}
 
     def close(self) -> None:

@@ -51,6 +51,12 @@ def use_gradient_checkpointing(spec: JobSpec, placement: Placement, num_params: 
     return placement.device == "cuda" and num_params >= CHECKPOINTING_MIN_PARAMS
 
 
+def ddp_precision(spec: JobSpec) -> str:
+    """distributed.mixed_precision of a torchrun DDP run: the Trainer's autocast (FSDP2 has its own policy)."""
+    dist = spec.distributed
+    return dist.mixed_precision if dist.launcher == "torchrun" and dist.strategy == "ddp" else "no"
+
+
 def training_arguments(inputs: RecipeInputs, num_params: int) -> dict[str, Any]:
     """Keyword arguments shared by SFTConfig / DPOConfig / RewardConfig / GRPOConfig."""
     spec, placement = inputs.spec, inputs.placement
@@ -86,10 +92,12 @@ def training_arguments(inputs: RecipeInputs, num_params: int) -> dict[str, Any]:
         "save_total_limit": training.save_total_limit,
         "report_to": list(spec.tracking.report_to),
         "run_name": spec.tracking.run_name or spec.name,
-        "bf16": placement.mixed_precision == "bf16" or autocast,
-        "fp16": placement.mixed_precision == "fp16",
+        "bf16": placement.mixed_precision == "bf16" or autocast or ddp_precision(spec) == "bf16",
+        "fp16": placement.mixed_precision == "fp16" or ddp_precision(spec) == "fp16",
         "use_cpu": placement.device == "cpu",
         "dataloader_num_workers": training.dataloader_num_workers,
+        # DDP's search for unused parameters costs a graph walk per step; every trained parameter is used.
+        "ddp_find_unused_parameters": False if spec.distributed.launcher == "torchrun" else None,
         # Our own progress display and metrics writer replace tqdm and the log printer.
         "disable_tqdm": True,
         # GRPO counts prompt + completion tokens itself; the Trainer's counter cannot see its inputs.

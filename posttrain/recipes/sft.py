@@ -107,8 +107,10 @@ class PosttrainSFTTrainer(SFTTrainer):
 
 
 def use_fused_loss(inputs: RecipeInputs) -> bool:
-    """Where the trained-positions loss replaces TRL's tiled LM head: on CPU (measured there, see module doc)."""
-    return inputs.placement.device == "cpu"
+    """Where the trained-positions loss replaces TRL's tiled LM head: on CPU (measured there, see module doc),
+    except under FSDP, whose sharded head weight is only whole inside the model's own forward."""
+    dist = inputs.spec.distributed
+    return inputs.placement.device == "cpu" and not (dist.launcher == "torchrun" and dist.strategy == "fsdp")
 
 
 def use_padding_free(inputs: RecipeInputs) -> bool:

@@ -28,7 +28,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from posttrain import __version__
 from posttrain.errors import PosttrainError
 from posttrain.launchers import Launcher
-from posttrain.launchers.warm import local_launcher
+from posttrain.launchers.routing import service_launcher
 from posttrain.service.errors import error_body
 from posttrain.service.hosts import LoopbackHostOnly
 from posttrain.service.job_reads import RecentJobs
@@ -49,7 +49,7 @@ def create_app(settings: ServiceSettings, launcher: Launcher | None = None) -> F
     settings.files_dir.mkdir(parents=True, exist_ok=True)
     lock = lock_data_dir(settings.data_dir)
     store = JobStore(settings.database_url)
-    launcher = launcher or local_launcher(settings)
+    launcher = launcher or service_launcher(settings)  # by each job's distributed.launcher
     scheduler = Scheduler(store, launcher, settings)
 
     @asynccontextmanager

@@ -1,0 +1,112 @@
+"""The process a service job with ``distributed.launcher=kfp`` runs: the job's pipeline under kfp.local.
+
+    python -m posttrain.kfp.driver --spec spec.json --job-dir DIR [--resume] [--no-log-file]
+
+Same arguments, job directory and exit codes as ``python -m posttrain.worker``, so the service's launcher,
+scheduler, cancel and recovery treat it like any worker. The pipeline's steps are its children in its
+process group: a cancel (SIGTERM to the group) reaches the train step, which stops at the next step
+boundary and records ``cancelled``; this process waits for that rather than dying first. A pause
+(SIGUSR1, sent to this process only) is passed on to the train step, which checkpoints and records
+``paused``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import signal
+import sys
+from pathlib import Path
+
+from posttrain.errors import PosttrainError
+from posttrain.jobdir import JobDir
+from posttrain.spec import load_yaml, spec_from_dict
+from posttrain.worker import EXIT_BAD_INPUT, EXIT_CANCELLED, EXIT_FAILED, EXIT_OK, EXIT_PAUSED, PAUSE_SIGNAL
+
+STEP_MODULE = "kfp.dsl.executor_main"  # what kfp.local runs for each step
+
+
+def _step_processes() -> list:
+    import psutil
+
+    found = []
+    for child in psutil.Process().children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            if any(STEP_MODULE in part for part in child.cmdline()):
+                found.append(child)
+    return found
+
+
+class _Cancel:
+    signal_name: str | None = None  # set once SIGTERM/SIGINT arrived
+
+
+def _install_handlers() -> None:
+    def pass_pause_on(_signum, _frame) -> None:
+        for process in _step_processes():
+            with contextlib.suppress(Exception):
+                process.send_signal(PAUSE_SIGNAL)
+
+    def wait_for_steps(signum, _frame) -> None:
+        # The group's signal reached the steps too; their worker records the cancel, we wait for it.
+        _Cancel.signal_name = signal.Signals(signum).name
+        print(f"posttrain.kfp.driver: {signal.Signals(signum).name} received, waiting for the steps to stop",
+              file=sys.stderr, flush=True)
+
+    signal.signal(PAUSE_SIGNAL, pass_pause_on)
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, wait_for_steps)
+
+
+def exit_code(jd: JobDir) -> int:
+    status = jd.read_status()
+    state = status.state if status else "failed"
+    if state == "succeeded":
+        return EXIT_OK
+    if state == "paused":
+        return EXIT_PAUSED
+    if state == "cancelled":
+        return EXIT_CANCELLED["SIGTERM"]
+    return EXIT_BAD_INPUT if status and status.error and status.error.startswith("prepare-data:") else EXIT_FAILED
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m posttrain.kfp.driver", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--spec", required=True, help="JobSpec JSON (or YAML) file")
+    parser.add_argument("--job-dir", required=True, help="job directory to write")
+    parser.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
+    parser.add_argument("--no-log-file", action="store_true",
+                        help="do not write worker.log (the launcher already captures stdout/stderr there)")
+    args = parser.parse_args(argv)
+    jd = JobDir(Path(args.job_dir).resolve()).create()
+    try:
+        spec = spec_from_dict(load_yaml(Path(args.spec).read_text(), args.spec))
+    except (OSError, PosttrainError) as exc:
+        message = exc.message if isinstance(exc, PosttrainError) else f"cannot read spec {args.spec}: {exc}"
+        print(f"error: {message}", file=sys.stderr)
+        jd.update_status(state="failed", error=message)
+        return EXIT_BAD_INPUT
+    from posttrain.kfp.pipeline import require_kfp
+    from posttrain.kfp.runs import run_local
+
+    try:
+        require_kfp()
+    except PosttrainError as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        jd.update_status(state="failed", error=exc.message)
+        return EXIT_BAD_INPUT
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    _install_handlers()
+    try:
+        run_local(spec, jd.root, resume=args.resume, log_file=not args.no_log_file,
+                  stop_requested=lambda: _Cancel.signal_name is not None)
+    except PosttrainError as exc:  # the directory holds another run: report it, change nothing
+        print(f"error: {exc.message}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    return exit_code(jd)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
