@@ -223,7 +223,6 @@ def translate(experiment: str, pairs: list[str], output_root: str | Path = "runs
     method: dict[str, Any] = {"name": EXPERIMENTS[experiment]}
     training: dict[str, Any] = {}
     data: dict[str, Any] = {"source": values.get("dataset.train_path", DEFAULT_DATA[experiment])}
-    distributed: dict[str, Any] = {}
     tracking: dict[str, Any] = {"report_to": [], "project": experiment_name, "run_name": trial_name}
 
     for key in ("mode", "wandb_mode", "recover_mode", "allocation_mode"):
@@ -241,40 +240,7 @@ def translate(experiment: str, pairs: list[str], output_root: str | Path = "runs
         tracking["report_to"] = trackers
     resume = bool(_choice(values, "recover_mode", {"disabled": False, "save": False, "auto": True, "resume": True}))
 
-    # Parallel layout.
-    n_nodes, n_gpus = _int(values, "n_nodes"), _int(values, "n_gpus_per_node")
-    dp = _int(values, f"{role}.parallel.data_parallel_size")
-    tp = _int(values, f"{role}.parallel.model_parallel_size")
-    pp = _int(values, f"{role}.parallel.pipeline_parallel_size")
-    allocation = _choice(values, "allocation_mode", {key: key for key in
-                                                     ("manual", "pipe_data", "pipe_model", "search", "heuristic")})
-    if allocation in ("search", "heuristic"):
-        raise UnsupportedError(f"allocation_mode={allocation}: posttrain has no allocation search; use "
-                               f"allocation_mode=manual with {role}.parallel.* sizes")
-    if allocation in ("pipe_data", "pipe_model"):
-        if (n_nodes or 1) > 1:
-            raise UnsupportedError(f"allocation_mode={allocation} with n_nodes={n_nodes} pipelines across nodes, "
-                                   "and pipeline parallelism is not supported; use allocation_mode=manual with "
-                                   f"{role}.parallel.data_parallel_size")
-        size = n_gpus or 1
-        dp, tp = (size, tp) if allocation == "pipe_data" else (dp, size)
-    if _bool(values, f"{role}.parallel.use_sequence_parallel"):
-        raise UnsupportedError(f"{role}.parallel.use_sequence_parallel=true is not supported; see "
-                               "distributed.context_parallel_size")
-    if dp is not None:
-        distributed["data_parallel_size"] = dp
-    if tp is not None:
-        distributed["tensor_parallel_size"] = tp
-    if pp is not None:
-        distributed["pipeline_parallel_size"] = pp
-    if n_nodes is not None:
-        distributed["nnodes"] = n_nodes
-    processes = n_gpus if n_gpus is not None else (dp or 1) * (tp or 1)
-    if n_gpus is not None or processes > 1:
-        distributed["nproc_per_node"] = processes
-    if processes * (n_nodes or 1) > 1:
-        distributed["launcher"] = "torchrun"
-    data_parallel = dp or max(1, processes * (n_nodes or 1) // (tp or 1))
+    distributed, data_parallel = _layout(values, role)
 
     # Model.
     bf16, fp16 = _bool(values, f"{role}.enable_bf16"), _bool(values, f"{role}.enable_fp16")
@@ -348,6 +314,45 @@ def translate(experiment: str, pairs: list[str], output_root: str | Path = "runs
         message = "\n".join(line + _blame(line, values) for line in exc.message.splitlines())
         raise ConfigError(f"quickstart {experiment}: {message}") from None
     return Translation(experiment, spec, Path(spec.output.dir or job_dir), resume, ignored)
+
+
+def _layout(values: dict[str, Any], role: str) -> tuple[dict[str, Any], int]:
+    """The `distributed` section from ReaLHF's node, GPU and parallel-size keys, and the data-parallel size."""
+    distributed: dict[str, Any] = {}
+    n_nodes, n_gpus = _int(values, "n_nodes"), _int(values, "n_gpus_per_node")
+    dp = _int(values, f"{role}.parallel.data_parallel_size")
+    tp = _int(values, f"{role}.parallel.model_parallel_size")
+    pp = _int(values, f"{role}.parallel.pipeline_parallel_size")
+    allocation = _choice(values, "allocation_mode", {key: key for key in
+                                                     ("manual", "pipe_data", "pipe_model", "search", "heuristic")})
+    if allocation in ("search", "heuristic"):
+        raise UnsupportedError(f"allocation_mode={allocation}: posttrain has no allocation search; use "
+                               f"allocation_mode=manual with {role}.parallel.* sizes")
+    if allocation in ("pipe_data", "pipe_model"):
+        if (n_nodes or 1) > 1:
+            raise UnsupportedError(f"allocation_mode={allocation} with n_nodes={n_nodes} pipelines across nodes, "
+                                   "and pipeline parallelism is not supported; use allocation_mode=manual with "
+                                   f"{role}.parallel.data_parallel_size")
+        size = n_gpus or 1
+        dp, tp = (size, tp) if allocation == "pipe_data" else (dp, size)
+    if _bool(values, f"{role}.parallel.use_sequence_parallel"):
+        raise UnsupportedError(f"{role}.parallel.use_sequence_parallel=true is not supported; see "
+                               "distributed.context_parallel_size")
+    if dp is not None:
+        distributed["data_parallel_size"] = dp
+    if tp is not None:
+        distributed["tensor_parallel_size"] = tp
+    if pp is not None:
+        distributed["pipeline_parallel_size"] = pp
+    if n_nodes is not None:
+        distributed["nnodes"] = n_nodes
+    processes = n_gpus if n_gpus is not None else (dp or 1) * (tp or 1)
+    if n_gpus is not None or processes > 1:
+        distributed["nproc_per_node"] = processes
+    if processes * (n_nodes or 1) > 1:
+        distributed["launcher"] = "torchrun"
+    data_parallel = dp or max(1, processes * (n_nodes or 1) // (tp or 1))
+    return distributed, data_parallel
 
 
 def _blame(message: str, values: dict[str, Any]) -> str:
