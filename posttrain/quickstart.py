@@ -98,9 +98,13 @@ class Translation:
 
     experiment: str
     spec: JobSpec
-    job_dir: Path
     resume: bool = False
     ignored: list[str] = field(default_factory=list)
+
+    @property
+    def job_dir(self) -> Path:
+        """`<output-root>/<experiment_name>/<trial_name>`, unless ``--set output.dir=...`` moved it."""
+        return Path(self.spec.output.dir or ".")
 
     def yaml(self) -> str:
         """The JobSpec as YAML (only the keys the translation set): ``posttrain train`` runs this file as is."""
@@ -313,7 +317,7 @@ def translate(experiment: str, pairs: list[str], output_root: str | Path = "runs
     except ConfigError as exc:
         message = "\n".join(line + _blame(line, values) for line in exc.message.splitlines())
         raise ConfigError(f"quickstart {experiment}: {message}") from None
-    return Translation(experiment, spec, Path(spec.output.dir or job_dir), resume, ignored)
+    return Translation(experiment, spec, resume, ignored)
 
 
 def _layout(values: dict[str, Any], role: str) -> tuple[dict[str, Any], int]:
