@@ -525,7 +525,8 @@ def main(argv: list[str] | None = None) -> int:
     report: dict[str, Any] = json.loads(output.read_text()) if output.exists() else {}
     with tempfile.TemporaryDirectory(prefix="sft-bench-") as tmp:
         work = Path(tmp)
-        report["machine"] = machine_info()
+        # A token-budget run keeps the machine record of the other suites' numbers.
+        report["machine_token_budget" if args.suite == "token-budget" else "machine"] = machine_info()
         if args.suite in ("synthetic", "all"):
             section, paths = synthetic_suite(work, settings, variants, quick=args.quick)
             report.update(section)
