@@ -199,6 +199,47 @@ def demo(
     raise typer.Exit(0 if ok else 1)
 
 
+@app.command()
+def quickstart(
+    experiment: Annotated[str, typer.Argument(help="sft, rw (reward model) or dpo; ppo is not there yet.")],
+    keys: Annotated[list[str] | None, typer.Argument(help="ReaLHF quickstart keys, e.g. experiment_name=x "
+                                                           "trial_name=y model.path=posttrain:tiny.",
+                                                      show_default=False)] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the JobSpec (YAML) and exit.")] = False,
+    output_root: Annotated[Path, typer.Option(help="Runs go to OUTPUT_ROOT/<experiment_name>/<trial_name>.")]
+    = Path("runs"),
+    set_: Annotated[list[str] | None, typer.Option("--set", help="A JobSpec override applied after the "
+                                                                 "translation, e.g. training.max_steps=10.",
+                                                   show_default=False)] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from the newest complete checkpoint.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Delete an existing run of this trial first.")]
+    = False,
+) -> None:
+    """Run a ReaLHF-style quickstart experiment: its keys become one JobSpec, run as `posttrain train` runs it.
+
+    Example: posttrain quickstart sft experiment_name=demo trial_name=t1 model.path=posttrain:tiny
+    dataset.train_path=posttrain:alpaca dataset.train_tokens_per_batch=4096 (see docs/quickstart.md).
+    """
+    import tempfile
+
+    from posttrain.quickstart import translate
+
+    try:
+        plan = translate(experiment, keys or [], output_root, set_)
+    except PosttrainError as exc:
+        fail(exc.message)
+    if dry_run:
+        typer.echo(plan.yaml(), nl=False)
+        return
+    for note in plan.ignored:
+        console.print(f"[yellow]ignored[/] {note}", highlight=False)
+    # The same command path as `posttrain train FILE`: the translated spec is that FILE.
+    with tempfile.TemporaryDirectory(prefix="posttrain-quickstart-") as folder:
+        config = Path(folder) / f"{plan.spec.name}.yaml"
+        config.write_text(plan.yaml())
+        train(config, None, resume=resume or plan.resume, overwrite=overwrite, output=plan.job_dir)
+
+
 @app.command("config-keys")
 def config_keys() -> None:
     """List every config key with its default and description (as in docs/config.md)."""

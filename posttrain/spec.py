@@ -207,6 +207,12 @@ class TrainingSpec(Section):
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
     optim: str = Field("adamw_torch", description="Optimizer name as transformers knows it (adamw_8bit, ...).")
     per_device_train_batch_size: int = Field(8, gt=0, le=2**20, description="Rows per device per micro-batch.")
+    tokens_per_batch: int | None = Field(
+        None, gt=0, le=MAX_COUNT,
+        description="Token budget of one training micro-batch per device (rows x its longest row, padding "
+        "included), filled with rows of similar length; replaces per_device_train_batch_size (SFT). "
+        "null: a fixed row count.",
+    )
     per_device_eval_batch_size: int = Field(8, gt=0, le=2**20, description="Rows per device per evaluation batch.")
     gradient_accumulation_steps: int = Field(1, gt=0, le=2**20, description="Micro-batches per optimizer step.")
     max_seq_length: int = Field(1024, gt=0, le=2**24, description="Truncate tokenized rows to this many tokens.")
@@ -233,6 +239,14 @@ class TrainingSpec(Section):
     )
     save_total_limit: int | None = Field(2, gt=0, le=10**6, description="Keep at most this many checkpoints.")
     dataloader_num_workers: int = Field(0, ge=0, le=1024, description="Worker processes feeding batches.")
+
+    @model_validator(mode="after")
+    def _budget_fits_a_row(self) -> TrainingSpec:
+        # A row is truncated to max_seq_length; a budget below that could not hold the longest rows.
+        if self.tokens_per_batch is not None and self.tokens_per_batch < self.max_seq_length:
+            raise ValueError(f"tokens_per_batch ({self.tokens_per_batch}) is below max_seq_length "
+                             f"({self.max_seq_length}): a batch must hold at least one full-length row")
+        return self
 
 
 class OutputSpec(Section):

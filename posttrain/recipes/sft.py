@@ -30,6 +30,7 @@ from posttrain.recipes.common import (
     shared_trainer_arguments,
     training_arguments,
 )
+from posttrain.token_batches import TokenBudgetBatching
 
 log = logging.getLogger("posttrain.worker")
 
@@ -39,8 +40,10 @@ VARLEN_ATTENTION = ("flash_attention_2", "flash_attention_3")
 EAGER_ATTENTION_MAX_BYTES = 2 << 30
 
 
-class PosttrainSFTTrainer(SFTTrainer):
-    """SFTTrainer whose loss, where ``fused_loss`` is set, projects only the trained positions.
+class PosttrainSFTTrainer(TokenBudgetBatching, SFTTrainer):
+    """SFTTrainer whose loss, where ``fused_loss`` is set, projects only the trained positions, and whose
+    training batches, where ``tokens_per_batch`` is set, are sized by a token budget
+    (:mod:`posttrain.token_batches`).
 
     The loss is the same token-mean negative log-likelihood (divided by ``num_items_in_batch`` when the
     Trainer passes it), computed by :func:`posttrain.losses.trained_token_loss` from the model's final hidden
@@ -48,10 +51,16 @@ class PosttrainSFTTrainer(SFTTrainer):
     metric is dropped (it needs a softmax over the vocabulary that the loss does not keep).
     """
 
-    def __init__(self, *args: Any, fused_loss: bool = False, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, fused_loss: bool = False, tokens_per_batch: int | None = None,
+                 **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.fused_loss = fused_loss
+        self.tokens_per_batch = tokens_per_batch
         self._head_checked = False
+
+    def row_lengths(self, dataset: Any) -> list[int]:
+        # Prepared SFT rows are already truncated to max_length (or packed to it).
+        return [len(ids) for ids in dataset["input_ids"]]
 
     def _fused_loss_applies(self, inputs: dict[str, Any]) -> bool:
         return (
@@ -142,7 +151,10 @@ def cpu_attention(inputs: RecipeInputs) -> str | None:
     except (OSError, ValueError, AttributeError, TypeError):
         return None  # load_model reports an unreadable model; an unusual config keeps transformers' choice
     training = spec.training
-    scores = training.per_device_train_batch_size * heads * training.max_seq_length**2 * 4 * layers
+    # A token budget holds at most tokens_per_batch / max_seq_length full-length rows (its worst case).
+    rows = (training.tokens_per_batch // training.max_seq_length if training.tokens_per_batch
+            else training.per_device_train_batch_size)
+    scores = rows * heads * training.max_seq_length**2 * 4 * layers
     return "eager" if scores <= EAGER_ATTENTION_MAX_BYTES else None
 
 
@@ -164,14 +176,17 @@ def build_trainer(inputs: RecipeInputs) -> PosttrainSFTTrainer:
     kwargs = training_arguments(inputs, model.num_parameters())
     padding_free = use_padding_free(inputs)
     group_by_length = use_group_by_length(inputs, padding_free)
-    if group_by_length:
+    tokens_per_batch = spec.training.tokens_per_batch
+    if group_by_length and tokens_per_batch is None:
         kwargs["train_sampling_strategy"] = "group_by_length"
+    if tokens_per_batch is not None:
+        record_settings(inputs, tokens_per_batch=tokens_per_batch)
     record_settings(inputs, padding_free=padding_free, group_by_length=group_by_length,
                     gradient_checkpointing=bool(kwargs.get("activation_checkpointing")),
                     attn_implementation=model.config._attn_implementation)
     fused_loss = use_fused_loss(inputs)
-    log.info("sft: padding_free=%s group_by_length=%s gradient_checkpointing=%s bf16=%s fused_loss=%s "
-             "attention=%s", padding_free, group_by_length, bool(kwargs.get("activation_checkpointing")), kwargs["bf16"],
+    log.info("sft: padding_free=%s group_by_length=%s tokens_per_batch=%s gradient_checkpointing=%s bf16=%s "
+             "fused_loss=%s attention=%s", padding_free, group_by_length, tokens_per_batch, bool(kwargs.get("activation_checkpointing")), kwargs["bf16"],
              fused_loss, model.config._attn_implementation)
     config = SFTConfig(
         **kwargs,
@@ -188,5 +203,6 @@ def build_trainer(inputs: RecipeInputs) -> PosttrainSFTTrainer:
         peft_config=lora_config(spec),
         **shared_trainer_arguments(inputs),
         fused_loss=fused_loss,
+        tokens_per_batch=tokens_per_batch,
     )
 
