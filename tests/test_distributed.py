@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -141,6 +142,27 @@ def test_sharded_checkpoint_survives_sigkill_and_resumes_on_one_process(tmp_path
     steps = [record["step"] for record in job.read_metrics() if "loss" in record]
     assert steps == list(range(1, 31))  # no gap, no step twice
     assert (job.final_dir / "adapter_config.json").is_file()
+
+
+def test_ctrl_c_stops_every_rank_after_the_same_step(tmp_path, make_spec):
+    config = write_config(tmp_path, make_spec, max_steps=400, save_steps=1000, per_device_train_batch_size=2)
+    job = JobDir(tmp_path / "job")
+    process = posttrain_train(config, job.root, "distributed.launcher=torchrun", "distributed.nproc_per_node=2",
+                              wait=False)
+    try:
+        wait_for(lambda: (job.read_status() is not None and job.read_status().step >= 2) or process.poll() is not None,
+                 RUN_TIMEOUT_S, "two steps")
+        ranks = psutil.Process(process.pid).children(recursive=True)
+        process.send_signal(signal.SIGINT)  # what a Ctrl-C in the terminal delivers to the CLI
+        output, _ = process.communicate(timeout=RUN_TIMEOUT_S)
+    finally:
+        if process.poll() is None:
+            kill_tree(process)
+    assert process.returncode == 143, output
+    status = job.read_status()
+    assert status.state == "cancelled" and 2 <= status.step < 400
+    assert "stopping after the current step" in (job.root / "worker.rank1.log").read_text()
+    assert not [rank for rank in ranks if rank.is_running() and rank.status() != psutil.STATUS_ZOMBIE]
 
 
 def test_two_torchrun_nodes_meet_on_loopback(tmp_path, make_spec):

@@ -255,9 +255,11 @@ def run_torchrun(spec: JobSpec, job_dir: Path, resume: bool = False):
     worker_args = ["--spec", handle.name, "--job-dir", str(jd.root), *(["--resume"] if resume else [])]
     argv = torchrun_command(spec, worker_args, os.environ, run_id=_run_id(jd.root))
     started = time.perf_counter()
-    process = subprocess.Popen(argv, env=rank_environment(spec, os.environ))
-    forward = {sig: signal.signal(sig, lambda signum, _frame: process.send_signal(signum))
-               for sig in (signal.SIGINT, signal.SIGTERM)}
+    # Its own session: a Ctrl-C reaches torchrun once, through us, not twice (terminal + forward), which
+    # could interrupt its shutdown of the ranks half-way.
+    process = subprocess.Popen(argv, env=rank_environment(spec, os.environ), start_new_session=True)
+    stopper = _Stopper(process)
+    forward = {sig: signal.signal(sig, stopper.handle) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     try:
         code = process.wait()
     finally:
@@ -281,6 +283,20 @@ def run_torchrun(spec: JobSpec, job_dir: Path, resume: bool = False):
     result.final_dir = jd.final_dir if result.state == "succeeded" and jd.final_dir.is_dir() else None
     result.metrics = {"torchrun_exit_code": code, "spec": json.loads(spec_to_json(spec))["distributed"]}
     return result
+
+
+class _Stopper:
+    """Signals to the CLI while torchrun runs: the first goes to torchrun (which stops every rank after the
+    same step), a second one straight to the ranks (the worker's "stop at once")."""
+
+    def __init__(self, process: subprocess.Popen[bytes]) -> None:
+        self.agent = psutil.Process(process.pid)
+        self.sent = False
+
+    def handle(self, signum: int, _frame: object) -> None:
+        targets = [self.agent] if not self.sent else _tree(self.agent)[1:]
+        self.sent = True
+        _signal_processes(targets, signum)
 
 
 def _run_id(job_dir: Path) -> str:
