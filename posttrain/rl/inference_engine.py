@@ -109,6 +109,9 @@ class InferenceEngine:
         self.weights_lock = WeightsLock()
         self.weights_version = 0
         self.generated_tokens = 0
+        self.largest_batch = 0  # most requests generated together so far
+        self.pending = 0  # requests submitted and not answered yet
+        self._pending_lock = threading.Lock()
         self._queue: queue.Queue[_Job | None] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="inference-engine", daemon=True)
         self._thread.start()
@@ -128,8 +131,15 @@ class InferenceEngine:
         if adapter is not None and adapter not in self.adapters:
             raise RequestError(f"model {adapter!r} does not exist", status=404)
         future: Future = Future()
+        with self._pending_lock:
+            self.pending += 1
+        future.add_done_callback(self._answered)
         self._queue.put(_Job(prompt, params, adapter, future))
         return future
+
+    def _answered(self, _future: Future) -> None:
+        with self._pending_lock:
+            self.pending -= 1
 
     def generate(self, prompt: list[int], params: SamplingParams, adapter: str | None = None) -> GenerationResult:
         return self.submit(prompt, params, adapter).result()
@@ -154,6 +164,7 @@ class InferenceEngine:
                     self._queue.put(None)
                     break
                 jobs.append(job)
+            self.largest_batch = max(self.largest_batch, len(jobs))
             with self.weights_lock:
                 for adapter, group in self._group_by_adapter(jobs).items():
                     self._generate_group(adapter, group)

@@ -7,7 +7,6 @@ import os
 import shutil
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Literal
 
 import torch
@@ -122,12 +121,5 @@ def run_server(options: ServeOptions) -> None:
         exec_vllm(options)
         return
     app = build_app(options)
-    layout = app.state.weights.shared_layout
     print(f"posttrain inference server: {options.name} on http://{options.host}:{options.port}", flush=True)
-    try:
-        uvicorn.run(app, host=options.host, port=options.port, log_level="warning", timeout_graceful_shutdown=30)
-    finally:
-        app.state.engine.close()
-        if layout is not None and layout.path:
-            # The trainer keeps its mapping alive; the name in /dev/shm goes with the server.
-            Path(layout.path).unlink(missing_ok=True)
+    uvicorn.run(app, host=options.host, port=options.port, log_level="warning", timeout_graceful_shutdown=30)

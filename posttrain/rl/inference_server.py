@@ -10,7 +10,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -191,7 +194,8 @@ def weights_info(request: Request) -> dict[str, Any]:
     engine, weights = engine_of(request), weights_of(request)
     return {"model": engine.model_name, "version": engine.weights_version, "paused": engine.weights_lock.paused,
             "shared": weights.shared_layout.to_json() if weights.shared_layout else None,
-            "broadcast_ready": weights.broadcast_group is not None,
+            "broadcast_ready": weights.broadcast_group is not None, "pending_requests": engine.pending,
+            "largest_batch": engine.largest_batch, "generated_tokens": engine.generated_tokens,
             "device": str(next(engine.base_model.parameters()).device)}
 
 
@@ -258,9 +262,21 @@ def broadcast_close(request: Request) -> dict[str, bool]:
 
 
 def create_app(engine: InferenceEngine, weights: WeightState | None = None) -> FastAPI:
-    app = FastAPI(title="posttrain inference server")
+    weights = weights or WeightState()
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        # Runs on uvicorn's graceful shutdown (SIGTERM / Ctrl-C): uvicorn then re-raises the signal, so code
+        # after uvicorn.run() would never run.
+        yield
+        engine.close()
+        if weights.shared_layout is not None and weights.shared_layout.path:
+            # A trainer keeps its own mapping; the name in /dev/shm goes with the server.
+            Path(weights.shared_layout.path).unlink(missing_ok=True)
+
+    app = FastAPI(title="posttrain inference server", lifespan=lifespan)
     app.state.engine = engine
-    app.state.weights = weights or WeightState()
+    app.state.weights = weights
     app.include_router(router)
     app.include_router(openai_router)
 
