@@ -99,17 +99,19 @@ def build_app(options: ServeOptions):
     from posttrain.modeling import apply_threads
     from posttrain.rl.inference_engine import InferenceEngine
     from posttrain.rl.inference_server import WeightState, create_app
-    from posttrain.rl.shared_weights import share_model_weights
+    from posttrain.rl.shared_weights import UpdateLock, share_model_weights
 
     apply_threads(options.num_threads, resolve_device(options.device))
     model, tokenizer = load_served_model(options)
     weights = WeightState()
+    update_lock = None
     if options.shared_weights:
         weights.shared_layout, weights.shared_buffer = share_model_weights(
             model, options.shared_weights_dir, tag=f"posttrain-{options.port}")
+        update_lock = UpdateLock(weights.shared_layout.lock_path or "")
     engine = InferenceEngine(model, tokenizer, options.name, max_batch_size=options.max_batch_size,
                              max_model_len=options.max_model_len, enable_lora=options.enable_lora,
-                             max_lora_rank=options.max_lora_rank)
+                             max_lora_rank=options.max_lora_rank, update_lock=update_lock)
     return create_app(engine, weights)
 
 

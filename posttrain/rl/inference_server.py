@@ -13,7 +13,6 @@ import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -200,15 +199,20 @@ def weights_info(request: Request) -> dict[str, Any]:
 
 
 @router.post("/weights/pause")
-def weights_pause(body: PauseRequest, request: Request) -> dict[str, Any]:
-    """Block until the batch in flight ends, then hold generation until /weights/resume (or the timeout)."""
+async def weights_pause(body: PauseRequest, request: Request) -> dict[str, Any]:
+    """Block until the batch in flight ends, then hold generation until /weights/resume (or the timeout).
+
+    Async with a non-blocking first try: an idle server pauses without a thread hop (this is on the
+    trainer's critical path every step); only a busy one waits in a worker thread.
+    """
     engine = engine_of(request)
-    engine.weights_lock.pause(body.timeout_s)
+    if not engine.weights_lock.pause(body.timeout_s, blocking=False):
+        await asyncio.to_thread(engine.weights_lock.pause, body.timeout_s)
     return {"paused": True, "version": engine.weights_version}
 
 
 @router.post("/weights/resume")
-def weights_resume(request: Request) -> dict[str, Any]:
+async def weights_resume(request: Request) -> dict[str, Any]:
     engine = engine_of(request)
     if engine.weights_lock.paused:
         engine.weights_version += 1  # the trainer paused to change the weights
@@ -270,9 +274,10 @@ def create_app(engine: InferenceEngine, weights: WeightState | None = None) -> F
         # after uvicorn.run() would never run.
         yield
         engine.close()
-        if weights.shared_layout is not None and weights.shared_layout.path:
-            # A trainer keeps its own mapping; the name in /dev/shm goes with the server.
-            Path(weights.shared_layout.path).unlink(missing_ok=True)
+        if weights.shared_layout is not None:
+            # A trainer keeps its own mapping; the names in /dev/shm go with the server.
+            for file in weights.shared_layout.files():
+                file.unlink(missing_ok=True)
 
     app = FastAPI(title="posttrain inference server", lifespan=lifespan)
     app.state.engine = engine

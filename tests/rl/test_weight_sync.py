@@ -7,6 +7,9 @@ trainer's own weights generate.
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -67,7 +70,7 @@ def test_shared_vllm_trains_the_served_weights_in_place(tmp_path: Path, tokenize
     finally:
         sync.close()
         server.stop()
-    assert not list(tmp_path.glob("*-weights-*.bin")), "the server left its shared weights file behind"
+    assert not list(tmp_path.glob("*-weights-*")), "the server left its shared weights files behind"
 
 
 def test_a_request_arriving_during_the_pause_is_served_by_the_new_weights(tmp_path: Path, tokenizer):
@@ -199,3 +202,25 @@ def test_mode_mismatches_are_config_errors():
         make_weight_sync(SyncConfig("nccl"))  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match="LoRA"):
         make_weight_sync(SyncConfig("lora_only", server_url="http://127.0.0.1:9")).attach(trainer_model())
+
+
+def test_bench_sync_measures_each_mode_and_checks_it_served_the_trainers_weights(tmp_path: Path):
+    report_path = tmp_path / "weight_sync.json"
+    result = subprocess.run([sys.executable, "-m", "posttrain.cli", "rl", "bench-sync", "--model", "posttrain:tiny",
+                             "--steps", "1", "--modes", "lora_inplace,shared_vllm,broadcast", "-o", str(report_path)],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+    report = json.loads(report_path.read_text())
+    assert set(report["modes"]) == {"lora_inplace", "shared_vllm", "broadcast"}
+    for mode, row in report["modes"].items():
+        assert row["served_matches_trainer"] is True, mode
+        assert row["runs"] == 1 and row["median_s"] >= 0
+    assert report["generation"]["single_request_tokens_per_s"] > 0
+    assert "shared_vllm" in result.stdout
+
+
+def test_bench_sync_refuses_unknown_modes():
+    result = subprocess.run([sys.executable, "-m", "posttrain.cli", "rl", "bench-sync", "--modes", "fast"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "--modes 'fast'" in result.stderr
