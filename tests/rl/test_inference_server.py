@@ -245,3 +245,45 @@ def test_bad_cli_options_exit_2_with_a_message():
     result = subprocess.run([sys.executable, "-m", "posttrain.cli", "rl", "serve-inference", "--model",
                              "/no/such/model", "--port", "1"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "/no/such/model" in result.stderr
+
+
+# A stand-in server for the process tests: answers /health and starts a grandchild that must die with it.
+FAKE_SERVER = """
+import http.server, subprocess, sys
+child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+print(child.pid, flush=True)
+class Health(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200); self.end_headers()
+http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), Health).serve_forever()
+"""
+
+
+def test_server_process_stop_ends_the_whole_tree(tmp_path: Path):
+    import psutil
+    from inference_harness import free_port
+
+    from posttrain.rl.server_process import InferenceServerProcess
+
+    port = free_port()
+    log = tmp_path / "fake.log"
+    server = InferenceServerProcess([sys.executable, "-c", FAKE_SERVER, str(port)], f"http://127.0.0.1:{port}/v1",
+                                    log_path=log)
+    server.start()
+    grandchild = psutil.Process(int(log.read_text().split()[0]))
+    assert grandchild.is_running() and server.healthy()
+
+    server.stop(grace=5)
+
+    grandchild.wait(timeout=30)  # raises if it is still alive
+    assert not psutil.pid_exists(grandchild.pid) or grandchild.status() == psutil.STATUS_ZOMBIE
+    assert not server.healthy()
+
+
+def test_server_process_that_dies_at_start_reports_its_log(tmp_path: Path):
+    from posttrain.rl.server_process import InferenceServerProcess, ServerProcessError
+
+    server = InferenceServerProcess([sys.executable, "-c", "import sys; print('no model here'); sys.exit(3)"],
+                                    "http://127.0.0.1:9", log_path=tmp_path / "dead.log")
+    with pytest.raises(ServerProcessError, match=r"(?s)exited with code 3.*no model here"):
+        server.start()
