@@ -240,4 +240,4 @@ class InferenceEngine:
     # -- weights ----------------------------------------------------------------------------------------------
     def named_weights(self) -> list[tuple[str, torch.Tensor]]:
         """The base model's parameters by the names a trainer's transformers model uses."""
-        return list(self.base_model.named_parameters())
+        return self.lora.base_parameters()

@@ -67,6 +67,12 @@ class AdapterSlots:
         del self.loaded[name]
         self._release(self.slot_of.pop(name))
 
+    def base_parameters(self) -> list[tuple[str, torch.Tensor]]:
+        """The base model's own parameters under their plain transformers names, adapter slots left out."""
+        markers = tuple(f".{slot}." for slot in self._signature)
+        return [(name.replace(".base_layer.", ".").replace(".original_module.", "."), param)
+                for name, param in self.base_model.named_parameters() if not any(m in name for m in markers)]
+
     @contextmanager
     def activate(self, name: str | None) -> Iterator[Any]:
         """The model to generate with: adapter ``name``'s slot, or the plain base model for None."""
