@@ -100,7 +100,10 @@ def register(app: typer.Typer) -> None:
                 checkpoint_interval=checkpoint_interval, max_token_len=max_token_len, loss_type=loss_type,
                 kl_coef=kl_coef, no_sync=no_sync, overrides=list(overrides or []))
             if print_spec:
-                typer.echo(yaml.safe_dump(spec.model_dump(mode="json", exclude_defaults=True), sort_keys=False))
+                # The job service places each job in a directory of its own: no output.dir in what it is sent.
+                dumped = spec.model_dump(mode="json", exclude_unset=True, exclude={"output": {"dir"}})
+                dumped = {key: value for key, value in dumped.items() if value != {}}
+                typer.echo(yaml.safe_dump(dumped, sort_keys=False))
                 return
             result = run_worker(spec, save_path, resume=resume)
         except PosttrainError as exc:
