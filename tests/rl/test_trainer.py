@@ -25,11 +25,11 @@ GOOD = [21, 22, 23]
 BAD = [31, 32, 33]
 
 
-def start_trainer(job_dir: Path, api_url: str, *args: str) -> subprocess.Popen:
-    """`posttrain rl train` on the tiny model, as a user runs it, without weight sync."""
+def start_trainer(job_dir: Path, api_url: str, *args: str, sync: bool = False) -> subprocess.Popen:
+    """`posttrain rl train` on the tiny model, as a user runs it (without weight sync unless ``sync``)."""
     log = open(job_dir.parent / f"{job_dir.name}-trainer.log", "ab")  # noqa: SIM115 - handed to the child
-    command = [sys.executable, "-m", "posttrain.cli", "rl", "train", "--model-name", "posttrain:tiny", "--no-sync",
-               "--api-url", api_url, "--save-path", str(job_dir), "--batch-size", "4", "--max-token-len", "64",
+    command = [sys.executable, "-m", "posttrain.cli", "rl", "train", "--model-name", "posttrain:tiny",
+               *([] if sync else ["--no-sync"]), "--api-url", api_url, "--save-path", str(job_dir), "--batch-size", "4", "--max-token-len", "64",
                *args, "method.poll_interval=0.1", "training.num_threads=1", "tracking.report_to=[]"]
     process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                env={**os.environ, "OMP_NUM_THREADS": "1"})
