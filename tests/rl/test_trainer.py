@@ -166,3 +166,30 @@ def test_an_unreachable_api_fails_the_job_with_its_address(tmp_path: Path):
     url = f"http://127.0.0.1:{free_port()}"
     with TrajectoryAPIClient(url, poll_interval=0.05) as client, pytest.raises(TrajectoryAPIError, match=url):
         client.wait_until_up(timeout=0.3)
+
+
+def test_a_lora_run_keeps_its_kl_reference_and_resumes_its_adapter(tmp_path: Path):
+    job_dir = tmp_path / "run"
+    job = JobDir(job_dir)
+    args = ("--training-steps", "3", "--lr", "1e-2", "--checkpoint-interval", "1", "peft.type=lora", "peft.r=4",
+            "peft.alpha=8", "method.beta=0.5")
+    with TrajectoryAPI(tmp_path / "api.log") as api:
+        trainer = start_trainer(job_dir, api.url, *args)
+        api.wait_for_trainer()
+        for _ in range(2):
+            api.post_group(good_and_bad_group())
+        wait_for(lambda: job.latest_checkpoint() is not None and job.latest_checkpoint().name == "checkpoint-2",
+                 timeout=300, what="checkpoint-2")
+        kill_process(trainer)
+        trainer = start_trainer(job_dir, api.url, *args, "--resume")
+        wait_for(lambda: "registered with the trajectory API" in trainer_log(job_dir).split("resuming from")[-1],
+                 timeout=300, what="the resumed trainer to register")
+        api.post_group(good_and_bad_group())
+        assert finish(trainer, job_dir) == 0, trainer_log(job_dir)
+    kl = [m["kl"] for m in job.read_metrics()]
+    # The reference is the base (the adapter switched off): identical before the first update...
+    assert kl[0] == pytest.approx(0.0, abs=1e-7)
+    # ...and apart after it, also after the resume: the trained adapter was loaded, not a fresh one.
+    assert kl[1] > 0 and kl[2] > 0
+    assert (job.final_dir / "adapter_config.json").is_file()
+    assert (job.checkpoints_dir / "checkpoint-2" / "model" / "adapter_config.json").is_file()
