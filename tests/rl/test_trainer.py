@@ -41,6 +41,12 @@ def trainer_log(job_dir: Path) -> str:
     return (job_dir.parent / f"{job_dir.name}-trainer.log").read_text(errors="replace")
 
 
+def wait_for_registration(job_dir: Path, after: int) -> None:
+    """Until a trainer started when its log was ``after`` characters long has registered with the API."""
+    wait_for(lambda: "registered with the trajectory API" in trainer_log(job_dir)[after:], timeout=300,
+             what="the trainer to register")
+
+
 def finish(process: subprocess.Popen, job_dir: Path, timeout: float = 300) -> int:
     try:
         return process.wait(timeout)
@@ -147,15 +153,26 @@ def test_a_killed_trainer_resumes_from_its_last_checkpoint_and_tells_the_api(tmp
     assert state["step"] == 4
 
 
-def test_sigterm_while_waiting_for_rollouts_cancels_at_once(tmp_path: Path):
+def test_a_pause_checkpoints_the_step_and_a_cancel_while_waiting_stops_at_once(tmp_path: Path):
     job_dir = tmp_path / "run"
+    job = JobDir(job_dir)
     with TrajectoryAPI(tmp_path / "api.log") as api:
-        trainer = start_trainer(job_dir, api.url, "--training-steps", "3")
+        trainer = start_trainer(job_dir, api.url, "--training-steps", "3", "--checkpoint-interval", "0")
         api.wait_for_trainer()
-        trainer.send_signal(signal.SIGTERM)
+        api.post_group(good_and_bad_group())
+        wait_for(lambda: (job.read_status().step if job.read_status() else 0) >= 1, timeout=300, what="step 1")
+        trainer.send_signal(signal.SIGUSR1)  # what the job service sends to pause a job
+        assert finish(trainer, job_dir, timeout=60) == 75, trainer_log(job_dir)
+        assert job.read_status().state == "paused"
+        assert [p.name for p in job.checkpoints()] == ["checkpoint-1"]  # saved although the interval is 0
+
+        seen = len(trainer_log(job_dir))
+        trainer = start_trainer(job_dir, api.url, "--training-steps", "3", "--checkpoint-interval", "0", "--resume")
+        wait_for_registration(job_dir, after=seen)
+        trainer.send_signal(signal.SIGTERM)  # no batch is coming: the wait itself must give way
         assert finish(trainer, job_dir, timeout=60) == 143, trainer_log(job_dir)
-    status = JobDir(job_dir).read_status()
-    assert (status.state, status.step) == ("cancelled", 0)
+    status = job.read_status()
+    assert (status.state, status.step) == ("cancelled", 1)
 
 
 def test_an_unreachable_api_fails_the_job_with_its_address(tmp_path: Path):
@@ -181,9 +198,9 @@ def test_a_lora_run_keeps_its_kl_reference_and_resumes_its_adapter(tmp_path: Pat
         wait_for(lambda: job.latest_checkpoint() is not None and job.latest_checkpoint().name == "checkpoint-2",
                  timeout=300, what="checkpoint-2")
         kill_process(trainer)
+        seen = len(trainer_log(job_dir))
         trainer = start_trainer(job_dir, api.url, *args, "--resume")
-        wait_for(lambda: "registered with the trajectory API" in trainer_log(job_dir).split("resuming from")[-1],
-                 timeout=300, what="the resumed trainer to register")
+        wait_for_registration(job_dir, after=seen)
         api.post_group(good_and_bad_group())
         assert finish(trainer, job_dir) == 0, trainer_log(job_dir)
     kl = [m["kl"] for m in job.read_metrics()]
