@@ -20,7 +20,7 @@ import time
 
 
 class Health(http.server.BaseHTTPRequestHandler):
-    def do_GET(self) -> None:  # noqa: N802 - the stdlib's handler name
+    def do_GET(self) -> None:  # the stdlib's handler name
         self.send_response(200 if self.path == "/health" else 404)
         self.end_headers()
 

@@ -74,7 +74,8 @@ def test_run_completes_when_the_trainer_finishes_and_stops_every_other_part(tmp_
     )
     outcome = supervisor.run()
     assert (outcome.state, outcome.exit_code, outcome.message) == ("completed", 0, "trainer finished")
-    assert [line for line in lines if line.endswith("is ready") or " is ready (" in line][0].startswith("api")
+    # Each part waited for before the next started.
+    assert [line.split()[0] for line in lines if " is ready (" in line] == ["api", "inference", "env", "trainer"]
     assert "env finished (exit 0)" in lines
     assert any(line.endswith("lines so far") for line in lines)
     assert [c.spec.name for c in supervisor.children] == ["api", "inference", "env", "trainer"]
