@@ -20,6 +20,7 @@ server URL, so the parts cannot disagree.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -90,12 +91,22 @@ class RunConfig(Section):
         method.setdefault("inference_host", self.inference.host)
         method.setdefault("inference_port", self.inference.port)
         data["method"] = method
+        # As `posttrain rl train` does: an adapter for lora_only, the whole model for the other bridges.
+        data.setdefault("peft", {"type": "lora" if method.get("weight_bridge_mode") == "lora_only" else "none"})
         data.setdefault("model", {}).setdefault("name_or_path", self.model)
         data.setdefault("name", self.name)
         try:
             return spec_from_dict(data)
         except ConfigError as exc:
-            raise ConfigError(f"trainer.{exc.message}" if exc.path else f"trainer: {exc.message}") from None
+            # A whole-spec check has no key of its own: say "trainer:" and the check's own words.
+            message = exc.message.removeprefix("<root>: ").removeprefix("Value error, ")
+            if message.startswith("unknown key '"):  # the keys it names are the trainer's
+                message = re.sub(r"'(?=[A-Za-z_])", "'trainer.", message)
+            elif exc.path:
+                message = f"trainer.{message}"
+            else:
+                message = f"trainer: {message}"
+            raise ConfigError(message) from None
 
 
 def _format(exc: ValidationError) -> ConfigError:

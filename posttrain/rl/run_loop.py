@@ -8,7 +8,8 @@ Start order and what "ready" means for each part:
 3. ``trainer``: the worker entrypoint on the trainer's JobSpec; ready once it has registered with the API
    (``GET /info`` reports its batch size) and, in mode ``none``, once its server answers.
 4. ``env-<name>``: ``posttrain rl env NAME serve``; ready once registered with the API (environment ids are
-   handed out in registration order, and environments start one at a time).
+   handed out in registration order, and environments start one at a time). The first starts while the
+   trainer is still loading: run-api makes it wait until the trainer has registered.
 
 The run is complete when the trainer exits 0; any other exit of any part fails it. Every part's output goes
 to ``<run dir>/logs/<part>.log``; the terminal shows one combined progress line.
@@ -126,6 +127,7 @@ def build_children(config: RunConfig, spec: JobSpec, run_dir: Path) -> list[Chil
         [sys.executable, "-m", "posttrain.worker", "--spec", str(JobDir(job_dir).spec_path), "--job-dir",
          str(job_dir)],
         logs / "trainer.log", health=trainer_ready, exit_zero="ends_run",
+        ready_before_next=False,  # environments load while the trainer does; they wait for it to register
         # In mode none the trainer's own server listens on the inference port.
         ports=((inference.host, inference.port),) if trainer_starts_server else (),
         start_timeout=inference.start_timeout,

@@ -57,6 +57,9 @@ class ChildSpec:
     env: dict[str, str] = field(default_factory=dict)
     cwd: Path | None = None
     start_timeout: float = 600.0
+    # False: start the next child right away and wait for this one's health together with the next's (a slow
+    # starter that the next one waits for itself anyway, as environments wait for the trainer to register).
+    ready_before_next: bool = True
 
 
 @dataclass
@@ -140,7 +143,9 @@ class Supervisor:
                 self.check_ports_free()
                 for spec in self.specs:
                     self.start(spec)
-                    self.wait_healthy(self.children[-1])
+                    if spec.ready_before_next:
+                        self.wait_all_healthy()
+                self.wait_all_healthy()
                 outcome = self.watch()
             except Interrupted as stop:
                 outcome = Outcome("interrupted", f"stopped by {stop}", 128 + stop.signum)
@@ -195,6 +200,12 @@ class Supervisor:
             raise Interrupted(self._pending_signal)
         self.report(f"started {spec.name} (pid {process.pid}), log: {spec.log_path}")
         return child
+
+    def wait_all_healthy(self) -> None:
+        """Wait for every started child that is not yet healthy, in start order."""
+        for child in self.children:
+            if child.healthy_at is None:
+                self.wait_healthy(child)
 
     def wait_healthy(self, child: Child) -> None:
         """Until ``child`` is healthy; fails when it or any earlier child exits, or on its start timeout."""

@@ -190,3 +190,17 @@ def test_ctrl_c_or_sigterm_stops_every_part_even_one_that_ignores_sigterm(tmp_pa
     # Stopped in reverse start order.
     assert text.index("stopping trainer") < text.index("stopping inference") < text.index("stopping api")
     assert_nothing_left(tmp_path, [api, server, orphan], expected_processes=4)
+
+
+def test_a_part_may_start_the_next_before_it_is_ready_and_both_are_awaited(tmp_path):
+    """The trainer and the first environment load together; the environment itself waits for the trainer."""
+    trainer = child(tmp_path, "trainer", "--exit-after", "2", exit_zero="ends_run", ready_before_next=False,
+                    start_timeout=30)
+    trainer.health = lambda: len(recorded_pids(tmp_path)) == 2  # ready only once the environment runs too
+    env = child(tmp_path, "env", exit_zero="allowed")
+    lines: list[str] = []
+    outcome = Supervisor([trainer, env], report=lines.append).run()
+    assert outcome.state == "completed"
+    started_env = lines.index(next(line for line in lines if line.startswith("started env")))
+    trainer_ready = lines.index(next(line for line in lines if line.startswith("trainer is ready")))
+    assert started_env < trainer_ready
