@@ -22,10 +22,10 @@ MINIMAL = {"environments": [{"name": "gsm8k"}],
                        "training": {"max_steps": 10}}}
 
 
-@pytest.mark.parametrize("example", ["rl-digits-tiny", "rl-math-tiny", "rl-gsm8k-smollm2"])
+@pytest.mark.parametrize("example", sorted((ROOT / "examples").glob("rl-*.yaml")), ids=lambda p: p.stem)
 def test_the_examples_load(example):
-    config = load_run_config(ROOT / "examples" / f"{example}.yaml")
-    assert config.name == example and config.directory() == Path("runs") / example
+    config = load_run_config(example)
+    assert config.name == example.stem and config.directory() == Path("runs") / example.stem
     spec = config.trainer_spec()
     assert spec.method.name == "online_grpo" and spec.model.name_or_path == config.model
 
