@@ -101,6 +101,7 @@ def make_sync(spec: JobSpec, jd: JobDir, model_path: str):
         save_dir=Path(method.sync_dir) if method.sync_dir else jd.root / "sync",
         restart_interval=method.restart_interval,
         server_command=command if method.weight_bridge_mode == "none" else None,
+        server_log=jd.root / "inference-server.log",
     ))
 
 

@@ -25,11 +25,11 @@ GOOD = [21, 22, 23]
 BAD = [31, 32, 33]
 
 
-def start_trainer(job_dir: Path, api_url: str, *args: str) -> subprocess.Popen:
-    """`posttrain rl train` on the tiny model, as a user runs it, without weight sync."""
+def start_trainer(job_dir: Path, api_url: str, *args: str, sync: bool = False) -> subprocess.Popen:
+    """`posttrain rl train` on the tiny model, as a user runs it (without weight sync unless ``sync``)."""
     log = open(job_dir.parent / f"{job_dir.name}-trainer.log", "ab")  # noqa: SIM115 - handed to the child
-    command = [sys.executable, "-m", "posttrain.cli", "rl", "train", "--model-name", "posttrain:tiny", "--no-sync",
-               "--api-url", api_url, "--save-path", str(job_dir), "--batch-size", "4", "--max-token-len", "64",
+    command = [sys.executable, "-m", "posttrain.cli", "rl", "train", "--model-name", "posttrain:tiny",
+               *([] if sync else ["--no-sync"]), "--api-url", api_url, "--save-path", str(job_dir), "--batch-size", "4", "--max-token-len", "64",
                *args, "method.poll_interval=0.1", "training.num_threads=1", "tracking.report_to=[]"]
     process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -39,6 +39,12 @@ def start_trainer(job_dir: Path, api_url: str, *args: str) -> subprocess.Popen:
 
 def trainer_log(job_dir: Path) -> str:
     return (job_dir.parent / f"{job_dir.name}-trainer.log").read_text(errors="replace")
+
+
+def wait_for_registration(job_dir: Path, after: int) -> None:
+    """Until a trainer started when its log was ``after`` characters long has registered with the API."""
+    wait_for(lambda: "registered with the trajectory API" in trainer_log(job_dir)[after:], timeout=300,
+             what="the trainer to register")
 
 
 def finish(process: subprocess.Popen, job_dir: Path, timeout: float = 300) -> int:
@@ -147,15 +153,26 @@ def test_a_killed_trainer_resumes_from_its_last_checkpoint_and_tells_the_api(tmp
     assert state["step"] == 4
 
 
-def test_sigterm_while_waiting_for_rollouts_cancels_at_once(tmp_path: Path):
+def test_a_pause_checkpoints_the_step_and_a_cancel_while_waiting_stops_at_once(tmp_path: Path):
     job_dir = tmp_path / "run"
+    job = JobDir(job_dir)
     with TrajectoryAPI(tmp_path / "api.log") as api:
-        trainer = start_trainer(job_dir, api.url, "--training-steps", "3")
+        trainer = start_trainer(job_dir, api.url, "--training-steps", "3", "--checkpoint-interval", "0")
         api.wait_for_trainer()
-        trainer.send_signal(signal.SIGTERM)
+        api.post_group(good_and_bad_group())
+        wait_for(lambda: (job.read_status().step if job.read_status() else 0) >= 1, timeout=300, what="step 1")
+        trainer.send_signal(signal.SIGUSR1)  # what the job service sends to pause a job
+        assert finish(trainer, job_dir, timeout=60) == 75, trainer_log(job_dir)
+        assert job.read_status().state == "paused"
+        assert [p.name for p in job.checkpoints()] == ["checkpoint-1"]  # saved although the interval is 0
+
+        seen = len(trainer_log(job_dir))
+        trainer = start_trainer(job_dir, api.url, "--training-steps", "3", "--checkpoint-interval", "0", "--resume")
+        wait_for_registration(job_dir, after=seen)
+        trainer.send_signal(signal.SIGTERM)  # no batch is coming: the wait itself must give way
         assert finish(trainer, job_dir, timeout=60) == 143, trainer_log(job_dir)
-    status = JobDir(job_dir).read_status()
-    assert (status.state, status.step) == ("cancelled", 0)
+    status = job.read_status()
+    assert (status.state, status.step) == ("cancelled", 1)
 
 
 def test_an_unreachable_api_fails_the_job_with_its_address(tmp_path: Path):
@@ -166,3 +183,30 @@ def test_an_unreachable_api_fails_the_job_with_its_address(tmp_path: Path):
     url = f"http://127.0.0.1:{free_port()}"
     with TrajectoryAPIClient(url, poll_interval=0.05) as client, pytest.raises(TrajectoryAPIError, match=url):
         client.wait_until_up(timeout=0.3)
+
+
+def test_a_lora_run_keeps_its_kl_reference_and_resumes_its_adapter(tmp_path: Path):
+    job_dir = tmp_path / "run"
+    job = JobDir(job_dir)
+    args = ("--training-steps", "3", "--lr", "1e-2", "--checkpoint-interval", "1", "peft.type=lora", "peft.r=4",
+            "peft.alpha=8", "method.beta=0.5")
+    with TrajectoryAPI(tmp_path / "api.log") as api:
+        trainer = start_trainer(job_dir, api.url, *args)
+        api.wait_for_trainer()
+        for _ in range(2):
+            api.post_group(good_and_bad_group())
+        wait_for(lambda: job.latest_checkpoint() is not None and job.latest_checkpoint().name == "checkpoint-2",
+                 timeout=300, what="checkpoint-2")
+        kill_process(trainer)
+        seen = len(trainer_log(job_dir))
+        trainer = start_trainer(job_dir, api.url, *args, "--resume")
+        wait_for_registration(job_dir, after=seen)
+        api.post_group(good_and_bad_group())
+        assert finish(trainer, job_dir) == 0, trainer_log(job_dir)
+    kl = [m["kl"] for m in job.read_metrics()]
+    # The reference is the base (the adapter switched off): identical before the first update...
+    assert kl[0] == pytest.approx(0.0, abs=1e-7)
+    # ...and apart after it, also after the resume: the trained adapter was loaded, not a fresh one.
+    assert kl[1] > 0 and kl[2] > 0
+    assert (job.final_dir / "adapter_config.json").is_file()
+    assert (job.checkpoints_dir / "checkpoint-2" / "model" / "adapter_config.json").is_file()
