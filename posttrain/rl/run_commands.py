@@ -44,6 +44,8 @@ def run(
     overrides: Annotated[
         list[str] | None, typer.Argument(help="Dotted overrides, e.g. trainer.training.max_steps=5.", show_default=False)
     ] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="The trainer continues from its newest complete "
+                                         "checkpoint in the run dir.")] = False,
 ) -> None:
     """Run the whole online RL loop: run-api, inference server, environment(s) and trainer.
 
@@ -55,7 +57,7 @@ def run(
 
     try:
         loaded = load_run_config(config, overrides)
-        outcome = run_loop(loaded, report=lambda line: typer.echo(line, err=True))
+        outcome = run_loop(loaded, report=lambda line: typer.echo(line, err=True), resume=resume)
     except PosttrainError as exc:
         _fail(exc.message)
     typer.echo(f"rl run {outcome.state}: {outcome.message}", err=True)

@@ -97,7 +97,7 @@ def inference_command(config: RunConfig, spec: JobSpec, model_path: str) -> list
     return posttrain_command(*command, *config.inference.args)
 
 
-def build_children(config: RunConfig, spec: JobSpec, run_dir: Path) -> list[ChildSpec]:
+def build_children(config: RunConfig, spec: JobSpec, run_dir: Path, resume: bool = False) -> list[ChildSpec]:
     logs = run_dir / "logs"
     api, inference = config.api, config.inference
     model_path = resolve_model_path(config.model)
@@ -125,7 +125,7 @@ def build_children(config: RunConfig, spec: JobSpec, run_dir: Path) -> list[Chil
     children.append(ChildSpec(
         "trainer",
         [sys.executable, "-m", "posttrain.worker", "--spec", str(JobDir(job_dir).spec_path), "--job-dir",
-         str(job_dir)],
+         str(job_dir), *(["--resume"] if resume else [])],
         logs / "trainer.log", health=trainer_ready, exit_zero="ends_run",
         ready_before_next=False,  # environments load while the trainer does; they wait for it to register
         # In mode none the trainer's own server listens on the inference port.
@@ -179,11 +179,12 @@ def reward_summary(job_dir: Path) -> str | None:
     return f"reward_mean {first:.3f} (step {first_step}) -> {last:.3f} (step {last_step})"
 
 
-def run_loop(config: RunConfig, report: Report = print) -> Outcome:
-    """Run every part of the loop until the trainer finishes, a part fails, or a signal stops it all."""
+def run_loop(config: RunConfig, report: Report = print, resume: bool = False) -> Outcome:
+    """Run every part of the loop until the trainer finishes, a part fails, or a signal stops it all.
+    ``resume``: the trainer continues from its newest complete checkpoint in the run dir."""
     spec = config.trainer_spec()
     run_dir = config.directory()
-    children = build_children(config, spec, run_dir)
+    children = build_children(config, spec, run_dir, resume=resume)
     report(f"rl run {config.name or ''}: {', '.join(c.name for c in children)}; logs in {run_dir / 'logs'}")
     supervisor = Supervisor(children, report=report, progress=ProgressView(config, run_dir / "trainer"),
                             progress_interval=config.progress_interval, stop_grace=config.stop_grace)

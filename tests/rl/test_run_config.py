@@ -46,6 +46,9 @@ def test_the_model_and_addresses_are_filled_into_every_part(tmp_path):
     assert "--openai.base_url=http://127.0.0.1:18002/v1" in env and "--openai.server_type=vllm" in env
     assert "--env.group_size=2" in env and "--env.total_steps=10" in env
     assert (tmp_path / "trainer" / "spec.json").exists()  # the worker's JobSpec, written before the start
+    assert children["trainer"].command[-2:] == ["--job-dir", str(tmp_path / "trainer")]
+    resumed = {c.name: c for c in build_children(config, spec, tmp_path, resume=True)}
+    assert resumed["trainer"].command[-1] == "--resume"  # rl run --resume: from the newest checkpoint
 
     # Mode none: the trainer starts (and restarts) the server itself, on the run's inference port.
     none = run_config_from_dict({**MINIMAL, "trainer": {"method": "online_grpo", "training": {"max_steps": 1}}})
