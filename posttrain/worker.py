@@ -303,9 +303,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     jd = JobDir(args.job_dir).create()
     try:
+        from posttrain.pipeline import is_plan, run_plan_file
         from posttrain.spec import load_yaml
 
-        spec = spec_from_dict(load_yaml(Path(args.spec).read_text(), args.spec))
+        data = load_yaml(Path(args.spec).read_text(), args.spec)
+        if is_plan(data):  # a pipeline: its stages run one by one through run_worker, in this process
+            return run_plan_file(Path(args.spec), jd.root, args.resume, not args.no_log_file).exit_code
+        spec = spec_from_dict(data)
     except (OSError, PosttrainError) as exc:
         message = exc.message if isinstance(exc, PosttrainError) else f"cannot read spec {args.spec}: {exc}"
         print(f"error: {message}", file=sys.stderr)
