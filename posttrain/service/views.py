@@ -23,8 +23,10 @@ def job_info(record: JobRecord, live: bool = True) -> JobInfo:
     job_dir = JobDir(record.job_dir)
     step, total_steps, started_at, metrics = record.step, record.total_steps, None, None
     status = read_status(job_dir.status_path) if live else None
+    stage, stages = None, None
     if status is not None:
         started_at = status.started_at
+        stage, stages = status.stage, status.stages  # a pipeline's (posttrain.pipeline)
         if record.state == "running":  # the job dir is fresher than the mirrored copy
             step, total_steps = status.step, status.total_steps
     if live:
@@ -36,6 +38,7 @@ def job_info(record: JobRecord, live: bool = True) -> JobInfo:
         error=record.error, attempt=record.attempt, retries=record.retries,
         cancel_requested=record.cancel_requested, pause_requested=record.pause_requested, created_at=record.created_at, launched_at=record.launched_at,
         started_at=started_at, finished_at=record.finished_at, updated_at=record.updated_at,
+        stage=stage if record.state == "running" else None, stages=stages,  # type: ignore[arg-type]
     )
 
 
@@ -90,8 +93,10 @@ def model_name(spec_json: str) -> str | None:
     """The model a stored spec trains (``model.name_or_path``); None for a spec that does not parse."""
     try:
         spec = json.loads(spec_json)
+        if "stages" in spec:  # a pipeline: the model its first stage starts from
+            spec = spec["stages"][0]["spec"]
         name = spec["model"]["name_or_path"]
-    except (json.JSONDecodeError, TypeError, KeyError, RecursionError):
+    except (json.JSONDecodeError, TypeError, KeyError, IndexError, RecursionError):
         return None
     return name if isinstance(name, str) else None
 
