@@ -153,6 +153,8 @@ def preflight(spec: JobSpec, *, import_rewards: bool = True, budget: DataBudget 
     _check_quantization(spec, placement.device)
     location = _check_model(spec)
     check_options(spec, warnings, import_rewards=import_rewards and budget is None)
+    if spec.method.name == "online_grpo":  # no data section: environments send rollouts to its trajectory API
+        return _report(spec, location, placement, warnings)
     data_spec = spec.data
     if budget is not None:
         sources = [spec.data.source, spec.data.validation.source]

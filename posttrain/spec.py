@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from posttrain.errors import ConfigError
 from posttrain.graders import Grader, check_grader_types
 
-MethodName = Literal["sft", "dpo", "reward", "grpo"]
+MethodName = Literal["sft", "dpo", "reward", "grpo", "ppo"]
 DataFormat = Literal["auto", "alpaca", "sharegpt", "messages", "text", "preference", "prompt"]
 
 # Bounds of a spec's integers: generous for any real job, small enough that every count fits a 64-bit
@@ -137,7 +137,122 @@ class GRPOMethod(Section):
         return self
 
 
-Method = Annotated[SFTMethod | DPOMethod | RewardMethod | GRPOMethod, Field(discriminator="name")]
+WeightBridgeMode = Literal["none", "lora_only", "shared_vllm", "broadcast"]
+ONLINE_OPTIMIZERS = ("adamw_torch", "adamw_torch_fused", "adamw")
+
+
+class OnlineGRPOMethod(Section):
+    """Online GRPO against an Atropos trajectory API (see docs/rl.md). Reads no data.* section: the
+    environments behind ``api_url`` produce the scored rollouts. training.max_steps is the number of
+    batches trained on, training.per_device_train_batch_size x gradient_accumulation_steps the sequences
+    per batch (registered with the API), training.max_seq_length its max_token_len."""
+
+    name: Literal["online_grpo"] = Field(
+        "online_grpo", description="Online GRPO on scored rollouts from an Atropos trajectory API (run-api)."
+    )
+    api_url: str = Field("http://localhost:8000", description="Atropos trajectory API (atroposlib's run-api).")
+    weight_bridge_mode: WeightBridgeMode = Field(
+        "none",
+        description="How new weights reach the inference server: none (save + restart a server the trainer "
+        "starts itself), lora_only (hot-load the adapter; needs peft.type=lora), shared_vllm (one shared copy), "
+        "broadcast (torch.distributed to a remote server).",
+    )
+    sync_weights: bool = Field(
+        True, description="false: train without any inference server (rollouts come from elsewhere, e.g. tests)."
+    )
+    inference_host: str = Field("127.0.0.1", description="Host of the inference server.")
+    inference_port: int = Field(9001, gt=0, lt=65536, description="Port of the inference server (--vllm-port).")
+    restart_interval: int = Field(
+        1, gt=0, le=MAX_STEPS, description="weight_bridge_mode=none: restart the server every N steps."
+    )
+    sync_dir: str | None = Field(
+        None, description="Where checkpoints/adapters for the inference server go (default <job dir>/sync)."
+    )
+    loss_type: Literal["grpo", "dr_grpo", "dapo"] = Field(
+        "grpo",
+        description="Token normalisation: grpo (mean per sequence, then over sequences), dr_grpo (sum over "
+        "tokens / (sequences x training.max_seq_length)), dapo (sum over every trained token of the batch / "
+        "their count).",
+    )
+    clip_epsilon: float = Field(0.2, gt=0, lt=1, description="PPO clip: ratios below 1 - epsilon are clipped.")
+    clip_epsilon_high: float | None = Field(
+        None, gt=0, description="Upper clip (ratios above 1 + this); default clip_epsilon (DAPO uses 0.28)."
+    )
+    beta: float = Field(
+        0.0, ge=0, description="KL coefficient towards the reference policy (the base; with LoRA the adapter off)."
+    )
+    poll_interval: float = Field(1.0, gt=0, le=60, description="Seconds between GET /batch polls while waiting.")
+    batch_timeout: float | None = Field(
+        None, gt=0, description="Fail when no batch arrives for this many seconds (default: wait forever)."
+    )
+    benchmark: bool = Field(False, description="Also log step_seconds and wait_seconds for every step.")
+
+
+class PPOMethod(Section):
+    """Classic RLHF PPO (see docs/ppo.md): the actor samples answers to prompt-only rows, a reward model scores
+    them, a critic estimates values, and a clipped policy/value update follows. Key names follow OpenRLHF and
+    TRL's former PPOConfig. One step samples per_device_train_batch_size x gradient_accumulation_steps x
+    num_mini_batches prompts; each mini-batch is per_device_train_batch_size x gradient_accumulation_steps
+    rollouts, trained in micro-batches of per_device_train_batch_size."""
+
+    name: Literal["ppo"] = Field("ppo", description="PPO with a reward model and a critic on prompt-only rows.")
+    reward_model: str | None = Field(
+        None,
+        description="Reward model (required): a posttrain reward job's final/ (full model or LoRA adapter) or "
+        "any AutoModelForSequenceClassification folder or hub id. Frozen.",
+    )
+    critic_model: str | None = Field(
+        None,
+        description="Critic (value model) to start from, same forms as reward_model (default: the reward model). "
+        "Trained with its own optimizer; full or LoRA like the actor (peft.type).",
+    )
+    critic_learning_rate: float | None = Field(
+        None, gt=0, description="Critic learning rate (default training.learning_rate)."
+    )
+    kl_coef: float = Field(
+        0.05, ge=0, description="Per-token KL penalty coefficient towards the reference (init_kl_coef when adaptive)."
+    )
+    kl_target: float | None = Field(
+        None, gt=0,
+        description="Adaptive KL controller: target KL per sequence (TRL's target, OpenRLHF's kl_target); "
+        "unset = fixed kl_coef.",
+    )
+    kl_horizon: int = Field(
+        10000, gt=0, le=MAX_COUNT, description="Adaptive KL controller horizon, in rollouts (TRL's horizon)."
+    )
+    kl_estimator: Literal["k1", "k3"] = Field(
+        "k1", description="Per-token KL estimate in the reward: k1 = logp - ref_logp, k3 = exp(-d) + d - 1 (>= 0)."
+    )
+    gamma: float = Field(1.0, ge=0, le=1, description="Discount factor of GAE.")
+    lam: float = Field(0.95, ge=0, le=1, description="Lambda of GAE (bias/variance trade-off of advantages).")
+    whiten_rewards: bool = Field(False, description="Whiten the per-token rewards (scale, no mean shift) before GAE.")
+    whiten_advantages: bool = Field(True, description="Whiten the advantages (zero mean, unit variance) before the update.")
+    ppo_epochs: int = Field(4, gt=0, le=1024, description="Passes of PPO updates over each batch of rollouts.")
+    num_mini_batches: int = Field(1, gt=0, le=2**20, description="Mini-batches (optimizer steps) per PPO epoch.")
+    cliprange: float = Field(0.2, gt=0, lt=1, description="Policy ratio clip range (ratios outside 1 +- cliprange).")
+    cliprange_value: float = Field(0.2, gt=0, description="Value clip range around the rollout's values.")
+    vf_coef: float = Field(0.1, gt=0, description="Value-loss coefficient (scales the critic's loss and gradient).")
+    response_length: int = Field(53, gt=0, le=2**20, description="Most tokens sampled per answer (max_new_tokens).")
+    max_prompt_length: int = Field(
+        512, gt=0, le=2**24, description="Prompts longer than this many tokens keep their last ones."
+    )
+    temperature: float = Field(0.7, gt=0, description="Sampling temperature (log-probs use the same scaling).")
+    missing_eos_penalty: float | None = Field(
+        None, ge=0, description="Subtracted from the score of an answer that ends without EOS (cut at response_length)."
+    )
+    length_penalty: float = Field(
+        0.0, description="Subtracted from the score per answer token (negative values reward length)."
+    )
+    reward_clip: float | None = Field(
+        None, gt=0, description="Clip reward-model scores to +-this before the KL penalty (OpenRLHF's reward_clip_range)."
+    )
+
+
+Method = Annotated[SFTMethod | DPOMethod | RewardMethod | GRPOMethod | OnlineGRPOMethod | PPOMethod,
+                   Field(discriminator="name")]
+METHOD_CLASSES: tuple[type[BaseModel], ...] = (SFTMethod, DPOMethod, RewardMethod, GRPOMethod, OnlineGRPOMethod,
+                                               PPOMethod)
+METHOD_NAMES: tuple[str, ...] = tuple(m.model_fields["name"].default for m in METHOD_CLASSES)
 
 
 class PeftSpec(Section):
@@ -399,6 +514,43 @@ class JobSpec(Section):
             raise ValueError("4-bit weights cannot be trained in full: set peft.type to lora or qlora")
         return self
 
+    @model_validator(mode="after")
+    def _online_grpo_fits(self) -> JobSpec:
+        method = self.method
+        if method.name != "online_grpo":
+            return self
+        if self.training.max_steps <= 0:
+            raise ValueError("method online_grpo trains a fixed number of batches: set training.max_steps (> 0)")
+        if self.training.optim not in ONLINE_OPTIMIZERS:
+            raise ValueError(f"method online_grpo trains with torch's AdamW: training.optim must be one of "
+                             f"{', '.join(ONLINE_OPTIMIZERS)} (got {self.training.optim!r})")
+        # The weight bridge decides what the inference server can load: an adapter, or the whole model.
+        if method.sync_weights:
+            lora = self.peft.type != "none"
+            if method.weight_bridge_mode == "lora_only" and not lora:
+                raise ValueError("method.weight_bridge_mode=lora_only trains an adapter: set peft.type=lora")
+            if method.weight_bridge_mode != "lora_only" and lora:
+                raise ValueError(f"method.weight_bridge_mode={method.weight_bridge_mode} syncs the whole model: "
+                                 "set peft.type=none (or use weight_bridge_mode=lora_only)")
+        return self
+
+
+    @model_validator(mode="after")
+    def _ppo_fits(self) -> JobSpec:
+        if self.method.name != "ppo":
+            return self
+        if not self.method.reward_model:
+            raise ValueError("method ppo needs method.reward_model (a reward job's final/ or a "
+                             "sequence-classification model)")
+        if self.training.max_steps <= 0:
+            raise ValueError("method ppo trains a fixed number of rollout batches: set training.max_steps (> 0)")
+        if self.training.optim not in ONLINE_OPTIMIZERS:
+            raise ValueError(f"method ppo trains with torch's AdamW: training.optim must be one of "
+                             f"{', '.join(ONLINE_OPTIMIZERS)} (got {self.training.optim!r})")
+        if self.peft.type == "qlora":
+            raise ValueError("method ppo supports peft.type none or lora (qlora is not supported)")
+        return self
+
 
 # ---------------------------------------------------------------------------------------------------
 # Loading, overrides and error messages
@@ -418,7 +570,7 @@ def _section_fields(path: tuple[str, ...], method_name: str | None) -> list[str]
             return []
         annotation = field.annotation
         if part == "method" and model is JobSpec:
-            by_name = {m.model_fields["name"].default: m for m in (SFTMethod, DPOMethod, RewardMethod, GRPOMethod)}
+            by_name = {m.model_fields["name"].default: m for m in METHOD_CLASSES}
             model = by_name.get(method_name or "sft", SFTMethod)
             continue
         if isinstance(annotation, type) and issubclass(annotation, BaseModel):
@@ -437,7 +589,7 @@ def _format_errors(exc: ValidationError, data: Any) -> ConfigError:
     first_path = None
     for err in exc.errors():
         # Drop pydantic's discriminator tag (method.dpo.beta -> method.beta).
-        loc = [str(p) for p in err["loc"] if not (len(err["loc"]) > 1 and p in ("sft", "dpo", "reward", "grpo")
+        loc = [str(p) for p in err["loc"] if not (len(err["loc"]) > 1 and p in METHOD_NAMES
                                                      and err["loc"][0] == "method")]
         path = ".".join(loc) or "<root>"
         first_path = first_path or path
@@ -448,7 +600,8 @@ def _format_errors(exc: ValidationError, data: Any) -> ConfigError:
             if valid and not hint:
                 msg += f" (valid keys: {', '.join(valid)})"
         elif err["type"] == "union_tag_invalid":
-            msg = f"{path}.name: unknown method {err.get('input', {}).get('name')!r}; expected one of sft, dpo, reward, grpo"
+            msg = (f"{path}.name: unknown method {err.get('input', {}).get('name')!r}; "
+                   f"expected one of {', '.join(METHOD_NAMES)}")
         else:
             msg = f"{path}: {err['msg']}"
             if "input" in err and not isinstance(err["input"], dict):
@@ -613,8 +766,8 @@ def describe_fields() -> list[tuple[str, str, str, str]]:
                 walk(annotation, key + ".")
                 continue
             if key == "method":
-                rows.append(("method.name", "str", json.dumps("sft"), "Training method: sft, dpo, reward or grpo."))
-                for method in (SFTMethod, DPOMethod, RewardMethod, GRPOMethod):
+                rows.append(("method.name", "str", json.dumps("sft"), f"Training method: {', '.join(METHOD_NAMES)}."))
+                for method in METHOD_CLASSES:
                     walk(method, "method.", f"[{method.model_fields['name'].default}] ")
                 continue
             if prefix == "method." and name == "name":

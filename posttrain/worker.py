@@ -250,6 +250,10 @@ def _train(spec: JobSpec, jd: JobDir, resume: bool, stop, result: JobResult,
              spec.method.name, spec.model.name_or_path, placement.device, str(placement.dtype).removeprefix("torch."),
              threads)
 
+    if spec.method.name == "online_grpo":  # its rollouts come from a trajectory API, not from data.*
+        from posttrain.rl.trainer import train_online
+
+        return train_online(spec, jd, resume, stop, result, placement)
     data = load_training_data(spec.data, spec.method.name, seed=spec.training.seed)
     if data.skipped:
         log.warning("skipped %d malformed rows of %s (data.on_bad_row=skip)", data.skipped, data.source)

@@ -1,9 +1,56 @@
-"""`posttrain rl` commands of this part (see posttrain/rl/commands.py)."""
+"""`posttrain rl serve-inference` and `posttrain rl bench-sync` (see posttrain/rl/commands.py)."""
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import typer
+from rich.console import Console
+
+from posttrain.errors import PosttrainError
+
+console = Console(stderr=True)
+
+
+def serve_inference(
+    model: Annotated[str, typer.Option(help="Model folder, hub id, or posttrain:tiny / posttrain:smollm2.")],
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 9001,
+    host: Annotated[str, typer.Option(help="Interface to bind (0.0.0.0 for other machines).")] = "127.0.0.1",
+    served_model_name: Annotated[str | None, typer.Option(help="Model name in the API (default: --model).")] = None,
+    tokenizer: Annotated[str | None, typer.Option(help="Tokenizer to use (default: the model's).")] = None,
+    enable_lora: Annotated[bool, typer.Option("--enable-lora", help="Allow LoRA adapters to be loaded.")] = False,
+    max_lora_rank: Annotated[int, typer.Option(help="Largest adapter rank accepted.")] = 16,
+    dtype: Annotated[str, typer.Option(help="auto | bfloat16 | float16 | float32 (auto: fp32 on CPU).")] = "auto",
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda | mps.")] = "auto",
+    backend: Annotated[str, typer.Option(help="transformers (this server) | vllm (runs `vllm serve`).")] = "transformers",
+    shared_weights: Annotated[bool, typer.Option(
+        "--shared-weights", help="Keep the weights in one shared buffer a trainer can map (shared_vllm).")] = False,
+    shared_weights_dir: Annotated[str, typer.Option(help="Where the shared weights file lives (CPU).")] = "/dev/shm",
+    max_batch_size: Annotated[int, typer.Option(help="Most requests generated in one batch.")] = 64,
+    max_model_len: Annotated[int | None, typer.Option(help="Context length (default: the model's).")] = None,
+    num_threads: Annotated[int | None, typer.Option(help="torch CPU threads (default 1 on CPU).")] = None,
+) -> None:
+    """Serve a model for online RL: OpenAI completions/chat with logprobs, vLLM's /generate and LoRA routes,
+    and the server side of weight sync. Example: posttrain rl serve-inference --model posttrain:tiny"""
+    from posttrain.rl.inference_launch import Backend, ServeDtype, ServeOptions, run_server
+
+    choices = {"dtype": (dtype, ServeDtype), "backend": (backend, Backend)}
+    for flag, (value, kind) in choices.items():
+        if value not in kind.__args__:
+            console.print(f"[bold red]error:[/] --{flag} {value!r}: choose one of {', '.join(kind.__args__)}")
+            raise typer.Exit(2)
+    options = ServeOptions(model=model, port=port, host=host, served_model_name=served_model_name,
+                           tokenizer=tokenizer, enable_lora=enable_lora, max_lora_rank=max_lora_rank,
+                           dtype=dtype, device=device, backend=backend,  # type: ignore[arg-type]
+                           shared_weights=shared_weights, shared_weights_dir=shared_weights_dir,
+                           max_batch_size=max_batch_size, max_model_len=max_model_len, num_threads=num_threads)
+    try:
+        run_server(options)
+    except PosttrainError as exc:
+        console.print(f"[bold red]error:[/] {exc.message}", highlight=False)
+        raise typer.Exit(2) from None
 
 
 def register(app: typer.Typer) -> None:
     """Add this module's commands to the `posttrain rl` app."""
+    app.command("serve-inference")(serve_inference)

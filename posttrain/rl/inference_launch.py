@@ -1,0 +1,133 @@
+"""Start the inference server from its options: our transformers server, or ``vllm serve`` on GPU machines."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from posttrain.errors import ModelError, UnsupportedError
+from posttrain.modeling import resolve_device, resolve_model_path
+
+log = logging.getLogger(__name__)
+
+ServeDtype = Literal["auto", "bfloat16", "float16", "float32"]
+Backend = Literal["transformers", "vllm"]
+TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+@dataclass
+class ServeOptions:
+    model: str
+    port: int = 9001
+    host: str = "127.0.0.1"
+    served_model_name: str | None = None
+    tokenizer: str | None = None  # defaults to the model; a restart onto a bare checkpoint keeps the original's
+    enable_lora: bool = False
+    max_lora_rank: int = 16
+    dtype: ServeDtype = "auto"
+    device: str = "auto"
+    backend: Backend = "transformers"
+    shared_weights: bool = False  # shared_vllm: weights in one shared buffer the trainer maps
+    shared_weights_dir: str = "/dev/shm"
+    max_batch_size: int = 64
+    max_model_len: int | None = None
+    num_threads: int | None = None
+
+    @property
+    def name(self) -> str:
+        return self.served_model_name or self.model
+
+
+def vllm_serve_command(options: ServeOptions) -> list[str]:
+    """The ``vllm serve`` command line for these options (runtime LoRA loading needs the env variable below)."""
+    if options.shared_weights:
+        raise UnsupportedError("--shared-weights is served by the transformers backend; vLLM's single-copy mode "
+                               "needs Atropos' patched vLLM server (see docs/rl-inference.md)")
+    command = ["vllm", "serve", resolve_model_path(options.model), "--host", options.host,
+               "--port", str(options.port), "--served-model-name", options.name, "--dtype", options.dtype]
+    if options.tokenizer:
+        command += ["--tokenizer", resolve_model_path(options.tokenizer)]
+    if options.enable_lora:
+        command += ["--enable-lora", "--max-lora-rank", str(options.max_lora_rank)]
+    if options.max_model_len:
+        command += ["--max-model-len", str(options.max_model_len)]
+    return command
+
+
+def exec_vllm(options: ServeOptions) -> None:
+    command = vllm_serve_command(options)
+    if shutil.which("vllm") is None:
+        raise UnsupportedError("--backend vllm needs vLLM installed (pip install vllm, on a CUDA machine); "
+                               f"the command would be: {' '.join(command)}")
+    env = {**os.environ, "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"}
+    sys.stdout.flush()
+    os.execvpe(command[0], command, env)
+
+
+def load_served_model(options: ServeOptions):
+    """Model + tokenizer through posttrain's model-name resolution, so names match the trainer's parameters."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from posttrain.embedded import quiet_transformers_bars
+
+    device = resolve_device(options.device)
+    if options.dtype == "auto":
+        dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    else:
+        dtype = TORCH_DTYPES[options.dtype]
+    path = resolve_model_path(options.model)
+    tokenizer_path = resolve_model_path(options.tokenizer) if options.tokenizer else path
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+        with quiet_transformers_bars():
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"cannot load model {options.model!r} for serving: {exc}") from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.config.use_cache = True
+    return model.to(device).eval(), tokenizer
+
+
+def build_app(options: ServeOptions):
+    from posttrain.modeling import apply_threads
+    from posttrain.rl.inference_engine import InferenceEngine
+    from posttrain.rl.inference_server import WeightState, create_app
+    from posttrain.rl.shared_weights import share_model_weights
+
+    apply_threads(options.num_threads, resolve_device(options.device))
+    model, tokenizer = load_served_model(options)
+    weights = WeightState()
+    if options.shared_weights:
+        weights.shared_layout, weights.shared_buffer = share_model_weights(
+            model, options.shared_weights_dir, tag=f"posttrain-{options.port}")
+    engine = InferenceEngine(model, tokenizer, options.name, max_batch_size=options.max_batch_size,
+                             max_model_len=options.max_model_len, enable_lora=options.enable_lora,
+                             max_lora_rank=options.max_lora_rank)
+    return create_app(engine, weights)
+
+
+def run_server(options: ServeOptions) -> None:
+    """Serve until SIGTERM / Ctrl-C; uvicorn finishes requests in flight before it exits."""
+    import uvicorn
+
+    if options.backend == "vllm":
+        exec_vllm(options)
+        return
+    app = build_app(options)
+    layout = app.state.weights.shared_layout
+    print(f"posttrain inference server: {options.name} on http://{options.host}:{options.port}", flush=True)
+    try:
+        uvicorn.run(app, host=options.host, port=options.port, log_level="warning", timeout_graceful_shutdown=30)
+    finally:
+        app.state.engine.close()
+        if layout is not None and layout.path:
+            # The trainer keeps its mapping alive; the name in /dev/shm goes with the server.
+            Path(layout.path).unlink(missing_ok=True)
