@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
+from waiting import wait_for
 
 from posttrain.errors import ConfigError
+from posttrain.jobdir import JobDir
 from posttrain.pipeline import load_pipeline, plan_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -150,3 +153,30 @@ def test_sft_reward_dpo_runs_from_one_command_and_a_rerun_skips_what_succeeded(t
     third = posttrain("pipeline", "chain.yaml", "stages.sft.training.learning_rate=0.5", cwd=tmp_path)
     assert third.returncode == 2
     assert "stages.sft: already succeeded" in third.stderr and "training.learning_rate" in third.stderr
+
+
+def test_a_killed_stage_resumes_from_its_checkpoint_with_resume(tmp_path):
+    document = sft_reward_dpo()
+    document["stages"] = document["stages"][:2]
+    document["stages"][1]["training"] = {"max_steps": 16, "save_steps": 2}
+    (tmp_path / "chain.yaml").write_text(yaml.safe_dump(document))
+    root = tmp_path / "runs" / "chain"
+    process = subprocess.Popen([*POSTTRAIN, "pipeline", "chain.yaml"], cwd=tmp_path, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                               start_new_session=True)
+    try:
+        wait_for(lambda: JobDir(root / "reward").latest_checkpoint(), 300, "a checkpoint of the reward stage")
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    killed_at = JobDir(root / "reward").read_status().step
+    assert killed_at < 16
+
+    refused = posttrain("pipeline", "chain.yaml", cwd=tmp_path)
+    assert refused.returncode == 2 and "stages.reward:" in refused.stderr and "--resume" in refused.stderr
+    resumed = posttrain("pipeline", "chain.yaml", "--resume", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "skipped (done)" in resumed.stderr and "resuming from" in resumed.stderr
+    metrics = JobDir(root / "reward").read_metrics()
+    steps = [record["step"] for record in metrics if "loss" in record]
+    assert steps == list(range(1, 17))  # continued from the checkpoint: no step lost or counted twice

@@ -101,6 +101,16 @@ def model_name(spec_json: str) -> str | None:
     return name if isinstance(name, str) else None
 
 
+def stage_names(spec_json: str) -> list[str]:
+    """The stages of a pipeline job's stored plan (posttrain.pipeline); [] for any other job."""
+    try:
+        plan = json.loads(spec_json)
+        names = [stage["name"] for stage in plan["stages"]] if isinstance(plan, dict) and "stages" in plan else []
+    except (json.JSONDecodeError, TypeError, KeyError, RecursionError):
+        return []
+    return [name for name in names if isinstance(name, str) and name and "/" not in name and name != ".."]
+
+
 def read_tail(path: Path, max_bytes: int) -> tuple[bytes, int]:
     """The last ``max_bytes`` of a file and the offset just past what was read (where a follower goes on)."""
     try:
@@ -220,6 +230,9 @@ def _read_from(path: Path, offset: int, limit: int = 1024 * 1024) -> bytes:
 def artifact_list(record: JobRecord) -> ArtifactList:
     job_dir = JobDir(record.job_dir)
     entries = [Artifact(**entry) for entry in job_dir.artifacts()]
+    for stage in stage_names(record.spec_json):  # a pipeline's files are its stages' (<stage>/final/...)
+        entries += [Artifact(path=f"{stage}/{entry['path']}", size=entry["size"])
+                    for entry in JobDir(job_dir.root / stage).artifacts()]
     return ArtifactList(
         job_id=record.id, checkpoints=[path.name for path in job_dir.checkpoints()],
         final=job_dir.final_dir.is_dir(), artifacts=entries, total_size=sum(entry.size for entry in entries),

@@ -45,7 +45,8 @@ def test_a_pipeline_is_one_job_whose_status_shows_its_stages(server: ServerProce
         # The reward stage started from the sft stage's final/ inside the job's directory.
         reward_spec = JobDir(root / "reward").read_spec_dict()
         assert reward_spec["model"]["name_or_path"] == str(root / "sft" / "final")
-        assert (root / "reward" / "final" / "adapter_config.json").exists()
+        artifacts = {artifact.path for artifact in client.artifacts(job.id).artifacts}
+        assert {"sft/final/model.safetensors", "reward/final/adapter_config.json"} <= artifacts
         metrics = [record for record in client.metrics(job.id) if "loss" in record]
         assert [(record["stage"], record["stage_step"], record["step"]) for record in metrics] == [
             ("sft", 1, 1), ("sft", 2, 2), ("reward", 1, 3), ("reward", 2, 4)]
