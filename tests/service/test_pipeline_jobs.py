@@ -9,6 +9,8 @@ from waiting import wait_for
 
 from posttrain.client import TERMINAL, ServiceError
 from posttrain.jobdir import JobDir
+from posttrain.pipeline import plan_pipeline
+from posttrain.service.scheduler import spec_environment
 
 FEW = {"max_steps": 2, "save_steps": 2, "per_device_train_batch_size": 2, "num_threads": 1, "logging_steps": 1}
 
@@ -92,3 +94,10 @@ def test_pause_resume_and_cancel_act_on_the_running_stage(server: ServerProcess)
         assert cancelled.state == "cancelled"
         assert [s.state for s in cancelled.stages] == ["succeeded", "cancelled"]
         wait_for(lambda: not worker_processes(server.data_dir), 30, "the worker to exit")
+
+
+def test_a_pipeline_worker_gets_the_tracker_settings_any_stage_asks_for(monkeypatch):
+    monkeypatch.setenv("WANDB_PROJECT", "rlhf")
+    plan = plan_pipeline({"name": "p", "stages": [{"name": "a"}, {"name": "b", "tracking": {"report_to": ["wandb"]}}]})
+    assert spec_environment(plan.plan_json())["WANDB_PROJECT"] == "rlhf"
+    assert "WANDB_PROJECT" not in spec_environment(plan_pipeline({"name": "p", "stages": [{"name": "a"}]}).plan_json())
