@@ -180,3 +180,24 @@ def test_a_killed_stage_resumes_from_its_checkpoint_with_resume(tmp_path):
     metrics = JobDir(root / "reward").read_metrics()
     steps = [record["step"] for record in metrics if "loss" in record]
     assert steps == list(range(1, 17))  # continued from the checkpoint: no step lost or counted twice
+
+
+# The shipped example, cut to a few steps per stage.
+SHORT_RLHF = ["stages.sft.training.max_steps=4", "stages.reward.training.max_steps=4",
+              "stages.ppo.training.max_steps=2", "stages.ppo.training.save_steps=2",
+              "stages.ppo.method.response_length=8"]
+
+
+def test_the_shipped_rlhf_pipeline_runs_sft_reward_ppo_from_one_command(tmp_path):
+    proc = posttrain("pipeline", str(ROOT / "examples" / "tiny-rlhf.yaml"), "--output", "rlhf", *SHORT_RLHF,
+                     cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    root = tmp_path / "rlhf"
+    status = json.loads((root / "status.json").read_text())
+    assert [(s["name"], s["method"], s["state"], s["step"]) for s in status["stages"]] == [
+        ("sft", "sft", "succeeded", 4), ("reward", "reward", "succeeded", 4), ("ppo", "ppo", "succeeded", 2)]
+    ppo = JobDir(root / "ppo")
+    spec = ppo.read_spec_dict()
+    assert (spec["model"]["name_or_path"], spec["method"]["reward_model"]) == ("rlhf/sft/final", "rlhf/reward/final")
+    assert {"reward", "kl", "policy_loss", "value_loss"} <= set(ppo.read_metrics()[-1])
+    assert (ppo.final_dir / "adapter_config.json").exists()

@@ -3,6 +3,8 @@ inside the job's. A real server on loopback, real workers training the tiny mode
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from service_harness import ServerProcess, module_server, worker_processes
 from waiting import wait_for
@@ -12,6 +14,7 @@ from posttrain.jobdir import JobDir
 from posttrain.pipeline import plan_pipeline
 from posttrain.service.scheduler import spec_environment
 
+ROOT = Path(__file__).resolve().parents[2]
 FEW = {"max_steps": 2, "save_steps": 2, "per_device_train_batch_size": 2, "num_threads": 1, "logging_steps": 1}
 
 
@@ -101,3 +104,17 @@ def test_a_pipeline_worker_gets_the_tracker_settings_any_stage_asks_for(monkeypa
     plan = plan_pipeline({"name": "p", "stages": [{"name": "a"}, {"name": "b", "tracking": {"report_to": ["wandb"]}}]})
     assert spec_environment(plan.plan_json())["WANDB_PROJECT"] == "rlhf"
     assert "WANDB_PROJECT" not in spec_environment(plan_pipeline({"name": "p", "stages": [{"name": "a"}]}).plan_json())
+
+
+def test_the_rlhf_example_runs_through_the_service(server: ServerProcess):
+    text = (ROOT / "examples" / "tiny-rlhf.yaml").read_text()
+    short = ["stages.sft.training.max_steps=2", "stages.reward.training.max_steps=2", "stages.ppo.training.max_steps=2",
+             "stages.ppo.training.save_steps=2", "stages.ppo.method.response_length=8", "training.num_threads=1"]
+    with server.client() as client:
+        job = client.submit(yaml=text, overrides=short)
+        done = client.wait(job.id, timeout=600)
+        assert done.state == "succeeded", (done.error, client.logs(job.id))
+        assert [(s.name, s.method, s.state) for s in done.stages] == [
+            ("sft", "sft", "succeeded"), ("reward", "reward", "succeeded"), ("ppo", "ppo", "succeeded")]
+        ppo = [record for record in client.metrics(job.id) if record["stage"] == "ppo"]
+        assert ppo and {"reward", "kl"} <= set(ppo[-1])
