@@ -382,6 +382,7 @@ class StageMirror:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._signature: tuple[Any, ...] | None = None
+        self._progress: tuple[Any, ...] | None = None
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._loop, name="posttrain-pipeline-mirror", daemon=True)
@@ -423,7 +424,10 @@ class StageMirror:
     def sync(self) -> None:
         with self._lock:
             summaries, step, total = self.stage_summaries()
-            self.root.update_status(stage=self.current, stages=summaries, step=step, total_steps=total)
+            progress = (self.current, summaries, step, total)
+            if progress != self._progress:  # status.json is rewritten (and synced) only when it changes
+                self.root.update_status(stage=self.current, stages=summaries, step=step, total_steps=total)
+                self._progress = progress
             self._sync_metrics(summaries)
 
     def _sync_metrics(self, summaries: list[dict[str, Any]]) -> None:

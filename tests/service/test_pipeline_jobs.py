@@ -3,15 +3,18 @@ inside the job's. A real server on loopback, real workers training the tiny mode
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
 from service_harness import ServerProcess, module_server, worker_processes
+from typer.testing import CliRunner
 from waiting import wait_for
 
 from posttrain.client import TERMINAL, ServiceError
 from posttrain.jobdir import JobDir
 from posttrain.pipeline import plan_pipeline
+from posttrain.service.commands import jobs_app
 from posttrain.service.scheduler import spec_environment
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -36,7 +39,7 @@ def server(request, tmp_path_factory):
     yield from module_server(request, tmp_path_factory, "--slots", "1", "--cancel-grace", "30")
 
 
-def test_a_pipeline_is_one_job_whose_status_shows_its_stages(server: ServerProcess):
+def test_a_pipeline_is_one_job_whose_status_shows_its_stages(server: ServerProcess, monkeypatch):
     with server.client() as client:
         job = client.submit(pipeline())
         assert job.method == "pipeline" and job.model == "posttrain:tiny"
@@ -55,6 +58,12 @@ def test_a_pipeline_is_one_job_whose_status_shows_its_stages(server: ServerProce
         metrics = [record for record in client.metrics(job.id) if "loss" in record]
         assert [(record["stage"], record["stage_step"], record["step"]) for record in metrics] == [
             ("sft", 1, 1), ("sft", 2, 2), ("reward", 1, 3), ("reward", 2, 4)]
+
+    monkeypatch.setenv("POSTTRAIN_SERVER", server.url)
+    shown = CliRunner().invoke(jobs_app, ["status", job.id])
+    assert shown.exit_code == 0, shown.output
+    assert re.search(r"sft +sft +succeeded +step 2/2", shown.output)
+    assert re.search(r"reward +reward +succeeded +step 2/2", shown.output)
 
 
 def test_a_bad_stage_is_refused_at_submission_with_its_name(server: ServerProcess):
