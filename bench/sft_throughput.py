@@ -54,6 +54,11 @@ class Settings:
     num_threads: int | None = None
     model_dtype: str = "auto"
     attn_implementation: str | None = None  # tuned_trl only
+    # The token-budget suite: posttrain's training.tokens_per_batch, and whole epochs instead of `steps`.
+    tokens_per_batch: int | None = None
+    epochs: float | None = None
+    max_seq_length: int | None = None
+    peft: str = "none"
 
     @classmethod
     def quick(cls) -> Settings:
@@ -313,9 +318,11 @@ def run_posttrain(paths: dict[str, str], settings: Settings, out_dir: Path) -> d
         "name": "bench",
         "model": {"name_or_path": paths["model"], "dtype": settings.model_dtype},
         "data": {"source": paths["train"]},
-        "peft": {"type": "none"},
-        "training": {"max_steps": settings.steps, "per_device_train_batch_size": settings.batch_size,
-                     "learning_rate": LEARNING_RATE, "seed": SEED, "num_threads": settings.num_threads},
+        "peft": {"type": settings.peft},
+        "training": {"max_steps": -1 if settings.epochs else settings.steps, "num_train_epochs": settings.epochs or 1,
+                     "per_device_train_batch_size": settings.batch_size, "tokens_per_batch": settings.tokens_per_batch,
+                     "learning_rate": LEARNING_RATE, "seed": SEED, "num_threads": settings.num_threads,
+                     **({"max_seq_length": settings.max_seq_length} if settings.max_seq_length else {})},
     })
     clock = StepClock(settings.warmup)
     result = run_worker(spec, out_dir, log_to_file=False, extra_callbacks=[clock.callback()])
@@ -339,6 +346,8 @@ def run_posttrain(paths: dict[str, str], settings: Settings, out_dir: Path) -> d
         "sampling": "group_by_length" if last.get("group_by_length") else "random",
         "padding_free": last.get("padding_free"),
         "attn_implementation": last.get("attn_implementation"),
+        "steps": result.step,
+        "tokens_per_batch": last.get("tokens_per_batch"),
     }
 
 
@@ -467,9 +476,11 @@ def print_table(report: dict[str, Any]) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="smoke run: a few short steps of each variant")
-    parser.add_argument("--suite", choices=("synthetic", "real", "all"), default="all",
+    parser.add_argument("--suite", choices=("synthetic", "real", "all", "token-budget"), default="all",
                         help="synthetic: random-init hidden-256 model (results); real: SmolLM2-135M (real_model); "
-                        "all: both (default). A run keeps the other suite's results already in the output file.")
+                        "all: both (default); token-budget: fixed against token-budget batches (token_budget). "
+                        "A run keeps the other suites' results already in the output file.")
+    parser.add_argument("--repeats", type=int, default=2, help="token-budget suite: alternating runs of each arm")
     parser.add_argument("--real-methods", default="lora,full,dpo,grpo",
                         help="real-model suite: comma-separated subset of lora, full, dpo, grpo")
     parser.add_argument("--steps", type=int, help="optimizer steps per variant (default 40; quick 3)")
@@ -514,13 +525,18 @@ def main(argv: list[str] | None = None) -> int:
     report: dict[str, Any] = json.loads(output.read_text()) if output.exists() else {}
     with tempfile.TemporaryDirectory(prefix="sft-bench-") as tmp:
         work = Path(tmp)
-        report["machine"] = machine_info()
+        # A token-budget run keeps the machine record of the other suites' numbers.
+        report["machine_token_budget" if args.suite == "token-budget" else "machine"] = machine_info()
         if args.suite in ("synthetic", "all"):
             section, paths = synthetic_suite(work, settings, variants, quick=args.quick)
             report.update(section)
             report.pop("thread_and_dtype_study", None)
             if not (args.quick or args.no_study):
                 report["thread_and_dtype_study"] = thread_and_dtype_study(paths, settings, work)
+        if args.suite == "token-budget":
+            budget_settings = Settings.quick() if args.quick else Settings(train_rows=400)
+            report["token_budget"] = token_budget_suite(work, budget_settings, 1 if args.quick else args.repeats)
+            report["token_budget"]["quick"] = args.quick
         if args.suite in ("real", "all"):
             from bench.real_model import RealSettings, print_real_table, run_real_suite
 
@@ -535,8 +551,73 @@ def main(argv: list[str] | None = None) -> int:
         print_table(report)
     if args.suite in ("real", "all"):
         print_real_table(report["real_model"])
+    if args.suite == "token-budget":
+        print_budget_table(report["token_budget"])
     print(f"wrote {output}")
     return 0
+
+
+def epoch_padding(lengths: list[int], batch_size: int, tokens_per_batch: int) -> dict[str, Any]:
+    """Padding fraction and batch count of one epoch over ``lengths``: random fixed-size batches, posttrain's
+    default (fixed-size, length-grouped: transformers' LengthGroupedSampler) and token-budget batches."""
+    import torch
+    from transformers.trainer_pt_utils import LengthGroupedSampler
+
+    from posttrain.token_batches import TokenBudgetBatchSampler, padding_fraction
+
+    def chunks(order: list[int]) -> list[list[int]]:
+        return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+
+    generator = torch.Generator().manual_seed(SEED)
+    plans = {
+        "fixed_random": chunks(torch.randperm(len(lengths), generator=generator).tolist()),
+        "fixed_length_grouped": chunks(list(LengthGroupedSampler(batch_size, lengths=lengths, generator=generator))),
+        "token_budget": list(TokenBudgetBatchSampler(lengths, tokens_per_batch, seed=SEED)),
+    }
+    return {name: {"padding_fraction": round(padding_fraction(batches, lengths), 4), "batches": len(batches),
+                   "max_padded_tokens": max(len(b) * max(lengths[i] for i in b) for b in batches)}
+            for name, batches in plans.items()}
+
+
+def token_budget_suite(work: Path, settings: Settings, repeats: int) -> dict[str, Any]:
+    """posttrain with fixed-size batches (its default: length-grouped) against token-budget batches, one
+    epoch over the same rows each. The budget is the fixed batch's worst case (batch_size x max_tokens), so
+    both have the same peak batch size in tokens; runs alternate so machine load hits both alike."""
+    from transformers import AutoTokenizer
+
+    paths = prepare(work, settings)
+    lengths = [len(ids) for ids in tokenize_rows(AutoTokenizer.from_pretrained(paths["model"]), paths["train"])]
+    budget = settings.batch_size * settings.max_tokens
+    # Rows are at most max_tokens long: nothing is truncated, and a budget of batch_size rows fits.
+    shared = {**asdict(settings), "epochs": 1.0, "max_seq_length": settings.max_tokens}
+    arms = {"fixed": Settings(**shared), "token_budget": Settings(**{**shared, "tokens_per_batch": budget})}
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in arms}
+    for repeat in range(repeats):
+        for name, arm in arms.items():
+            print(f"running token-budget suite: {name} ({repeat + 1}/{repeats}) ...", file=sys.stderr, flush=True)
+            runs[name].append(spawn("posttrain", paths, arm, work, tag=f"budget_{name}_{repeat}"))
+    best = {name: max(rows, key=lambda row: row["real_tokens_per_s"]) for name, rows in runs.items()}
+    keep = ("real_tokens_per_s", "timed_seconds", "steps", "final_loss", "eval_loss", "peak_rss_mb", "num_threads",
+            "dtype", "tokens_per_batch")
+    return {
+        "results": {name: {key: row.get(key) for key in keep} for name, row in best.items()},
+        "real_tokens_per_s_runs": {name: [row["real_tokens_per_s"] for row in rows] for name, rows in runs.items()},
+        "token_budget_over_fixed": round(best["token_budget"]["real_tokens_per_s"]
+                                         / best["fixed"]["real_tokens_per_s"], 3),
+        "epoch_padding": epoch_padding(lengths, settings.batch_size, budget),
+        "settings": {**shared, "tokens_per_batch": budget, "repeats": repeats,
+                     "learning_rate": LEARNING_RATE, "seed": SEED, "peft": settings.peft},
+    }
+
+
+def print_budget_table(section: dict[str, Any]) -> None:
+    print(f"{'batches':<13} {'real tok/s':>10} {'steps':>5} {'final loss':>10} {'eval loss':>9} {'padding':>7}")
+    padding = section["epoch_padding"]
+    for name, row in section["results"].items():
+        share = padding["token_budget" if name == "token_budget" else "fixed_length_grouped"]["padding_fraction"]
+        print(f"{name:<13} {row['real_tokens_per_s']:>10.0f} {row['steps']:>5} {row['final_loss']:>10.3f} "
+              f"{row['eval_loss']:>9.3f} {share:>7.1%}")
+    print(f"token_budget_over_fixed: {section['token_budget_over_fixed']}")
 
 
 def synthetic_suite(work: Path, settings: Settings, variants: list[str],

@@ -100,6 +100,9 @@ def check_options(spec: JobSpec, warnings: list[str], *, import_rewards: bool = 
             "pairs or groups, not tokens); set training.per_device_train_batch_size instead",
             "training.tokens_per_batch",
         )
+    if training.tokens_per_batch is not None and training.max_steps <= 0:
+        warnings.append("with training.tokens_per_batch an epoch's step count depends on the rows' lengths "
+                        "(posttrain validate's estimate assumes per_device_train_batch_size rows per batch)")
     if spec.training.eval_steps and spec.data.validation.split_ratio is None and spec.data.validation.source is None:
         warnings.append("training.eval_steps is set but there is no validation data; no evaluation will run")
 

@@ -133,9 +133,13 @@ class Translation:
 
     experiment: str
     spec: JobSpec
-    job_dir: Path
     resume: bool = False
     ignored: list[str] = field(default_factory=list)
+
+    @property
+    def job_dir(self) -> Path:
+        """`<output-root>/<experiment_name>/<trial_name>`, unless ``--set output.dir=...`` moved it."""
+        return Path(self.spec.output.dir or ".")
 
     def yaml(self) -> str:
         """The JobSpec as YAML (only the keys the translation set): ``posttrain train`` runs this file as is."""
@@ -365,7 +369,7 @@ def translate(experiment: str, pairs: list[str], output_root: str | Path = "runs
     if values.get("ppo.use_adaptive_kl_ctl") is True and getattr(spec.method, "kl_target", None) is None:
         raise ConfigError("quickstart ppo: ppo.use_adaptive_kl_ctl=true needs the controller's target KL: "
                           "--set method.kl_target=X (ReaLHF's adaptive controller takes it from its own config)")
-    return Translation(experiment, spec, Path(spec.output.dir or job_dir), resume, ignored)
+    return Translation(experiment, spec, resume, ignored)
 
 
 def _layout(values: dict[str, Any], role: str) -> tuple[dict[str, Any], int]:

@@ -38,6 +38,24 @@ def test_quick_benchmark_writes_every_variant(tmp_path):
     assert report["machine"]["cpu_count"] >= 1
 
 
+def test_quick_token_budget_suite_compares_both_batchings(tmp_path):
+    output = tmp_path / "sft_throughput.json"
+    subprocess.run([sys.executable, str(REPO_ROOT / "bench" / "sft_throughput.py"), "--quick", "--suite",
+                    "token-budget", "--output", str(output)], check=True, cwd=REPO_ROOT, capture_output=True,
+                   text=True, timeout=300)
+
+    section = json.loads(output.read_text())["token_budget"]
+
+    assert set(section["results"]) == {"fixed", "token_budget"}
+    assert section["results"]["token_budget"]["tokens_per_batch"] == section["settings"]["tokens_per_batch"]
+    assert section["results"]["fixed"]["tokens_per_batch"] is None
+    for row in section["results"].values():
+        assert row["real_tokens_per_s"] > 0 and row["steps"] > 0
+    padding = section["epoch_padding"]
+    assert padding["token_budget"]["max_padded_tokens"] <= section["settings"]["tokens_per_batch"]
+    assert padding["token_budget"]["padding_fraction"] < padding["fixed_random"]["padding_fraction"]
+
+
 @pytest.fixture(scope="module")
 def sft_trainer(tmp_path_factory):
     torch.set_num_threads(1)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 
 import pytest
@@ -140,3 +141,26 @@ def test_per_token_loss_does_not_depend_on_how_rows_are_split(sft_trainer, fused
         # A mean of per-batch means (what a row-count batch without num_items would give) differs.
         naive = sum(sft_trainer.compute_loss(sft_trainer.model, part).item() for part in parts) / len(parts)
         assert naive != pytest.approx(reference, rel=1e-3)
+
+
+def test_a_resumed_run_trains_on_the_batches_it_would_have_seen(tmp_path):
+    import shutil
+
+    from posttrain.worker import run_worker
+
+    spec = spec_from_dict({"model": {"name_or_path": "posttrain:tiny"}, "peft": {"type": "none"},
+                           "data": {"source": "posttrain:alpaca"}, "tracking": {"report_to": []},
+                           "training": {"max_steps": 3, "save_steps": 2, "tokens_per_batch": 1024,
+                                        "max_seq_length": 256}})
+
+    def losses() -> dict[int, float]:
+        lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+        return {rec["step"]: rec["loss"] for rec in map(json.loads, lines) if "loss" in rec}
+
+    assert run_worker(spec, tmp_path, log_to_file=False).state == "succeeded"
+    uninterrupted = losses()
+    # As if the run had died after its step-2 checkpoint.
+    shutil.rmtree(tmp_path / "checkpoints" / "checkpoint-3")
+    shutil.rmtree(tmp_path / "final")
+    assert run_worker(spec, tmp_path, resume=True, log_to_file=False).state == "succeeded"
+    assert losses()[3] == pytest.approx(uninterrupted[3], rel=1e-6)
