@@ -254,6 +254,10 @@ def _train(spec: JobSpec, jd: JobDir, resume: bool, stop, result: JobResult,
         from posttrain.rl.trainer import train_online
 
         return train_online(spec, jd, resume, stop, result, placement)
+    if spec.method.name == "ppo":  # samples its own rollouts from prompt rows; not a TRL recipe
+        from posttrain.rl.ppo_trainer import train_ppo
+
+        return train_ppo(spec, jd, resume, stop, result, placement)
     data = load_training_data(spec.data, spec.method.name, seed=spec.training.seed)
     if data.skipped:
         log.warning("skipped %d malformed rows of %s (data.on_bad_row=skip)", data.skipped, data.source)

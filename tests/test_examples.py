@@ -12,7 +12,7 @@ from posttrain.worker import run_worker
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE_FOR_METHOD = {"sft": "posttrain:alpaca", "dpo": "posttrain:preference", "reward": "posttrain:preference",
-                     "grpo": "posttrain:gsm8k"}
+                     "grpo": "posttrain:gsm8k", "ppo": "posttrain:preference"}
 
 
 # Pipeline files (a stages: list, like tiny-rlhf.yaml) run in tests/test_pipeline.py.
@@ -29,6 +29,8 @@ def test_example_trains_on_the_embedded_model(tmp_path, example):
         overrides.append("method.reference_model=posttrain:tiny")
     if method == "grpo":
         overrides += ["method.num_generations=4", "method.max_completion_length=16"]
+    if method == "ppo":
+        overrides += ["method.reward_model=posttrain:tiny", "method.response_length=8"]
     spec = load_spec(example, overrides)
     result = run_worker(spec, tmp_path / "run")
     assert result.state == "succeeded", result.error
