@@ -155,13 +155,16 @@ def test_sft_reward_dpo_runs_from_one_command_and_a_rerun_skips_what_succeeded(t
     assert "stages.sft: already succeeded" in third.stderr and "training.learning_rate" in third.stderr
 
 
-def test_a_killed_stage_resumes_from_its_checkpoint_with_resume(tmp_path):
-    document = sft_reward_dpo()
-    document["stages"] = document["stages"][:2]
-    document["stages"][1]["training"] = {"max_steps": 16, "save_steps": 2}
-    (tmp_path / "chain.yaml").write_text(yaml.safe_dump(document))
-    root = tmp_path / "runs" / "chain"
-    process = subprocess.Popen([*POSTTRAIN, "pipeline", "chain.yaml"], cwd=tmp_path, stdout=subprocess.DEVNULL,
+# The shipped example, cut to a few steps per stage; its reward stage long enough to be killed part-way.
+SHORT_RLHF = ["stages.sft.training.max_steps=4", "stages.reward.training.max_steps=16",
+              "stages.reward.training.save_steps=2", "stages.ppo.training.max_steps=2",
+              "stages.ppo.training.save_steps=2", "stages.ppo.method.response_length=8"]
+
+
+def test_the_rlhf_example_runs_sft_reward_ppo_and_resumes_a_killed_stage(tmp_path):
+    command = ["pipeline", str(ROOT / "examples" / "tiny-rlhf.yaml"), "--output", "rlhf", *SHORT_RLHF]
+    root = tmp_path / "rlhf"
+    process = subprocess.Popen([*POSTTRAIN, *command], cwd=tmp_path, stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"},
                                start_new_session=True)
     try:
@@ -169,33 +172,19 @@ def test_a_killed_stage_resumes_from_its_checkpoint_with_resume(tmp_path):
     finally:
         os.killpg(process.pid, signal.SIGKILL)
         process.wait()
-    killed_at = JobDir(root / "reward").read_status().step
-    assert killed_at < 16
+    assert JobDir(root / "reward").read_status().step < 16
 
-    refused = posttrain("pipeline", "chain.yaml", cwd=tmp_path)
+    refused = posttrain(*command, cwd=tmp_path)
     assert refused.returncode == 2 and "stages.reward:" in refused.stderr and "--resume" in refused.stderr
-    resumed = posttrain("pipeline", "chain.yaml", "--resume", cwd=tmp_path)
+    resumed = posttrain(*command, "--resume", cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr
     assert "skipped (done)" in resumed.stderr and "resuming from" in resumed.stderr
-    metrics = JobDir(root / "reward").read_metrics()
-    steps = [record["step"] for record in metrics if "loss" in record]
-    assert steps == list(range(1, 17))  # continued from the checkpoint: no step lost or counted twice
-
-
-# The shipped example, cut to a few steps per stage.
-SHORT_RLHF = ["stages.sft.training.max_steps=4", "stages.reward.training.max_steps=4",
-              "stages.ppo.training.max_steps=2", "stages.ppo.training.save_steps=2",
-              "stages.ppo.method.response_length=8"]
-
-
-def test_the_shipped_rlhf_pipeline_runs_sft_reward_ppo_from_one_command(tmp_path):
-    proc = posttrain("pipeline", str(ROOT / "examples" / "tiny-rlhf.yaml"), "--output", "rlhf", *SHORT_RLHF,
-                     cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr
-    root = tmp_path / "rlhf"
     status = json.loads((root / "status.json").read_text())
     assert [(s["name"], s["method"], s["state"], s["step"]) for s in status["stages"]] == [
-        ("sft", "sft", "succeeded", 4), ("reward", "reward", "succeeded", 4), ("ppo", "ppo", "succeeded", 2)]
+        ("sft", "sft", "succeeded", 4), ("reward", "reward", "succeeded", 16), ("ppo", "ppo", "succeeded", 2)]
+    reward_steps = [record["step"] for record in JobDir(root / "reward").read_metrics() if "loss" in record]
+    assert reward_steps == list(range(1, 17))  # continued from the checkpoint: no step lost or counted twice
+
     ppo = JobDir(root / "ppo")
     spec = ppo.read_spec_dict()
     assert (spec["model"]["name_or_path"], spec["method"]["reward_model"]) == ("rlhf/sft/final", "rlhf/reward/final")
