@@ -45,6 +45,12 @@ def config_keys_text() -> str:
 
 def _load(config: Path | None, overrides: list[str] | None) -> JobSpec:
     config, overrides = split_config_and_overrides(config, overrides)
+    if config is not None and config.is_file():
+        from posttrain.pipeline import is_pipeline_document
+        from posttrain.spec import load_yaml
+
+        if is_pipeline_document(load_yaml(config.read_text(), str(config))):
+            raise PosttrainError(f"{config} is a pipeline (it has stages:); run it with: posttrain pipeline {config}")
     return load_spec(config, overrides)
 
 

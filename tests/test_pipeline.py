@@ -190,3 +190,14 @@ def test_the_rlhf_example_runs_sft_reward_ppo_and_resumes_a_killed_stage(tmp_pat
     assert (spec["model"]["name_or_path"], spec["method"]["reward_model"]) == ("rlhf/sft/final", "rlhf/reward/final")
     assert {"reward", "kl", "policy_loss", "value_loss"} <= set(ppo.read_metrics()[-1])
     assert (ppo.final_dir / "adapter_config.json").exists()
+
+
+def test_train_and_validate_point_a_pipeline_file_to_the_pipeline_command():
+    from typer.testing import CliRunner
+
+    from posttrain.cli import app
+
+    for command in ("train", "validate"):
+        result = CliRunner().invoke(app, [command, str(ROOT / "examples" / "tiny-rlhf.yaml")])
+        assert result.exit_code == 2
+        assert "is a pipeline (it has stages:); run it with: posttrain pipeline" in " ".join(result.output.split())
