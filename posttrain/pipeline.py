@@ -492,7 +492,7 @@ def run_pipeline(pipeline: Pipeline, resume: bool = False, log_to_file: bool = T
     """Run the stages in order through the worker's run_worker; skip those already done. Never raises for
     a stage's failure (the result says which stage and why); raises ConfigError, touching nothing, when a
     finished stage's spec changed or a stage's directory holds an interrupted run and ``resume`` is not set."""
-    from posttrain.worker import run_worker, setup_logging
+    from posttrain.worker import PAUSE_SIGNAL, run_worker, setup_logging
 
     check_fresh_pipeline(pipeline)
     if not resume:
@@ -529,6 +529,8 @@ def run_pipeline(pipeline: Pipeline, resume: bool = False, log_to_file: bool = T
             stage_result = run_worker(stage.spec, stage.job_dir.root, resume=resume, log_to_file=True)
             setup_logging(root, log_to_file)
             result.stages[stage.name] = stage_result
+            if stage_result.pause_pending and between.signal_name is None:
+                between.signal_name = PAUSE_SIGNAL.name  # paused on the stage's last step: before the next
             if stage_result.state != "succeeded":
                 result.state, result.failed_stage = stage_result.state, stage.name
                 result.cancelled_by, result.input_error = stage_result.cancelled_by, stage_result.input_error

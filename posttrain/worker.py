@@ -59,6 +59,9 @@ class JobResult:
     cancelled_by: str | None = None
     input_error: bool = False
     metrics: dict[str, Any] = field(default_factory=dict)
+    # A pause that arrived on the last step: the run just finished, and a caller with more to run (a
+    # pipeline's next stage) pauses before it.
+    pause_pending: bool = False
 
     @property
     def exit_code(self) -> int:
@@ -221,6 +224,7 @@ def run_worker(spec: JobSpec, job_dir: str | Path, resume: bool = False, log_to_
         # A pause is recorded by _train; a failure while pausing is a real failure, not a pause.
         if stop.is_set() and not stop.pausing and result.state != "succeeded":
             result.state, result.cancelled_by = "cancelled", stop.signal_name
+        result.pause_pending = result.state == "succeeded" and stop.is_set() and stop.pausing
         status = jd.read_status()
         result.step = status.step if status else result.step
         _record(jd, state=result.state, error=result.error, step=result.step)

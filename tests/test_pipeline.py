@@ -201,3 +201,23 @@ def test_train_and_validate_point_a_pipeline_file_to_the_pipeline_command():
         result = CliRunner().invoke(app, [command, str(ROOT / "examples" / "tiny-rlhf.yaml")])
         assert result.exit_code == 2
         assert "is a pipeline (it has stages:); run it with: posttrain pipeline" in " ".join(result.output.split())
+
+
+def test_a_pause_on_a_stage_s_last_step_pauses_before_the_next_stage(tmp_path, monkeypatch):
+    # The worker's own pause handling is tested with real signals (tests/service/test_pipeline_jobs.py);
+    # a pause landing exactly on a stage's last step cannot be timed, so run_worker reports one here.
+    import posttrain.worker
+    from posttrain.pipeline import run_pipeline
+    from posttrain.worker import JobResult
+
+    ran = []
+
+    def finished_with_a_pause(spec, job_dir, resume=False, log_to_file=True):
+        ran.append(Path(job_dir).name)
+        JobDir(job_dir).create().update_status(state="succeeded", step=1)
+        return JobResult(state="succeeded", job_dir=Path(job_dir), pause_pending=True)
+
+    monkeypatch.setattr(posttrain.worker, "run_worker", finished_with_a_pause)
+    result = run_pipeline(plan_pipeline(two_stages(), root=tmp_path / "p"))
+    assert (result.state, ran, result.exit_code) == ("paused", ["sft"], 75)
+    assert json.loads((tmp_path / "p" / "status.json").read_text())["state"] == "paused"
