@@ -15,6 +15,7 @@ import threading
 import time
 from collections import OrderedDict
 from concurrent.futures import Future
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +23,7 @@ import torch
 
 from posttrain.errors import PosttrainError
 from posttrain.rl.generation import GenerationResult, SamplingParams, generate_batch
+from posttrain.rl.shared_weights import UpdateLock
 
 log = logging.getLogger(__name__)
 
@@ -65,16 +67,19 @@ class WeightsLock:
     def paused(self) -> bool:
         return self._pause_token is not None
 
-    def pause(self, timeout_s: float) -> None:
+    def pause(self, timeout_s: float, blocking: bool = True) -> bool:
+        """Take the lock for a weight update; False only when ``blocking`` is off and a batch is in flight."""
         if self._pause_token is not None:
             raise RequestError("generation is already paused; resume it first", status=409)
-        self._lock.acquire()
+        if not self._lock.acquire(blocking=blocking):
+            return False
         token = object()
         with self._state:
             self._pause_token = token
         timer = threading.Timer(timeout_s, self._expire, args=(token,))
         timer.daemon = True
         timer.start()
+        return True
 
     def resume(self) -> bool:
         """Release a pause; False when generation was not paused."""
@@ -95,7 +100,8 @@ class WeightsLock:
 
 class InferenceEngine:
     def __init__(self, model, tokenizer, model_name: str, *, max_batch_size: int = 64, batch_wait_s: float = 0.005,
-                 max_model_len: int | None = None, enable_lora: bool = False, max_lora_rank: int = 16) -> None:
+                 max_model_len: int | None = None, enable_lora: bool = False, max_lora_rank: int = 16,
+                 update_lock: UpdateLock | None = None) -> None:
         self.base_model = model.eval()
         self.model = self.base_model  # becomes a PeftModel once an adapter is loaded
         self.tokenizer = tokenizer
@@ -107,8 +113,12 @@ class InferenceEngine:
         self.max_lora_rank = max_lora_rank
         self.adapters: OrderedDict[str, str] = OrderedDict()  # name -> path, oldest first
         self.weights_lock = WeightsLock()
+        self.update_lock = update_lock  # shared_vllm: the trainer's optimizer step, across processes
         self.weights_version = 0
         self.generated_tokens = 0
+        self.largest_batch = 0  # most requests generated together so far
+        self.pending = 0  # requests submitted and not answered yet
+        self._pending_lock = threading.Lock()
         self._queue: queue.Queue[_Job | None] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="inference-engine", daemon=True)
         self._thread.start()
@@ -128,8 +138,15 @@ class InferenceEngine:
         if adapter is not None and adapter not in self.adapters:
             raise RequestError(f"model {adapter!r} does not exist", status=404)
         future: Future = Future()
+        with self._pending_lock:
+            self.pending += 1
+        future.add_done_callback(self._answered)
         self._queue.put(_Job(prompt, params, adapter, future))
         return future
+
+    def _answered(self, _future: Future) -> None:
+        with self._pending_lock:
+            self.pending -= 1
 
     def generate(self, prompt: list[int], params: SamplingParams, adapter: str | None = None) -> GenerationResult:
         return self.submit(prompt, params, adapter).result()
@@ -154,7 +171,8 @@ class InferenceEngine:
                     self._queue.put(None)
                     break
                 jobs.append(job)
-            with self.weights_lock:
+            self.largest_batch = max(self.largest_batch, len(jobs))
+            with self.weights_lock, self.update_lock.serving() if self.update_lock else nullcontext():
                 for adapter, group in self._group_by_adapter(jobs).items():
                     self._generate_group(adapter, group)
 

@@ -169,45 +169,65 @@ class LoraSync(WeightSync):
 
 
 class SharedMemorySync(WeightSync):
-    """``shared_vllm``: train on the server's own buffer; pause generation around the optimizer step."""
+    """``shared_vllm``: train on the server's own buffer; hold generation around the optimizer step.
+
+    The hold is the server's UpdateLock (flock, no HTTP) when its files are reachable, else the HTTP
+    /weights/pause and /weights/resume routes.
+    """
 
     def __init__(self, config: SyncConfig) -> None:
         super().__init__(config)
         self.buffer: torch.Tensor | None = None
-        self._pause_started: float | None = None
+        self.lock: Any = None
+        self._held_since: float | None = None
         self._pause_seconds = 0.0
 
     def attach(self, model: torch.nn.Module) -> torch.nn.Module:
-        from posttrain.rl.shared_weights import SharedLayout, attach_model_weights
+        from posttrain.rl.shared_weights import SharedLayout, UpdateLock, attach_model_weights
 
         info = self._get("/weights/info")
         if not info.get("shared"):
             raise WeightSyncError(f"the inference server at {self.url} does not share its weights; start it with "
                                   "`posttrain rl serve-inference --shared-weights`")
-        self.buffer = attach_model_weights(model, SharedLayout.from_json(info["shared"]))
+        layout = SharedLayout.from_json(info["shared"])
+        self.buffer = attach_model_weights(model, layout)
+        if layout.lock_path and Path(layout.lock_path + ".lock").exists():
+            self.lock = UpdateLock(layout.lock_path)
         return model
 
     def before_update(self) -> None:
-        self._pause_started = time.perf_counter()
-        self._post("/weights/pause", json={"timeout_s": self.config.timeout_s})
-        self._pause_seconds = time.perf_counter() - self._pause_started
+        started = time.perf_counter()
+        if self.lock is not None:
+            self.lock.acquire_update()
+        else:
+            self._post("/weights/pause", json={"timeout_s": self.config.timeout_s})
+        self._held_since = time.perf_counter()
+        self._pause_seconds = self._held_since - started
 
     def after_update(self, model: torch.nn.Module, step: int) -> float:
-        if self._pause_started is None:
+        if self._held_since is None:
             raise WeightSyncError("after_update without before_update: generation was never paused")
         if self.buffer is not None and self.buffer.is_cuda:
             torch.cuda.synchronize()  # the server's next kernel must see the finished optimizer step
-        resume_started = time.perf_counter()
-        self._post("/weights/resume")
-        # Sync overhead = the pause and resume round trips; the optimizer step between them is training time.
-        spent = self._pause_seconds + time.perf_counter() - resume_started
-        self._pause_started = None
-        return spent
+        started = time.perf_counter()
+        self._release()
+        # Sync overhead = taking and releasing the hold; the optimizer step between them is training time.
+        return self._pause_seconds + time.perf_counter() - started
+
+    def _release(self) -> None:
+        self._held_since = None
+        if self.lock is not None:
+            self.lock.release_update()
+        else:
+            self._post("/weights/resume")
 
     def close(self) -> None:
-        if self._pause_started is not None:
+        if self._held_since is not None:
             with contextlib.suppress(WeightSyncError):
-                self._post("/weights/resume")
+                self._release()
+        if self.lock is not None:
+            self.lock.close()
+            self.lock = None
         super().close()
 
 
