@@ -94,6 +94,14 @@ def check_options(spec: JobSpec, warnings: list[str], *, import_rewards: bool = 
             raise ModelError(f"method.reference_model {method.reference_model!r} does not exist")
         if not method.use_reference_model:
             warnings.append("method.reference_model is ignored because method.use_reference_model is false")
+    if method.name == "ppo":
+        from posttrain.data.sources import is_local_path
+
+        for key in ("reward_model", "critic_model"):
+            name = getattr(method, key)
+            if name and is_local_path(name) and not Path(name).expanduser().is_dir():
+                raise ModelError(f"method.{key} {name!r} does not exist (expected a reward job's final/ or a "
+                                 "sequence-classification model folder)")
     if spec.training.eval_steps and spec.data.validation.split_ratio is None and spec.data.validation.source is None:
         warnings.append("training.eval_steps is set but there is no validation data; no evaluation will run")
 
