@@ -10,10 +10,9 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import httpx
 import pytest
 import torch
-from inference_harness import greedy, start_server
+from inference_harness import get, greedy, post, start_server
 from transformers import AutoModelForCausalLM
 
 from posttrain.modeling import resolve_model_path
@@ -49,14 +48,14 @@ def adapters(tmp_path_factory) -> dict[str, Path]:
 
 
 def test_health_and_models(server):
-    assert httpx.get(f"{server.url}/health").status_code == 200
-    models = httpx.get(f"{server.url}/v1/models").json()["data"]
+    assert get(f"{server.url}/health").status_code == 200
+    models = get(f"{server.url}/v1/models").json()["data"]
     assert [m["id"] for m in models] == [MODEL]
 
 
 def test_generate_has_vllms_native_shape(server):
     body = {"prompt": {"prompt_token_ids": PROMPT}, "logprobs": 0, "n": 3, "max_tokens": 5, "temperature": 1.0}
-    reply = httpx.post(f"{server.url}/generate", json=body, timeout=60).json()
+    reply = post(f"{server.url}/generate", json=body).json()
 
     assert reply["prompt_token_ids"] == PROMPT
     assert len(reply["text"]) == len(reply["token_ids"]) == len(reply["logprobs"]) == len(reply["finish_reasons"]) == 3
@@ -114,7 +113,7 @@ def test_concurrent_requests_are_batched_and_greedy_matches_one_by_one(server):
         with ThreadPoolExecutor(len(prompts)) as pool:
             together = list(pool.map(lambda p: greedy(server.url, p, max_tokens=6), prompts))
         assert together == one_by_one
-        if httpx.get(f"{server.url}/weights/info").json()["largest_batch"] > 1:
+        if get(f"{server.url}/weights/info").json()["largest_batch"] > 1:
             break
     else:
         pytest.fail("concurrent requests were never generated in one batch")
@@ -135,9 +134,9 @@ def test_left_padded_batch_equals_each_prompt_alone():
 
 def test_stop_strings_cut_the_text(server):
     body = {"prompt": {"prompt_token_ids": PROMPT}, "max_tokens": 8, "temperature": 0, "ignore_eos": True}
-    full = httpx.post(f"{server.url}/generate", json=body).json()["text"][0]
+    full = post(f"{server.url}/generate", json=body).json()["text"][0]
     stop = full[2:4]
-    cut = httpx.post(f"{server.url}/generate", json={**body, "stop": [stop]}).json()
+    cut = post(f"{server.url}/generate", json={**body, "stop": [stop]}).json()
     assert cut["finish_reasons"] == ["stop"]
     assert stop not in cut["text"][0] and full.startswith(cut["text"][0])
 
@@ -145,28 +144,33 @@ def test_stop_strings_cut_the_text(server):
 def test_lora_load_unload_and_the_base_name_serves_the_newest(server, adapters):
     url = server.url
     base = greedy(url, PROMPT)
-    load = httpx.post(f"{url}/v1/load_lora_adapter", json={"lora_name": "a", "lora_path": str(adapters["a"])})
+    load = post(f"{url}/v1/load_lora_adapter", json={"lora_name": "a", "lora_path": str(adapters["a"])})
     assert load.status_code == 200, load.text
     with_a = greedy(url, PROMPT)
     assert with_a != base
     assert greedy(url, PROMPT, model=MODEL) == with_a == greedy(url, PROMPT, model="a")
 
     # The seed server's route; the newest adapter wins for unnamed requests, older ones stay addressable.
-    reply = httpx.post(f"{url}/lora/load", json={"adapter_path": str(adapters["b"]), "adapter_name": "b"})
+    reply = post(f"{url}/lora/load", json={"adapter_path": str(adapters["b"]), "adapter_name": "b"})
     assert reply.status_code == 200, reply.text
     with_b = greedy(url, PROMPT)
     assert with_b not in (base, with_a)
     assert greedy(url, PROMPT, model="a") == with_a
-    assert [m["id"] for m in httpx.get(f"{url}/v1/models").json()["data"]] == [MODEL, "a", "b"]
+    assert [m["id"] for m in get(f"{url}/v1/models").json()["data"]] == [MODEL, "a", "b"]
 
     # In place: same name, new weights.
     inplace = {"lora_name": "a", "lora_path": str(adapters["b"]), "load_inplace": True}
-    assert httpx.post(f"{url}/v1/load_lora_adapter", json=inplace).status_code == 200
+    assert post(f"{url}/v1/load_lora_adapter", json=inplace).status_code == 200
     assert greedy(url, PROMPT, model="a") == with_b
 
     for name in ("a", "b"):
-        assert httpx.post(f"{url}/v1/unload_lora_adapter", json={"lora_name": name}).status_code == 200
+        assert post(f"{url}/v1/unload_lora_adapter", json={"lora_name": name}).status_code == 200
     assert greedy(url, PROMPT) == base
+
+    # Loading again reuses a freed slot (a tensor copy, no PEFT injection): same outputs as a fresh load.
+    assert post(f"{url}/v1/load_lora_adapter", json={"lora_name": "c", "lora_path": str(adapters["a"])}).is_success
+    assert greedy(url, PROMPT) == with_a
+    assert post(f"{url}/v1/unload_lora_adapter", json={"lora_name": "c"}).is_success
 
 
 @pytest.mark.parametrize("path,body,status", [
@@ -190,33 +194,33 @@ def test_lora_load_unload_and_the_base_name_serves_the_newest(server, adapters):
     ("/weights/broadcast/update", {}, 409),
 ])
 def test_bad_requests_are_4xx_with_a_message(server, path, body, status):
-    reply = httpx.post(f"{server.url}{path}", json=body, timeout=60)
+    reply = post(f"{server.url}{path}", json=body)
     assert reply.status_code == status, reply.text
     assert reply.json()["detail"]
 
 
 def test_malformed_json_and_too_big_adapters_are_refused(server, adapters):
-    reply = httpx.post(f"{server.url}/generate", content=b"{not json", headers={"content-type": "application/json"})
+    reply = post(f"{server.url}/generate", content=b"{not json", headers={"content-type": "application/json"})
     assert reply.status_code == 422
     too_big = {"lora_name": "big", "lora_path": str(adapters["too-big"])}
-    reply = httpx.post(f"{server.url}/v1/load_lora_adapter", json=too_big)
+    reply = post(f"{server.url}/v1/load_lora_adapter", json=too_big)
     assert reply.status_code == 400 and "max-lora-rank 8" in reply.text
 
 
 def test_pause_twice_is_a_conflict_and_resume_is_idempotent(server):
-    assert httpx.post(f"{server.url}/weights/pause", json={"timeout_s": 30}).status_code == 200
+    assert post(f"{server.url}/weights/pause", json={"timeout_s": 30}).status_code == 200
     try:
-        assert httpx.post(f"{server.url}/weights/pause", json={"timeout_s": 30}).status_code == 409
+        assert post(f"{server.url}/weights/pause", json={"timeout_s": 30}).status_code == 409
     finally:
-        assert httpx.post(f"{server.url}/weights/resume").json()["resumed"] is True
-    assert httpx.post(f"{server.url}/weights/resume").json()["resumed"] is False
+        assert post(f"{server.url}/weights/resume").json()["resumed"] is True
+    assert post(f"{server.url}/weights/resume").json()["resumed"] is False
     assert len(greedy(server.url, PROMPT)) == 8
 
 
 def test_lora_is_refused_unless_enabled(tmp_path: Path, adapters):
     server = start_server(MODEL, tmp_path)
     try:
-        reply = httpx.post(f"{server.url}/v1/load_lora_adapter", json={"lora_name": "a",
+        reply = post(f"{server.url}/v1/load_lora_adapter", json={"lora_name": "a",
                                                                        "lora_path": str(adapters["a"])})
         assert reply.status_code == 400 and "--enable-lora" in reply.text
     finally:

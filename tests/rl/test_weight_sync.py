@@ -16,7 +16,15 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
-from inference_harness import free_port, greedy, local_greedy, serve_command, sgd_steps, start_server
+from inference_harness import (
+    free_port,
+    get,
+    greedy,
+    local_greedy,
+    serve_command,
+    sgd_steps,
+    start_server,
+)
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from waiting import wait_for
 
@@ -83,7 +91,7 @@ def test_a_request_arriving_during_the_pause_is_served_by_the_new_weights(tmp_pa
         answer: list[list[int]] = []
         waiting = threading.Thread(target=lambda: answer.append(greedy(server.url, PROMPT)))
         waiting.start()
-        wait_for(lambda: httpx.get(f"{server.url}/weights/info").json()["pending_requests"] == 1,
+        wait_for(lambda: get(f"{server.url}/weights/info").json()["pending_requests"] == 1,
                  what="the request to reach the paused server")
         torch.manual_seed(1)
         with torch.no_grad():  # the optimizer step, by hand, while the request waits
@@ -126,7 +134,7 @@ def test_broadcast_sends_every_tensor_over_gloo(tmp_path: Path, tokenizer):
         sgd_steps(model, tokenizer, TARGET, steps=2)
         sync.after_update(model, step=2)
         assert_serves_trainer_weights(server.url, model, tokenizer, first)
-        assert httpx.get(f"{server.url}/weights/info").json()["version"] == 2
+        assert get(f"{server.url}/weights/info").json()["version"] == 2
     finally:
         sync.close()
         server.stop()
@@ -144,10 +152,13 @@ def test_lora_only_hot_loads_each_new_adapter(tmp_path: Path, tokenizer, inplace
         first = assert_serves_trainer_weights(server.url, model, tokenizer, base)
         sgd_steps(model, tokenizer, TARGET, steps=3, lr=2.0)
         sync.after_update(model, step=2)
-        assert_serves_trainer_weights(server.url, model, tokenizer, first)
+        second = assert_serves_trainer_weights(server.url, model, tokenizer, first)
+        sgd_steps(model, tokenizer, TARGET, steps=3, lr=2.0)
+        sync.after_update(model, step=3)  # from here on the server reuses a freed adapter slot
+        assert_serves_trainer_weights(server.url, model, tokenizer, second)
 
-        served = [m["id"] for m in httpx.get(f"{server.url}/v1/models").json()["data"]]
-        assert served == ["posttrain:tiny", "policy" if inplace else "policy-step-2"]
+        served = [m["id"] for m in get(f"{server.url}/v1/models").json()["data"]]
+        assert served == ["posttrain:tiny", "policy" if inplace else "policy-step-3"]
         assert len(list((tmp_path / "run" / "adapters").iterdir())) == 1, "old adapter folders are removed"
     finally:
         sync.close()
