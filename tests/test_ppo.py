@@ -267,3 +267,12 @@ def test_ppo_spec_errors_name_the_key():
     with pytest.raises(ConfigError, match=r"did you mean 'method\.cliprange_value'"):
         spec_from_dict({"method": {"name": "ppo", "reward_model": "x", "cliprange_values": 0.1},
                         "training": {"max_steps": 2}})
+
+
+def test_a_missing_reward_model_fails_before_training_and_names_the_key(tmp_path: Path, prompts_file: Path):
+    spec = spec_from_dict({"method": {"name": "ppo", "reward_model": str(tmp_path / "nowhere")},
+                           "data": {"source": str(prompts_file)}, "training": {"max_steps": 2},
+                           "tracking": {"report_to": []}})
+    result = run_worker(spec, tmp_path / "run", log_to_file=False)
+    assert result.state == "failed" and result.input_error
+    assert "method.reward_model" in result.error and "nowhere" in result.error

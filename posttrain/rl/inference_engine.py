@@ -15,6 +15,7 @@ import threading
 import time
 from collections import OrderedDict
 from concurrent.futures import Future
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +23,8 @@ import torch
 
 from posttrain.errors import PosttrainError
 from posttrain.rl.generation import GenerationResult, SamplingParams, generate_batch
+from posttrain.rl.lora_slots import AdapterSlots
+from posttrain.rl.shared_weights import UpdateLock
 
 log = logging.getLogger(__name__)
 
@@ -65,16 +68,19 @@ class WeightsLock:
     def paused(self) -> bool:
         return self._pause_token is not None
 
-    def pause(self, timeout_s: float) -> None:
+    def pause(self, timeout_s: float, blocking: bool = True) -> bool:
+        """Take the lock for a weight update; False only when ``blocking`` is off and a batch is in flight."""
         if self._pause_token is not None:
             raise RequestError("generation is already paused; resume it first", status=409)
-        self._lock.acquire()
+        if not self._lock.acquire(blocking=blocking):
+            return False
         token = object()
         with self._state:
             self._pause_token = token
         timer = threading.Timer(timeout_s, self._expire, args=(token,))
         timer.daemon = True
         timer.start()
+        return True
 
     def resume(self) -> bool:
         """Release a pause; False when generation was not paused."""
@@ -95,9 +101,10 @@ class WeightsLock:
 
 class InferenceEngine:
     def __init__(self, model, tokenizer, model_name: str, *, max_batch_size: int = 64, batch_wait_s: float = 0.005,
-                 max_model_len: int | None = None, enable_lora: bool = False, max_lora_rank: int = 16) -> None:
+                 max_model_len: int | None = None, enable_lora: bool = False, max_lora_rank: int = 16,
+                 update_lock: UpdateLock | None = None) -> None:
         self.base_model = model.eval()
-        self.model = self.base_model  # becomes a PeftModel once an adapter is loaded
+        self.lora = AdapterSlots(self.base_model)
         self.tokenizer = tokenizer
         self.model_name = model_name
         self.max_batch_size = max_batch_size
@@ -105,13 +112,21 @@ class InferenceEngine:
         self.max_model_len = max_model_len or getattr(model.config, "max_position_embeddings", None) or 2048
         self.enable_lora = enable_lora
         self.max_lora_rank = max_lora_rank
-        self.adapters: OrderedDict[str, str] = OrderedDict()  # name -> path, oldest first
         self.weights_lock = WeightsLock()
+        self.update_lock = update_lock  # shared_vllm: the trainer's optimizer step, across processes
         self.weights_version = 0
         self.generated_tokens = 0
+        self.largest_batch = 0  # most requests generated together so far
+        self.pending = 0  # requests submitted and not answered yet
+        self._pending_lock = threading.Lock()
         self._queue: queue.Queue[_Job | None] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="inference-engine", daemon=True)
         self._thread.start()
+
+    @property
+    def adapters(self) -> OrderedDict[str, str]:
+        """Loaded adapters, name -> folder, oldest first (the newest serves unnamed requests)."""
+        return self.lora.loaded
 
     # -- generation -------------------------------------------------------------------------------------------
     def submit(self, prompt: list[int], params: SamplingParams, adapter: str | None = None) -> Future:
@@ -128,8 +143,15 @@ class InferenceEngine:
         if adapter is not None and adapter not in self.adapters:
             raise RequestError(f"model {adapter!r} does not exist", status=404)
         future: Future = Future()
+        with self._pending_lock:
+            self.pending += 1
+        future.add_done_callback(self._answered)
         self._queue.put(_Job(prompt, params, adapter, future))
         return future
+
+    def _answered(self, _future: Future) -> None:
+        with self._pending_lock:
+            self.pending -= 1
 
     def generate(self, prompt: list[int], params: SamplingParams, adapter: str | None = None) -> GenerationResult:
         return self.submit(prompt, params, adapter).result()
@@ -154,7 +176,8 @@ class InferenceEngine:
                     self._queue.put(None)
                     break
                 jobs.append(job)
-            with self.weights_lock:
+            self.largest_batch = max(self.largest_batch, len(jobs))
+            with self.weights_lock, self.update_lock.serving() if self.update_lock else nullcontext():
                 for adapter, group in self._group_by_adapter(jobs).items():
                     self._generate_group(adapter, group)
 
@@ -171,9 +194,8 @@ class InferenceEngine:
 
     def _generate_group(self, adapter: str | None, jobs: list[_Job]) -> None:
         try:
-            if adapter is not None:
-                self.model.set_adapter(adapter)
-            results = generate_batch(self.model, self.tokenizer, [j.prompt for j in jobs], [j.params for j in jobs])
+            with self.lora.activate(adapter) as model:
+                results = generate_batch(model, self.tokenizer, [j.prompt for j in jobs], [j.params for j in jobs])
         except Exception as exc:  # a failed batch fails its requests, never the engine thread
             log.exception("generation failed")
             for job in jobs:
@@ -193,48 +215,29 @@ class InferenceEngine:
         if not config_file.is_file():
             raise RequestError(f"lora_path {path!r} is not a LoRA adapter folder (no adapter_config.json)")
         try:
-            rank = int(json.loads(config_file.read_text()).get("r", 0))
-        except (ValueError, TypeError) as exc:
-            raise RequestError(f"{config_file} is not valid JSON: {exc}") from None
+            config = json.loads(config_file.read_text())
+            rank = int(config.get("r", 0))
+        except (ValueError, TypeError, AttributeError) as exc:
+            raise RequestError(f"{config_file} is not a valid adapter config: {exc}") from None
         if rank > self.max_lora_rank:
             raise RequestError(f"adapter rank {rank} exceeds --max-lora-rank {self.max_lora_rank}")
         if name in self.adapters and not inplace:
             raise RequestError(f"adapter {name!r} is already loaded; unload it or pass load_inplace=true")
         with self.weights_lock:
-            self._load_adapter_locked(name, folder)
-            self.adapters.pop(name, None)
-            self.adapters[name] = str(folder)
+            try:
+                self.lora.load(name, folder, config)
+            except (OSError, ValueError, KeyError, RuntimeError) as exc:
+                raise RequestError(f"cannot load adapter {name!r} from {folder}: {exc}") from None
             self.weights_version += 1
-
-    def _load_adapter_locked(self, name: str, folder: Path) -> None:
-        from peft import PeftModel
-
-        try:
-            if self.model is self.base_model:
-                self.model = PeftModel.from_pretrained(self.base_model, folder, adapter_name=name).eval()
-                return
-            if name in self.adapters:
-                self.model.delete_adapter(name)
-            self.model.load_adapter(folder, adapter_name=name)
-        except (OSError, ValueError, KeyError, RuntimeError) as exc:
-            raise RequestError(f"cannot load adapter {name!r} from {folder}: {exc}") from None
 
     def unload_adapter(self, name: str) -> None:
         if name not in self.adapters:
             raise RequestError(f"adapter {name!r} is not loaded", status=404)
         with self.weights_lock:
-            if len(self.adapters) == 1:
-                # Removing the last adapter: strip the LoRA layers and serve the plain base model again.
-                self.model = self.model.unload()
-                self.base_model = self.model
-            else:
-                self.model.delete_adapter(name)
-                remaining = [a for a in self.adapters if a != name]
-                self.model.set_adapter(remaining[-1])
-            del self.adapters[name]
+            self.lora.unload(name)
             self.weights_version += 1
 
     # -- weights ----------------------------------------------------------------------------------------------
     def named_weights(self) -> list[tuple[str, torch.Tensor]]:
         """The base model's parameters by the names a trainer's transformers model uses."""
-        return list(self.base_model.named_parameters())
+        return self.lora.base_parameters()

@@ -7,7 +7,6 @@ import os
 import shutil
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Literal
 
 import torch
@@ -100,17 +99,19 @@ def build_app(options: ServeOptions):
     from posttrain.modeling import apply_threads
     from posttrain.rl.inference_engine import InferenceEngine
     from posttrain.rl.inference_server import WeightState, create_app
-    from posttrain.rl.shared_weights import share_model_weights
+    from posttrain.rl.shared_weights import UpdateLock, share_model_weights
 
     apply_threads(options.num_threads, resolve_device(options.device))
     model, tokenizer = load_served_model(options)
     weights = WeightState()
+    update_lock = None
     if options.shared_weights:
         weights.shared_layout, weights.shared_buffer = share_model_weights(
             model, options.shared_weights_dir, tag=f"posttrain-{options.port}")
+        update_lock = UpdateLock(weights.shared_layout.lock_path or "")
     engine = InferenceEngine(model, tokenizer, options.name, max_batch_size=options.max_batch_size,
                              max_model_len=options.max_model_len, enable_lora=options.enable_lora,
-                             max_lora_rank=options.max_lora_rank)
+                             max_lora_rank=options.max_lora_rank, update_lock=update_lock)
     return create_app(engine, weights)
 
 
@@ -122,12 +123,5 @@ def run_server(options: ServeOptions) -> None:
         exec_vllm(options)
         return
     app = build_app(options)
-    layout = app.state.weights.shared_layout
     print(f"posttrain inference server: {options.name} on http://{options.host}:{options.port}", flush=True)
-    try:
-        uvicorn.run(app, host=options.host, port=options.port, log_level="warning", timeout_graceful_shutdown=30)
-    finally:
-        app.state.engine.close()
-        if layout is not None and layout.path:
-            # The trainer keeps its mapping alive; the name in /dev/shm goes with the server.
-            Path(layout.path).unlink(missing_ok=True)
+    uvicorn.run(app, host=options.host, port=options.port, log_level="warning", timeout_graceful_shutdown=30)

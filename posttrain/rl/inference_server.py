@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -191,20 +193,26 @@ def weights_info(request: Request) -> dict[str, Any]:
     engine, weights = engine_of(request), weights_of(request)
     return {"model": engine.model_name, "version": engine.weights_version, "paused": engine.weights_lock.paused,
             "shared": weights.shared_layout.to_json() if weights.shared_layout else None,
-            "broadcast_ready": weights.broadcast_group is not None,
+            "broadcast_ready": weights.broadcast_group is not None, "pending_requests": engine.pending,
+            "largest_batch": engine.largest_batch, "generated_tokens": engine.generated_tokens,
             "device": str(next(engine.base_model.parameters()).device)}
 
 
 @router.post("/weights/pause")
-def weights_pause(body: PauseRequest, request: Request) -> dict[str, Any]:
-    """Block until the batch in flight ends, then hold generation until /weights/resume (or the timeout)."""
+async def weights_pause(body: PauseRequest, request: Request) -> dict[str, Any]:
+    """Block until the batch in flight ends, then hold generation until /weights/resume (or the timeout).
+
+    Async with a non-blocking first try: an idle server pauses without a thread hop (this is on the
+    trainer's critical path every step); only a busy one waits in a worker thread.
+    """
     engine = engine_of(request)
-    engine.weights_lock.pause(body.timeout_s)
+    if not engine.weights_lock.pause(body.timeout_s, blocking=False):
+        await asyncio.to_thread(engine.weights_lock.pause, body.timeout_s)
     return {"paused": True, "version": engine.weights_version}
 
 
 @router.post("/weights/resume")
-def weights_resume(request: Request) -> dict[str, Any]:
+async def weights_resume(request: Request) -> dict[str, Any]:
     engine = engine_of(request)
     if engine.weights_lock.paused:
         engine.weights_version += 1  # the trainer paused to change the weights
@@ -258,9 +266,22 @@ def broadcast_close(request: Request) -> dict[str, bool]:
 
 
 def create_app(engine: InferenceEngine, weights: WeightState | None = None) -> FastAPI:
-    app = FastAPI(title="posttrain inference server")
+    weights = weights or WeightState()
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        # Runs on uvicorn's graceful shutdown (SIGTERM / Ctrl-C): uvicorn then re-raises the signal, so code
+        # after uvicorn.run() would never run.
+        yield
+        engine.close()
+        if weights.shared_layout is not None:
+            # A trainer keeps its own mapping; the names in /dev/shm go with the server.
+            for file in weights.shared_layout.files():
+                file.unlink(missing_ok=True)
+
+    app = FastAPI(title="posttrain inference server", lifespan=lifespan)
     app.state.engine = engine
-    app.state.weights = weights or WeightState()
+    app.state.weights = weights
     app.include_router(router)
     app.include_router(openai_router)
 

@@ -92,13 +92,12 @@ def build_reference(spec: JobSpec, placement: Placement, actor: torch.nn.Module)
     return reference.requires_grad_(False)
 
 
-def reference_logprobs(reference, actor, rollouts: Rollouts, temperature: float) -> torch.Tensor:
-    rows = rollouts.rows(torch.arange(rollouts.size))
+def reference_logprobs(reference, actor, rows: dict[str, torch.Tensor], context_length: int,
+                       temperature: float) -> torch.Tensor:
     if reference is actor:
         with actor.disable_adapter():
-            return response_logprobs(actor, **rows, context_length=rollouts.context_length,
-                                     temperature=temperature)[0]
-    return response_logprobs(reference, **rows, context_length=rollouts.context_length, temperature=temperature)[0]
+            return response_logprobs(actor, **rows, context_length=context_length, temperature=temperature)[0]
+    return response_logprobs(reference, **rows, context_length=context_length, temperature=temperature)[0]
 
 
 def score_answers(reward: RewardModel, rollouts: Rollouts, method: PPOMethod, max_length: int,
@@ -124,20 +123,16 @@ def evaluate_rollouts(actor, reference, critic, reward: RewardModel, rollouts: R
     actor.eval()
     critic.eval()
     parts: dict[str, list[torch.Tensor]] = {"logprobs": [], "entropy": [], "ref": [], "values": []}
+    context = rollouts.context_length
     for start in range(0, rollouts.size, micro):
-        index = torch.arange(start, min(start + micro, rollouts.size))
-        part = Rollouts(rollouts.prompts, **rollouts.rows(index), context_length=rollouts.context_length,
-                        mask=rollouts.mask[index], texts=rollouts.texts, ended=rollouts.ended[index],
-                        generation_seconds=0.0)
-        logprobs, entropy = response_logprobs(actor, **part.rows(torch.arange(part.size)),
-                                              context_length=part.context_length, temperature=method.temperature,
-                                              with_entropy=True)
+        rows = rollouts.rows(torch.arange(start, min(start + micro, rollouts.size)))
+        logprobs, entropy = response_logprobs(actor, **rows, context_length=context,
+                                              temperature=method.temperature, with_entropy=True)
         parts["logprobs"].append(logprobs)
         parts["entropy"].append(entropy)
-        parts["ref"].append(reference_logprobs(reference, actor, part, method.temperature))
-        values = token_values(critic, **part.rows(torch.arange(part.size)))
+        parts["ref"].append(reference_logprobs(reference, actor, rows, context, method.temperature))
         # The value of the state before each answer token: the head's output one position earlier.
-        parts["values"].append(values[:, part.context_length - 1:-1])
+        parts["values"].append(token_values(critic, **rows)[:, context - 1:-1])
     actor.train()
     critic.train()
     logprobs, entropy, ref, values = (torch.cat(parts[k]) for k in ("logprobs", "entropy", "ref", "values"))

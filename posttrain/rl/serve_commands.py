@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.table import Table
 
 from posttrain.errors import PosttrainError
 
@@ -51,6 +54,45 @@ def serve_inference(
         raise typer.Exit(2) from None
 
 
+def bench_sync(
+    model: Annotated[str, typer.Option(help="Model to measure (folder, hub id or posttrain:smollm2).")] = "posttrain:smollm2",
+    steps: Annotated[int, typer.Option(help="Optimizer steps (= syncs) per mode.")] = 3,
+    modes: Annotated[str, typer.Option(help="Comma-separated: shared_vllm, broadcast, lora_only, lora_inplace, "
+                                            "none.")] = "shared_vllm,broadcast,lora_only,lora_inplace,none",
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Also write the report as JSON here.")] = None,
+) -> None:
+    """Measure every weight-sync mode on one model side by side, plus generation tokens/s."""
+    from posttrain.rl.sync_bench import run_benchmark
+
+    chosen = tuple(m.strip() for m in modes.split(",") if m.strip())
+    known = {"shared_vllm", "broadcast", "lora_only", "lora_inplace", "none"}
+    if not chosen or set(chosen) - known:
+        console.print(f"[bold red]error:[/] --modes {modes!r}: choose from {', '.join(sorted(known))}")
+        raise typer.Exit(2)
+    try:
+        report = run_benchmark(model, steps=steps, modes=chosen, progress=lambda m: console.print(f"measuring {m}"))
+    except PosttrainError as exc:
+        console.print(f"[bold red]error:[/] {exc.message}", highlight=False)
+        raise typer.Exit(2) from None
+    table = Table(title=f"weight sync on {model} ({steps} syncs per mode)")
+    for column in ("mode", "median", "min", "max", "served = trainer", "Atropos README"):
+        table.add_column(column)
+    for mode, row in report["modes"].items():
+        table.add_row(mode, f"{row['median_s'] * 1000:.1f} ms", f"{row['min_s'] * 1000:.1f} ms",
+                      f"{row['max_s'] * 1000:.1f} ms", str(row["served_matches_trainer"]), row["seed_readme"])
+    Console().print(table)
+    generation = report["generation"]
+    Console().print("generation: " + ", ".join(f"{k} {v:.1f}" if isinstance(v, float) else f"{k} {v}"
+                                              for k, v in generation.items()))
+    if output is not None:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(json.dumps(report, indent=2) + "\n")
+        console.print(f"report written to {output}")
+    if not all(row["served_matches_trainer"] for row in report["modes"].values()):
+        raise typer.Exit(1)
+
+
 def register(app: typer.Typer) -> None:
     """Add this module's commands to the `posttrain rl` app."""
     app.command("serve-inference")(serve_inference)
+    app.command("bench-sync")(bench_sync)

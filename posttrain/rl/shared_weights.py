@@ -13,9 +13,12 @@ very bytes the server generates from.
 from __future__ import annotations
 
 import base64
+import fcntl
 import math
 import os
 import pickle
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,15 +39,60 @@ class SharedLayout:
     params: list[dict[str, Any]]  # {"name", "dtype", "shape", "offset"}
     path: str | None = None  # kind=file
     ipc_handle: str | None = None  # kind=cuda_ipc: base64 pickle of torch's (rebuild function, args)
+    lock_path: str | None = None  # the UpdateLock's files are lock_path + ".intent" / ".lock"
 
     def to_json(self) -> dict[str, Any]:
         return {"kind": self.kind, "total_bytes": self.total_bytes, "params": self.params, "path": self.path,
-                "ipc_handle": self.ipc_handle}
+                "ipc_handle": self.ipc_handle, "lock_path": self.lock_path}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> SharedLayout:
         return cls(data["kind"], int(data["total_bytes"]), list(data["params"]), data.get("path"),
-                   data.get("ipc_handle"))
+                   data.get("ipc_handle"), data.get("lock_path"))
+
+    def files(self) -> list[Path]:
+        """The files the server created (removed when it shuts down)."""
+        files = [Path(self.path)] if self.path else []
+        if self.lock_path:
+            files += [Path(self.lock_path + ".intent"), Path(self.lock_path + ".lock")]
+        return files
+
+
+class UpdateLock:
+    """Cross-process exclusion between the server's batches and the trainer's optimizer step, with flock.
+
+    No HTTP on the trainer's critical path: an uncontended pause costs two system calls. Two files make it
+    fair: the trainer first takes ``intent`` (exclusive), which the server passes through (shared) before
+    each batch, so a busy server cannot starve a trainer that is waiting for the batch in flight to end.
+    """
+
+    def __init__(self, base: str) -> None:
+        self._intent = os.open(base + ".intent", os.O_RDWR | os.O_CREAT, 0o600)
+        self._weights = os.open(base + ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+
+    @contextmanager
+    def serving(self) -> Iterator[None]:
+        """Server side, around one batch: wait while a trainer is updating or waiting to update."""
+        fcntl.flock(self._intent, fcntl.LOCK_SH)
+        fcntl.flock(self._intent, fcntl.LOCK_UN)
+        fcntl.flock(self._weights, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(self._weights, fcntl.LOCK_UN)
+
+    def acquire_update(self) -> None:
+        """Trainer side, before optimizer.step(): returns once no batch is being generated."""
+        fcntl.flock(self._intent, fcntl.LOCK_EX)
+        fcntl.flock(self._weights, fcntl.LOCK_EX)
+
+    def release_update(self) -> None:
+        fcntl.flock(self._weights, fcntl.LOCK_UN)
+        fcntl.flock(self._intent, fcntl.LOCK_UN)
+
+    def close(self) -> None:
+        os.close(self._intent)
+        os.close(self._weights)
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -73,15 +121,16 @@ def share_model_weights(model: torch.nn.Module, directory: str | Path = "/dev/sh
     named = list(model.named_parameters())
     params, total = plan_layout(named)
     device = named[0][1].device
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    base = str(directory / f"{tag}-weights-{os.getpid()}")
     if device.type == "cuda":
         from torch.multiprocessing.reductions import reduce_tensor
 
         buffer = torch.empty(total, dtype=torch.uint8, device=device)
         layout_kind, path = "cuda_ipc", None
     else:
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        path = str(directory / f"{tag}-weights-{os.getpid()}.bin")
+        path = base + ".bin"
         Path(path).unlink(missing_ok=True)
         buffer = torch.from_file(path, shared=True, size=total, dtype=torch.uint8)
         layout_kind = "file"
@@ -92,7 +141,7 @@ def share_model_weights(model: torch.nn.Module, directory: str | Path = "/dev/sh
     handle = None
     if layout_kind == "cuda_ipc":
         handle = base64.b64encode(pickle.dumps(reduce_tensor(buffer))).decode()
-    return SharedLayout(layout_kind, total, params, path, handle), buffer
+    return SharedLayout(layout_kind, total, params, path, handle, lock_path=base), buffer
 
 
 def map_shared_buffer(layout: SharedLayout) -> torch.Tensor:

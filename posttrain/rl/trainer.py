@@ -105,6 +105,27 @@ def make_sync(spec: JobSpec, jd: JobDir, model_path: str):
     ))
 
 
+def attach_resumed(sync, model: torch.nn.Module, method: OnlineGRPOMethod, checkpoint: Path | None,
+                   step: int) -> torch.nn.Module:
+    """Attach the weight bridge; a resumed run then pushes its checkpoint's weights at once, so the first
+    rollouts after a resume come from the resumed policy, not from whatever the server held. (In none mode
+    the server was started on the checkpoint itself.) shared_vllm adopts the server's buffer on attach, so
+    the checkpoint's values are copied into it while generation is paused."""
+    resumed = checkpoint is not None and method.weight_bridge_mode != "none"
+    shared = resumed and method.weight_bridge_mode == "shared_vllm"
+    snapshot = {name: p.detach().clone() for name, p in model.named_parameters()} if shared else None
+    model = sync.attach(model)
+    if resumed:
+        sync.before_update()
+        if snapshot is not None:
+            with torch.no_grad():
+                for name, param in model.named_parameters():
+                    param.copy_(snapshot[name])
+        seconds = sync.after_update(model, step)
+        log.info("pushed the resumed weights of step %d to the inference server (%.3g s)", step, seconds)
+    return model
+
+
 def build_optimizer(spec: JobSpec, model: torch.nn.Module):
     from transformers import get_scheduler
 
@@ -187,7 +208,7 @@ def train_online(spec: JobSpec, jd: JobDir, resume: bool, stop, result, placemen
     client = TrajectoryAPIClient(method.api_url, poll_interval=method.poll_interval, should_stop=stop.is_set)
     try:
         if sync is not None:
-            model = sync.attach(model)
+            model = attach_resumed(sync, model, method, checkpoint, state.step)
         optimizer, scheduler = build_optimizer(spec, model)
         if checkpoint:
             load_training_state(checkpoint, optimizer, scheduler)

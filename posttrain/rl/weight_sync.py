@@ -140,6 +140,7 @@ class LoraSync(WeightSync):
     def __init__(self, config: SyncConfig) -> None:
         super().__init__(config)
         self.current: tuple[str, Path] | None = None
+        self._saved_tensors: dict[str, torch.Tensor] | None = None  # adapter file key -> live parameter
 
     def attach(self, model: torch.nn.Module) -> torch.nn.Module:
         if not _is_peft(model):
@@ -156,7 +157,7 @@ class LoraSync(WeightSync):
         if inplace:
             # Write beside, then swap in, so the server never reads a half-written adapter.
             folder = folder.with_name(f"{name}-{step}")
-        model.save_pretrained(folder)
+        self._save_adapter(model, folder)
         self._post("/v1/load_lora_adapter", json={"lora_name": name, "lora_path": str(folder),
                                                   "load_inplace": inplace})
         previous, self.current = self.current, (name, folder)
@@ -167,47 +168,88 @@ class LoraSync(WeightSync):
                 shutil.rmtree(previous[1], ignore_errors=True)
         return time.perf_counter() - started
 
+    def _save_adapter(self, model: Any, folder: Path) -> None:
+        """What ``save_pretrained`` writes minus the model card (half its time): config + safetensors.
+
+        PEFT's own ``get_peft_model_state_dict`` names the tensors once; later saves reuse those names.
+        """
+        from peft import get_peft_model_state_dict
+        from safetensors.torch import save_file
+
+        if self._saved_tensors is None:
+            state = get_peft_model_state_dict(model)
+            live = {p.data_ptr(): p for p in model.parameters()}
+            if not all(t.data_ptr() in live for t in state.values()):
+                model.save_pretrained(folder)  # tensors PEFT builds on the fly: let it do the whole save
+                return
+            self._saved_tensors = {key: live[t.data_ptr()] for key, t in state.items()}
+        folder.mkdir(parents=True, exist_ok=True)
+        with torch.no_grad():
+            tensors = {key: p.detach().contiguous() for key, p in self._saved_tensors.items()}
+        save_file(tensors, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
+        model.peft_config[model.active_adapter].save_pretrained(str(folder))
+
 
 class SharedMemorySync(WeightSync):
-    """``shared_vllm``: train on the server's own buffer; pause generation around the optimizer step."""
+    """``shared_vllm``: train on the server's own buffer; hold generation around the optimizer step.
+
+    The hold is the server's UpdateLock (flock, no HTTP) when its files are reachable, else the HTTP
+    /weights/pause and /weights/resume routes.
+    """
 
     def __init__(self, config: SyncConfig) -> None:
         super().__init__(config)
         self.buffer: torch.Tensor | None = None
-        self._pause_started: float | None = None
+        self.lock: Any = None
+        self._held_since: float | None = None
         self._pause_seconds = 0.0
 
     def attach(self, model: torch.nn.Module) -> torch.nn.Module:
-        from posttrain.rl.shared_weights import SharedLayout, attach_model_weights
+        from posttrain.rl.shared_weights import SharedLayout, UpdateLock, attach_model_weights
 
         info = self._get("/weights/info")
         if not info.get("shared"):
             raise WeightSyncError(f"the inference server at {self.url} does not share its weights; start it with "
                                   "`posttrain rl serve-inference --shared-weights`")
-        self.buffer = attach_model_weights(model, SharedLayout.from_json(info["shared"]))
+        layout = SharedLayout.from_json(info["shared"])
+        self.buffer = attach_model_weights(model, layout)
+        if layout.lock_path and Path(layout.lock_path + ".lock").exists():
+            self.lock = UpdateLock(layout.lock_path)
         return model
 
     def before_update(self) -> None:
-        self._pause_started = time.perf_counter()
-        self._post("/weights/pause", json={"timeout_s": self.config.timeout_s})
-        self._pause_seconds = time.perf_counter() - self._pause_started
+        started = time.perf_counter()
+        if self.lock is not None:
+            self.lock.acquire_update()
+        else:
+            self._post("/weights/pause", json={"timeout_s": self.config.timeout_s})
+        self._held_since = time.perf_counter()
+        self._pause_seconds = self._held_since - started
 
     def after_update(self, model: torch.nn.Module, step: int) -> float:
-        if self._pause_started is None:
+        if self._held_since is None:
             raise WeightSyncError("after_update without before_update: generation was never paused")
         if self.buffer is not None and self.buffer.is_cuda:
             torch.cuda.synchronize()  # the server's next kernel must see the finished optimizer step
-        resume_started = time.perf_counter()
-        self._post("/weights/resume")
-        # Sync overhead = the pause and resume round trips; the optimizer step between them is training time.
-        spent = self._pause_seconds + time.perf_counter() - resume_started
-        self._pause_started = None
-        return spent
+        started = time.perf_counter()
+        self._release()
+        # Sync overhead = taking and releasing the hold; the optimizer step between them is training time.
+        return self._pause_seconds + time.perf_counter() - started
+
+    def _release(self) -> None:
+        self._held_since = None
+        if self.lock is not None:
+            self.lock.release_update()
+        else:
+            self._post("/weights/resume")
 
     def close(self) -> None:
-        if self._pause_started is not None:
+        if self._held_since is not None:
             with contextlib.suppress(WeightSyncError):
-                self._post("/weights/resume")
+                self._release()
+        if self.lock is not None:
+            self.lock.close()
+            self.lock = None
         super().close()
 
 

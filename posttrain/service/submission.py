@@ -45,6 +45,8 @@ def path_fields(spec: JobSpec) -> dict[str, str | None]:
               "model.name_or_path": spec.model.name_or_path}
     if spec.method.name == "dpo":
         fields["method.reference_model"] = spec.method.reference_model
+    if spec.method.name == "online_grpo":  # where the trainer writes weights for its inference server
+        fields["method.sync_dir"] = spec.method.sync_dir
     if spec.method.name == "ppo":
         fields["method.reward_model"] = spec.method.reward_model
         fields["method.critic_model"] = spec.method.critic_model

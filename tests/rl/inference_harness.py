@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import socket
 import sys
 from pathlib import Path
@@ -10,6 +11,10 @@ import httpx
 import torch
 
 from posttrain.rl.server_process import InferenceServerProcess
+
+# A loaded 2-core machine can take seconds to answer the first LoRA load (importing PEFT): no 5 s default.
+post = functools.partial(httpx.post, timeout=120)
+get = functools.partial(httpx.get, timeout=120)
 
 
 def free_port() -> int:
@@ -37,7 +42,7 @@ def greedy(url: str, prompt: list[int], max_tokens: int = 8, model: str | None =
                   "logprobs": 0, "ignore_eos": True}
     if model is not None:
         body["model"] = model
-    response = httpx.post(f"{url}/generate", json=body, timeout=120)
+    response = post(f"{url}/generate", json=body)
     response.raise_for_status()
     return response.json()["token_ids"][0]
 
