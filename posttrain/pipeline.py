@@ -252,6 +252,7 @@ def plan_pipeline(data: dict[str, Any], overrides: list[str] | None = None, *, r
 
     merged: dict[str, dict[str, Any]] = {}
     needs: dict[str, list[str]] = {}
+    finals: list[tuple[str, str]] = []  # (stage, the stage whose final/ it uses)
     for raw in raw_stages:
         stage_name = raw["name"]
         body = {key: value for key, value in raw.items() if key != "name"}
@@ -261,7 +262,9 @@ def plan_pipeline(data: dict[str, Any], overrides: list[str] | None = None, *, r
         stage_data = apply_overrides(_merge(defaults, body), [*every, *per_stage[stage_name]])
         needs[stage_name] = []
         for expression in _references(stage_data):
-            target, _kind = _parse_reference(expression, f"stages.{stage_name}", names)
+            target, kind = _parse_reference(expression, f"stages.{stage_name}", names)
+            if kind == "final":
+                finals.append((stage_name, target))
             if target not in needs[stage_name]:
                 needs[stage_name].append(target)
         merged[stage_name] = stage_data
@@ -281,6 +284,11 @@ def plan_pipeline(data: dict[str, Any], overrides: list[str] | None = None, *, r
             raise ConfigError(f"stages.{stage_name}: {exc.message}") from None
         spec.output.dir = str(root_path / stage_name)
         stages.append(Stage(stage_name, spec, needs[stage_name]))
+    saves_final = {stage.name: stage.spec.output.save_final for stage in stages}
+    for user, target in finals:
+        if not saves_final[target]:
+            raise ConfigError(f"stages.{user}: uses ${{stages.{target}.final}}, but stage {target!r} does not save "
+                              "one (output.save_final: false)")
     return Pipeline(pipeline_name, root_path, stages)
 
 

@@ -67,6 +67,9 @@ def two_stages(**second) -> dict:
                               {"name": "b", "model": {"name_or_path": "${stages.a.final}"}}]},
      "uses the output of a cycle (a -> b -> a)"),
     (two_stages(output={"dir": "elsewhere"}), "stages.dpo.output.dir: the pipeline puts each stage in"),
+    ({"name": "p", "stages": [{"name": "a", "output": {"save_final": False}},
+                              {"name": "b", "model": {"name_or_path": "${stages.a.final}"}}]},
+     "stages.b: uses ${stages.a.final}, but stage 'a' does not save one (output.save_final: false)"),
 ])
 def test_bad_pipelines_are_refused_with_the_stage_and_key(document, message):
     with pytest.raises(ConfigError) as caught:
