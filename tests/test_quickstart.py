@@ -239,3 +239,20 @@ def test_docs_table_is_generated_from_the_keys():
     docs = (ROOT / "docs" / "quickstart.md").read_text()
     assert keys_table() in docs, "docs/quickstart.md is stale: paste posttrain.quickstart.keys_table()"
     assert len(KEYS) == keys_table().count("\n") - 1
+
+
+def test_quickstart_ppo_dry_run_prints_the_jobspec_it_runs():
+    from typer.testing import CliRunner
+
+    from posttrain.cli import app
+
+    result = CliRunner().invoke(app, ["quickstart", "ppo", *SEED_PPO, "--set", "training.max_steps=3", "--dry-run"])
+    assert result.exit_code == 0, result.output
+    printed = yaml.safe_load(result.stdout)
+    assert printed["method"] == {"name": "ppo", "reward_model": "runs/rw/final", "critic_model": "runs/rw/final",
+                                 "response_length": 32, "temperature": 0.9, "num_mini_batches": 2, "kl_coef": 0.1,
+                                 "gamma": 0.99, "lam": 0.9, "cliprange": 0.15, "cliprange_value": 0.3,
+                                 "reward_clip": 5, "whiten_advantages": False, "max_prompt_length": 64,
+                                 "critic_learning_rate": 5e-6}
+    assert "# ignored: ref.path=posttrain:tiny" in result.stdout
+    assert spec_from_dict(printed).method.name == "ppo"  # what it prints is a config posttrain train runs
