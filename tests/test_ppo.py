@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -276,3 +277,22 @@ def test_a_missing_reward_model_fails_before_training_and_names_the_key(tmp_path
     result = run_worker(spec, tmp_path / "run", log_to_file=False)
     assert result.state == "failed" and result.input_error
     assert "method.reward_model" in result.error and "nowhere" in result.error
+
+
+def test_a_pause_checkpoints_the_step_it_stops_at(tmp_path: Path, reward_dir: Path, prompts_file: Path):
+    job = JobDir(tmp_path / "run")
+    worker = start_worker(ppo_spec(reward_dir, prompts_file, max_steps=200), job.root)
+    try:
+        def two_steps() -> bool:
+            assert worker.poll() is None, f"the worker exited with {worker.returncode}: {job.read_status()}"
+            return (job.read_status().step if job.read_status() else 0) >= 2
+
+        wait_for(two_steps, timeout=600, what="two PPO steps")
+        worker.send_signal(signal.SIGUSR1)
+        assert worker.wait(300) == 75  # EX_TEMPFAIL: paused, continue later
+    finally:
+        kill_process(worker)
+    status = job.read_status()
+    assert status.state == "paused" and 2 <= status.step < 200
+    assert job.latest_checkpoint() == job.checkpoints_dir / f"checkpoint-{status.step}"
+    assert (job.latest_checkpoint() / "critic" / "adapter_config.json").is_file()

@@ -135,7 +135,6 @@ def build_critic(spec: JobSpec, placement: Placement, checkpoint: Path | None, t
     # without a pad token refuses batches of more than one row.
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
-    model.train()
     return model.to(placement.device)
 
 

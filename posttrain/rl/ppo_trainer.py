@@ -120,8 +120,6 @@ def score_answers(reward: RewardModel, rollouts: Rollouts, method: PPOMethod, ma
 def evaluate_rollouts(actor, reference, critic, reward: RewardModel, rollouts: Rollouts, method: PPOMethod,
                       kl_coef: float, max_length: int, micro: int) -> Scored:
     """Old log-probs, reference log-probs, values, rewards with the KL penalty, advantages and returns."""
-    actor.eval()
-    critic.eval()
     parts: dict[str, list[torch.Tensor]] = {"logprobs": [], "entropy": [], "ref": [], "values": []}
     context = rollouts.context_length
     for start in range(0, rollouts.size, micro):
@@ -133,8 +131,6 @@ def evaluate_rollouts(actor, reference, critic, reward: RewardModel, rollouts: R
         parts["ref"].append(reference_logprobs(reference, actor, rows, context, method.temperature))
         # The value of the state before each answer token: the head's output one position earlier.
         parts["values"].append(token_values(critic, **rows)[:, context - 1:-1])
-    actor.train()
-    critic.train()
     logprobs, entropy, ref, values = (torch.cat(parts[k]) for k in ("logprobs", "entropy", "ref", "values"))
     mask = rollouts.mask
     raw, scores = score_answers(reward, rollouts, method, max_length, micro)
@@ -251,6 +247,10 @@ def train_ppo(spec: JobSpec, jd: JobDir, resume: bool, stop, result, placement: 
     reference = build_reference(spec, placement, actor)
     reward = load_reward_model(spec, placement)
     critic = build_critic(spec, placement, checkpoint, tokenizer)
+    # Dropout off everywhere (eval mode; gradients still flow), as in TRL's PPO: the rollout's log-probs and
+    # values and the update's come from the same function, so the first mini-batch's ratio is exactly 1.
+    actor.eval()
+    critic.eval()
     actor_optimizer, actor_scheduler = build_optimizer(spec, actor)
     critic_spec = spec.model_copy(update={"training": training.model_copy(
         update={"learning_rate": method.critic_learning_rate or training.learning_rate})})
