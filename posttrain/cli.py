@@ -46,6 +46,12 @@ def config_keys_text() -> str:
 
 def _load(config: Path | None, overrides: list[str] | None) -> JobSpec:
     config, overrides = split_config_and_overrides(config, overrides)
+    if config is not None and config.is_file():
+        from posttrain.pipeline import is_pipeline_document
+        from posttrain.spec import load_yaml
+
+        if is_pipeline_document(load_yaml(config.read_text(), str(config))):
+            raise PosttrainError(f"{config} is a pipeline (it has stages:); run it with: posttrain pipeline {config}")
     return load_spec(config, overrides)
 
 
@@ -201,7 +207,7 @@ def demo(
 
 @app.command()
 def quickstart(
-    experiment: Annotated[str, typer.Argument(help="sft, rw (reward model) or dpo; ppo is not there yet.")],
+    experiment: Annotated[str, typer.Argument(help="sft, rw (reward model), dpo or ppo (actor, critic, ref and rew models).")],
     keys: Annotated[list[str] | None, typer.Argument(help="ReaLHF quickstart keys, e.g. experiment_name=x "
                                                            "trial_name=y model.path=posttrain:tiny.",
                                                       show_default=False)] = None,
@@ -238,6 +244,49 @@ def quickstart(
         config = Path(folder) / f"{plan.spec.name}.yaml"
         config.write_text(plan.yaml())
         train(config, None, resume=resume or plan.resume, overwrite=overwrite, output=plan.job_dir)
+
+
+@app.command("pipeline")
+def pipeline_command(
+    config: Annotated[Path, typer.Argument(help="Pipeline YAML: a `stages:` list of JobSpecs (docs/pipeline.md).")],
+    overrides: Annotated[list[str] | None, typer.Argument(
+        help="Dotted overrides: stages.NAME.a.b=c for one stage, a.b=c for every stage.", show_default=False)] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Resume the interrupted stage from its newest "
+                                                          "checkpoint (finished stages are always skipped).")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Delete the pipeline's earlier run first.")] = False,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Pipeline directory (same as output_dir).")]
+    = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Validate and print the planned stages as JSON.")]
+    = False,
+) -> None:
+    """Run stages (e.g. sft -> reward -> ppo) one after the other, each a JobSpec run as `posttrain train` runs
+    it, in its own job dir under the pipeline's; ${stages.NAME.final} names an earlier stage's output.
+
+    Example: posttrain pipeline examples/tiny-rlhf.yaml stages.ppo.training.max_steps=4
+    """
+    from posttrain.pipeline import load_pipeline, run_pipeline
+
+    try:
+        plan = load_pipeline(config, overrides, root=output)
+        if dry_run:
+            typer.echo(plan.plan_json(), nl=False)
+            return
+        if overwrite and plan.root.exists() and not resume:
+            remove_previous_run(plan.root)
+        result = run_pipeline(plan, resume=resume)
+    except PosttrainError as exc:
+        fail(exc.message)
+    table = Table("stage", "method", "state", "steps", "job dir")
+    for stage in plan.stages:
+        ran = result.stages.get(stage.name)
+        state = "skipped (done)" if stage.name in result.skipped else ran.state if ran else "not run"
+        steps = f"{ran.step}/{ran.total_steps}" if ran and ran.total_steps else ""
+        table.add_row(stage.name, stage.spec.method.name, state, steps, str(stage.job_dir.root))
+    console.print(table)
+    style = "green" if result.state == "succeeded" else "yellow" if result.state in ("paused", "cancelled") else "red"
+    console.print(f"[{style}]pipeline {plan.name}: {result.state}[/]" + (f" ({result.error})" if result.error else "")
+                  + ("; continue with --resume" if result.state in ("paused", "cancelled") else ""), highlight=False)
+    raise typer.Exit(result.exit_code)
 
 
 @app.command("config-keys")

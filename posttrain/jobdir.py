@@ -44,6 +44,9 @@ class JobStatus(BaseModel):
     started_at: float | None = None
     updated_at: float = Field(default_factory=time.time)
     finished_at: float | None = None
+    # A pipeline's status only (posttrain.pipeline): the stage running now, and every stage's progress.
+    stage: str | None = None
+    stages: list[dict[str, Any]] | None = None
 
 
 def fsync_dir(path: Path) -> None:

@@ -103,6 +103,14 @@ def check_options(spec: JobSpec, warnings: list[str], *, import_rewards: bool = 
     if training.tokens_per_batch is not None and training.max_steps <= 0:
         warnings.append("with training.tokens_per_batch an epoch's step count depends on the rows' lengths "
                         "(posttrain validate's estimate assumes per_device_train_batch_size rows per batch)")
+    if method.name == "ppo":
+        from posttrain.data.sources import is_local_path
+
+        for key in ("reward_model", "critic_model"):
+            name = getattr(method, key)
+            if name and is_local_path(name) and not Path(name).expanduser().is_dir():
+                raise ModelError(f"method.{key} {name!r} does not exist (expected a reward job's final/ or a "
+                                 "sequence-classification model folder)")
     if spec.training.eval_steps and spec.data.validation.split_ratio is None and spec.data.validation.source is None:
         warnings.append("training.eval_steps is set but there is no validation data; no evaluation will run")
 

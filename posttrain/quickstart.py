@@ -1,4 +1,4 @@
-"""`posttrain quickstart sft|rw|dpo key=value ...`: ReaLHF's quickstart keys, translated into one JobSpec.
+"""`posttrain quickstart sft|rw|dpo|ppo key=value ...`: ReaLHF's quickstart keys, translated into one JobSpec.
 
 ReaLHF users describe an experiment with hydra-style keys (``experiment_name``, ``model.path``,
 ``model.parallel.data_parallel_size``, ``dataset.train_tokens_per_batch``, ...). This module maps each key
@@ -21,13 +21,17 @@ from posttrain.errors import ConfigError, UnsupportedError
 from posttrain.spec import JobSpec, _closest, parse_override, spec_from_dict
 
 # ReaLHF experiment -> posttrain method.
-EXPERIMENTS = {"sft": "sft", "rw": "reward", "dpo": "dpo"}
-NOT_YET = {"ppo": "not yet: PPO is issue #12 (posttrain rl trains GRPO online today)"}
-# Model roles per experiment: the trained one first. DPO's `ref` is the frozen reference model.
-ROLES = {"sft": ("model",), "rw": ("model",), "dpo": ("actor", "ref")}
-DEFAULT_DATA = {"sft": "posttrain:alpaca", "rw": "posttrain:preference", "dpo": "posttrain:preference"}
-ALL = ("sft", "rw", "dpo")
-ALIASES = {"dataset.path": "dataset.train_path"}
+EXPERIMENTS = {"sft": "sft", "rw": "reward", "dpo": "dpo", "ppo": "ppo"}
+NOT_YET: dict[str, str] = {}
+# Model roles per experiment: the trained one first; the others only name a model (path, type). DPO's `ref`
+# is the frozen reference; PPO's `critic` starts the value model, `rew` is the reward model, `ref` the reference.
+ROLES = {"sft": ("model",), "rw": ("model",), "dpo": ("actor", "ref"), "ppo": ("actor", "critic", "ref", "rew")}
+DEFAULT_DATA = {"sft": "posttrain:alpaca", "rw": "posttrain:preference", "dpo": "posttrain:preference",
+                "ppo": "posttrain:preference"}
+ALL = ("sft", "rw", "dpo", "ppo")
+OFFLINE = ("sft", "rw", "dpo")  # keys of a fixed dataset's schedule, validation and sequence length
+ALIASES = {"dataset.path": "dataset.train_path", "ppo.gen.max_new_tokens": "ppo.max_new_tokens",
+           "ppo.gen.temperature": "ppo.temperature"}
 PAIRS = ("rw", "dpo")
 # ReaLHF names experiments and trials freely, but here they become two folder names.
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
@@ -47,12 +51,17 @@ KEYS: tuple[Key, ...] = (
     Key("experiment_name", "name, tracking.project; the run goes to `<output-root>/<experiment_name>/<trial_name>`"),
     Key("trial_name", "name, tracking.run_name"),
     Key("seed", "training.seed"),
-    Key("total_train_epochs", "training.num_train_epochs"),
+    Key("total_train_epochs", "training.num_train_epochs", OFFLINE),
     Key("save_freq", "training.save_steps (optimizer steps)"),
-    Key("eval_freq", "training.eval_steps (optimizer steps; needs dataset.valid_path)"),
+    Key("eval_freq", "training.eval_steps (optimizer steps; needs dataset.valid_path)", OFFLINE),
     Key("<role>.type", "ignored: transformers reads the architecture from the model's config.json"),
     Key("<role>.path", "model.name_or_path (for dpo ref.path: method.reference_model); posttrain:tiny, "
         "posttrain:smollm2, a folder or a hub id"),
+    Key("critic.path", "method.critic_model (default: the reward model, as ReaLHF's critic starts from it)", ("ppo",)),
+    Key("rew.path", "method.reward_model (required): a posttrain reward job's final/ or any sequence-classification "
+        "model", ("ppo",)),
+    Key("ref.path", "must be actor.path (or left out): PPO's reference is the actor's starting model (with LoRA, "
+        "the base with the adapter off)", ("ppo",)),
     Key("<role>.gradient_checkpointing", "training.gradient_checkpointing"),
     Key("<role>.enable_bf16", "model.dtype=bf16 when true"),
     Key("<role>.enable_fp16", "model.dtype=fp16 when true"),
@@ -68,14 +77,40 @@ KEYS: tuple[Key, ...] = (
     Key("optimizer.warmup_steps_proportion", "training.warmup_ratio"),
     Key("dataset.train_path", "data.source (any posttrain source: posttrain:alpaca, a .jsonl file, ...)"),
     Key("dataset.path", "alias of dataset.train_path"),
-    Key("dataset.valid_path", "data.validation.source"),
-    Key("dataset.max_seqlen", "training.max_seq_length"),
+    Key("dataset.valid_path", "data.validation.source", OFFLINE),
+    Key("dataset.max_seqlen", "training.max_seq_length", OFFLINE),
+    Key("dataset.max_prompt_len", "method.max_prompt_length", ("ppo",)),
+    Key("dataset.train_bs_n_seqs", "prompts per PPO step: training.per_device_train_batch_size = n / data-parallel "
+        "size / ppo.ppo_n_minibatches", ("ppo",)),
     Key("dataset.train_tokens_per_batch", "sft: training.tokens_per_batch, divided by the data-parallel size "
         "(ReaLHF's budget is global, ours per device); rw/dpo: training.per_device_train_batch_size = the pairs "
-        "that fit at full length (budget / data-parallel size / (2 x max_seqlen))"),
+        "that fit at full length (budget / data-parallel size / (2 x max_seqlen)); ppo: prompts per step = "
+        "budget / (max_prompt_len + max_new_tokens), as with dataset.train_bs_n_seqs"),
     Key("dataset.valid_tokens_per_batch", "training.per_device_eval_batch_size = the rows (pairs) that fit at "
-        "full length"),
+        "full length", OFFLINE),
     Key("beta", "method.beta", ("dpo",)),
+    Key("critic_optimizer.lr", "method.critic_learning_rate (default: optimizer.lr)", ("ppo",)),
+    *(Key(f"ppo.{name}", target, ("ppo",)) for name, target in (
+        ("max_new_tokens", "method.response_length"),
+        ("temperature", "method.temperature"),
+        ("ppo_n_minibatches", "method.num_mini_batches"),
+        ("kl_ctl", "method.kl_coef"),
+        ("use_adaptive_kl_ctl", "false: ignored (fixed kl_coef); true: needs --set method.kl_target=X (the "
+                                "adaptive controller's target KL)"),
+        ("discount", "method.gamma"),
+        ("gae_lambda", "method.lam"),
+        ("eps_clip", "method.cliprange"),
+        ("value_eps_clip", "method.cliprange_value"),
+        ("max_reward_clipping", "method.reward_clip"),
+        ("adv_norm", "method.whiten_advantages"),
+        ("greedy", "false: ignored; true: refused (PPO learns from sampled answers)"),
+        ("top_p", "1.0: ignored; below 1: refused (answers are sampled from the whole distribution)"),
+        ("top_k", "0 or above the vocabulary size: ignored; otherwise refused (as top_p)"),
+        ("min_new_tokens", "0: ignored; otherwise refused"),
+        ("value_norm", "false: ignored; true: refused (use --set method.whiten_rewards=true)"),
+        ("reward_output_scaling", "1.0: ignored; otherwise refused"),
+        ("reward_output_bias", "0: ignored; otherwise refused"),
+    )),
     Key("n_nodes", "distributed.nnodes (torchrun when more than one process)"),
     Key("n_gpus_per_node", "distributed.nproc_per_node (torchrun when more than one process)"),
     Key("allocation_mode", "manual: the `model.parallel.*` sizes; pipe_data: data parallel over n_gpus_per_node; "
@@ -125,8 +160,10 @@ def keys_for(experiment: str) -> list[str]:
             names.append(key.name)
             continue
         rest = key.name.removeprefix("<role>.")
-        # The reference model of dpo is never trained: only its path and type mean something.
-        names += [f"{role}.{rest}" for role in roles if role != "ref" or rest in ("path", "type")]
+        # Only the first role is trained: of the others (dpo's and ppo's reference, ppo's critic and reward
+        # model) only the path and type mean something.
+        names += [f"{role}.{rest}" for role in roles if role == roles[0] or rest in ("path", "type")]
+    names = list(dict.fromkeys(names))  # ppo's critic/ref/rew.path have keys of their own as well
     return names
 
 
@@ -137,17 +174,23 @@ def keys_table() -> str:
         name = f"`{key.name}`"
         if key.name.startswith("<role>."):
             rest = key.name.removeprefix("<role>.")
-            roles = ["actor"] + (["ref"] if rest in ("path", "type") else [])
-            name = f"`model.{rest}` (dpo: {', '.join(f'`{role}.{rest}`' for role in roles)})"
+            dpo = ["actor"] + (["ref"] if rest in ("path", "type") else [])
+            ppo = ["actor"] + (["critic", "ref", "rew"] if rest == "type" else [])
+            name = (f"`model.{rest}` (dpo: {', '.join(f'`{role}.{rest}`' for role in dpo)}; "
+                    f"ppo: {', '.join(f'`{role}.{rest}`' for role in ppo)})")
         lines.append(f"| {name} | {', '.join(key.experiments)} | {key.target} |")
     return "\n".join(lines)
 
 
-def key_info(key: str) -> Key:
-    """The :data:`KEYS` entry of an accepted (expanded) key."""
+def key_info(key: str, experiment: str | None = None) -> Key:
+    """The :data:`KEYS` entry of an accepted (expanded) key (of ``experiment``, where it matters)."""
     role, _, rest = key.partition(".")
-    for entry in KEYS:
-        if entry.name == key or (role in ("model", "actor", "ref") and entry.name == f"<role>.{rest}"):
+    entries = [entry for entry in KEYS if experiment is None or experiment in entry.experiments]
+    for entry in entries:  # a key of its own (ppo's rew.path) before the <role> pattern
+        if entry.name == key:
+            return entry
+    for entry in entries:
+        if role in ("model", "actor", "ref", "critic", "rew") and entry.name == f"<role>.{rest}":
             return entry
     raise KeyError(key)
 
@@ -163,7 +206,7 @@ def parse_keys(experiment: str, pairs: list[str]) -> dict[str, Any]:
             # A model key under another experiment's role name (actor.path in sft) means this one's role.
             role, _, rest = key.partition(".")
             same = f"{ROLES[experiment][0]}.{rest}"
-            hint = same if role in ("model", "actor", "ref", "critic") and same in known else _closest(key, known)
+            hint = same if role in ("model", "actor", "ref", "critic", "rew") and same in known else _closest(key, known)
             message = f"unknown key '{key}' for quickstart {experiment}"
             raise ConfigError(message + (f"; did you mean '{hint}'?" if hint else f" (valid keys: {', '.join(known)})"))
         canonical = ALIASES.get(key, key)
@@ -255,6 +298,8 @@ def translate(experiment: str, pairs: list[str], output_root: str | Path = "runs
     checkpointing = _bool(values, f"{role}.gradient_checkpointing")
     if checkpointing is not None:
         training["gradient_checkpointing"] = checkpointing
+    if experiment == "ppo":
+        method.update(_ppo_method(values, model["name_or_path"]))
     if experiment == "dpo":
         if "beta" in values:
             method["beta"] = values["beta"]
@@ -281,7 +326,9 @@ def translate(experiment: str, pairs: list[str], output_root: str | Path = "runs
     seqlen = max_seqlen or JobSpec().training.max_seq_length
     row_tokens = seqlen * (2 if experiment in PAIRS else 1)  # a pair is chosen + rejected
     train_budget = _int(values, "dataset.train_tokens_per_batch")
-    if train_budget is not None:
+    if experiment == "ppo":
+        training.update(_ppo_batch(values, method, data_parallel))
+    elif train_budget is not None:
         per_device = train_budget // data_parallel
         if experiment in PAIRS:
             training["per_device_train_batch_size"] = max(1, per_device // row_tokens)
@@ -292,11 +339,13 @@ def translate(experiment: str, pairs: list[str], output_root: str | Path = "runs
         training["per_device_eval_batch_size"] = max(1, valid_budget // data_parallel // row_tokens)
 
     for key, value in values.items():
-        target = key_info(key).target
+        target = key_info(key, experiment).target
         if target.startswith("ignored"):
             ignored.append(f"{key}={value}: {target.removeprefix('ignored').strip(' :()')}")
-        elif value in ("local", "disabled", "save", "manual", False) and (
-                key in ("mode", "recover_mode", "allocation_mode") or key.endswith("use_sequence_parallel")):
+        elif experiment == "ppo" and key == "ref.path":  # refused above unless it is the actor's own path
+            ignored.append(f"{key}={value}: the reference is the actor's starting model")
+        elif _neutral(key, value) or (value in ("local", "disabled", "save", "manual", False) and (
+                key in ("mode", "recover_mode", "allocation_mode") or key.endswith("use_sequence_parallel"))):
             ignored.append(f"{key}={value}")
 
     document = {
@@ -317,6 +366,9 @@ def translate(experiment: str, pairs: list[str], output_root: str | Path = "runs
     except ConfigError as exc:
         message = "\n".join(line + _blame(line, values) for line in exc.message.splitlines())
         raise ConfigError(f"quickstart {experiment}: {message}") from None
+    if values.get("ppo.use_adaptive_kl_ctl") is True and getattr(spec.method, "kl_target", None) is None:
+        raise ConfigError("quickstart ppo: ppo.use_adaptive_kl_ctl=true needs the controller's target KL: "
+                          "--set method.kl_target=X (ReaLHF's adaptive controller takes it from its own config)")
     return Translation(experiment, spec, resume, ignored)
 
 
@@ -366,3 +418,74 @@ def _blame(message: str, values: dict[str, Any]) -> str:
         if "." in target and (target in message or re.search(rf"\b{re.escape(target.rsplit('.', 1)[1])}\b", message)):
             return f" (from {key}={value})"
     return ""
+
+
+# ReaLHF ppo.* keys that map one to one onto PPOMethod fields.
+PPO_FIELDS = {"ppo.max_new_tokens": "response_length", "ppo.temperature": "temperature",
+              "ppo.ppo_n_minibatches": "num_mini_batches", "ppo.kl_ctl": "kl_coef", "ppo.discount": "gamma",
+              "ppo.gae_lambda": "lam", "ppo.eps_clip": "cliprange", "ppo.value_eps_clip": "cliprange_value",
+              "ppo.max_reward_clipping": "reward_clip", "ppo.adv_norm": "whiten_advantages",
+              "dataset.max_prompt_len": "max_prompt_length", "critic_optimizer.lr": "critic_learning_rate"}
+# Sampling and reward-shaping keys posttrain has no equivalent for: accepted only at the value that changes
+# nothing (the run then says they were ignored), refused otherwise.
+PPO_NEUTRAL = {"ppo.greedy": (False,), "ppo.top_p": (1, 1.0), "ppo.min_new_tokens": (0,), "ppo.value_norm": (False,),
+               "ppo.reward_output_scaling": (1, 1.0), "ppo.reward_output_bias": (0, 0.0),
+               "ppo.use_adaptive_kl_ctl": (False, True)}
+
+
+def _neutral(key: str, value: Any) -> bool:
+    """A ppo.* key at the value that changes nothing (reported as ignored)."""
+    if key == "ppo.use_adaptive_kl_ctl":
+        return value is False
+    if key == "ppo.top_k":
+        return value == 0 or (isinstance(value, int) and value >= 10**6)
+    return key in PPO_NEUTRAL and value in PPO_NEUTRAL[key]
+
+
+def _ppo_method(values: dict[str, Any], actor: str) -> dict[str, Any]:
+    """PPOMethod fields from the critic/ref/rew paths and the ppo.* hyper-parameters."""
+    method: dict[str, Any] = {}
+    if "rew.path" not in values:
+        raise ConfigError("quickstart ppo: rew.path is required (the reward model: a posttrain reward job's "
+                          "final/, e.g. from `posttrain quickstart rw`, or any sequence-classification model)")
+    method["reward_model"] = values["rew.path"]
+    if "critic.path" in values:
+        method["critic_model"] = values["critic.path"]
+    reference = values.get("ref.path")
+    if reference is not None and reference != actor:
+        raise UnsupportedError(f"ref.path={reference}: PPO's reference model is the actor's starting model "
+                               f"(actor.path={actor}); leave ref.path out or set it to actor.path")
+    for key, target in PPO_FIELDS.items():
+        if key in values:
+            method[target] = values[key]
+    top_k = values.get("ppo.top_k")
+    if top_k not in (None, 0) and not (isinstance(top_k, int) and top_k >= 10**6):
+        raise UnsupportedError(f"ppo.top_k={top_k}: answers are sampled from the whole distribution (with "
+                               "ppo.temperature); top-k sampling is not supported")
+    for key, neutral in PPO_NEUTRAL.items():
+        if key in values and values[key] not in neutral:
+            raise UnsupportedError(f"{key}={values[key]}: not supported ({key_info(key, 'ppo').target})")
+    return method
+
+
+def _ppo_batch(values: dict[str, Any], method: dict[str, Any], data_parallel: int) -> dict[str, Any]:
+    """training.per_device_train_batch_size from the prompts per PPO step (dataset.train_bs_n_seqs, or a token
+    budget over prompt + answer length), split over data-parallel ranks and PPO mini-batches."""
+    prompts = _int(values, "dataset.train_bs_n_seqs")
+    budget = _int(values, "dataset.train_tokens_per_batch")
+    if prompts is not None and budget is not None:
+        raise ConfigError("give dataset.train_bs_n_seqs or dataset.train_tokens_per_batch, not both")
+    if budget is not None:
+        defaults = JobSpec.model_validate({"method": {"name": "ppo", "reward_model": "x"},
+                                           "training": {"max_steps": 1}}).method
+        row = (method.get("max_prompt_length", defaults.max_prompt_length)  # type: ignore[union-attr]
+               + method.get("response_length", defaults.response_length))  # type: ignore[union-attr]
+        prompts = max(1, budget // row)
+    if prompts is None:
+        return {}
+    minibatches = method.get("num_mini_batches", 1)
+    per_device = prompts // (data_parallel * minibatches)
+    if per_device < 1 or per_device * data_parallel * minibatches != prompts:
+        raise ConfigError(f"{prompts} prompts per step do not split evenly over {data_parallel} data-parallel "
+                          f"rank(s) x {minibatches} mini-batch(es) (ppo.ppo_n_minibatches)")
+    return {"per_device_train_batch_size": per_device}

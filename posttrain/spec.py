@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from posttrain.errors import ConfigError
 from posttrain.graders import Grader, check_grader_types
 
-MethodName = Literal["sft", "dpo", "reward", "grpo"]
+MethodName = Literal["sft", "dpo", "reward", "grpo", "ppo"]
 DataFormat = Literal["auto", "alpaca", "sharegpt", "messages", "text", "preference", "prompt"]
 
 # Bounds of a spec's integers: generous for any real job, small enough that every count fits a 64-bit
@@ -188,8 +188,70 @@ class OnlineGRPOMethod(Section):
     benchmark: bool = Field(False, description="Also log step_seconds and wait_seconds for every step.")
 
 
-Method = Annotated[SFTMethod | DPOMethod | RewardMethod | GRPOMethod | OnlineGRPOMethod, Field(discriminator="name")]
-METHOD_CLASSES: tuple[type[BaseModel], ...] = (SFTMethod, DPOMethod, RewardMethod, GRPOMethod, OnlineGRPOMethod)
+class PPOMethod(Section):
+    """Classic RLHF PPO (see docs/ppo.md): the actor samples answers to prompt-only rows, a reward model scores
+    them, a critic estimates values, and a clipped policy/value update follows. Key names follow OpenRLHF and
+    TRL's former PPOConfig. One step samples per_device_train_batch_size x gradient_accumulation_steps x
+    num_mini_batches prompts; each mini-batch is per_device_train_batch_size x gradient_accumulation_steps
+    rollouts, trained in micro-batches of per_device_train_batch_size."""
+
+    name: Literal["ppo"] = Field("ppo", description="PPO with a reward model and a critic on prompt-only rows.")
+    reward_model: str | None = Field(
+        None,
+        description="Reward model (required): a posttrain reward job's final/ (full model or LoRA adapter) or "
+        "any AutoModelForSequenceClassification folder or hub id. Frozen.",
+    )
+    critic_model: str | None = Field(
+        None,
+        description="Critic (value model) to start from, same forms as reward_model (default: the reward model). "
+        "Trained with its own optimizer; full or LoRA like the actor (peft.type).",
+    )
+    critic_learning_rate: float | None = Field(
+        None, gt=0, description="Critic learning rate (default training.learning_rate)."
+    )
+    kl_coef: float = Field(
+        0.05, ge=0, description="Per-token KL penalty coefficient towards the reference (init_kl_coef when adaptive)."
+    )
+    kl_target: float | None = Field(
+        None, gt=0,
+        description="Adaptive KL controller: target KL per sequence (TRL's target, OpenRLHF's kl_target); "
+        "unset = fixed kl_coef.",
+    )
+    kl_horizon: int = Field(
+        10000, gt=0, le=MAX_COUNT, description="Adaptive KL controller horizon, in rollouts (TRL's horizon)."
+    )
+    kl_estimator: Literal["k1", "k3"] = Field(
+        "k1", description="Per-token KL estimate in the reward: k1 = logp - ref_logp, k3 = exp(-d) + d - 1 (>= 0)."
+    )
+    gamma: float = Field(1.0, ge=0, le=1, description="Discount factor of GAE.")
+    lam: float = Field(0.95, ge=0, le=1, description="Lambda of GAE (bias/variance trade-off of advantages).")
+    whiten_rewards: bool = Field(False, description="Whiten the per-token rewards (scale, no mean shift) before GAE.")
+    whiten_advantages: bool = Field(True, description="Whiten the advantages (zero mean, unit variance) before the update.")
+    ppo_epochs: int = Field(4, gt=0, le=1024, description="Passes of PPO updates over each batch of rollouts.")
+    num_mini_batches: int = Field(1, gt=0, le=2**20, description="Mini-batches (optimizer steps) per PPO epoch.")
+    cliprange: float = Field(0.2, gt=0, lt=1, description="Policy ratio clip range (ratios outside 1 +- cliprange).")
+    cliprange_value: float = Field(0.2, gt=0, description="Value clip range around the rollout's values.")
+    vf_coef: float = Field(0.1, gt=0, description="Value-loss coefficient (scales the critic's loss and gradient).")
+    response_length: int = Field(53, gt=0, le=2**20, description="Most tokens sampled per answer (max_new_tokens).")
+    max_prompt_length: int = Field(
+        512, gt=0, le=2**24, description="Prompts longer than this many tokens keep their last ones."
+    )
+    temperature: float = Field(0.7, gt=0, description="Sampling temperature (log-probs use the same scaling).")
+    missing_eos_penalty: float | None = Field(
+        None, ge=0, description="Subtracted from the score of an answer that ends without EOS (cut at response_length)."
+    )
+    length_penalty: float = Field(
+        0.0, description="Subtracted from the score per answer token (negative values reward length)."
+    )
+    reward_clip: float | None = Field(
+        None, gt=0, description="Clip reward-model scores to +-this before the KL penalty (OpenRLHF's reward_clip_range)."
+    )
+
+
+Method = Annotated[SFTMethod | DPOMethod | RewardMethod | GRPOMethod | OnlineGRPOMethod | PPOMethod,
+                   Field(discriminator="name")]
+METHOD_CLASSES: tuple[type[BaseModel], ...] = (SFTMethod, DPOMethod, RewardMethod, GRPOMethod, OnlineGRPOMethod,
+                                               PPOMethod)
 METHOD_NAMES: tuple[str, ...] = tuple(m.model_fields["name"].default for m in METHOD_CLASSES)
 
 
@@ -470,6 +532,23 @@ class JobSpec(Section):
             if method.weight_bridge_mode != "lora_only" and lora:
                 raise ValueError(f"method.weight_bridge_mode={method.weight_bridge_mode} syncs the whole model: "
                                  "set peft.type=none (or use weight_bridge_mode=lora_only)")
+        return self
+
+
+    @model_validator(mode="after")
+    def _ppo_fits(self) -> JobSpec:
+        if self.method.name != "ppo":
+            return self
+        if not self.method.reward_model:
+            raise ValueError("method ppo needs method.reward_model (a reward job's final/ or a "
+                             "sequence-classification model)")
+        if self.training.max_steps <= 0:
+            raise ValueError("method ppo trains a fixed number of rollout batches: set training.max_steps (> 0)")
+        if self.training.optim not in ONLINE_OPTIMIZERS:
+            raise ValueError(f"method ppo trains with torch's AdamW: training.optim must be one of "
+                             f"{', '.join(ONLINE_OPTIMIZERS)} (got {self.training.optim!r})")
+        if self.peft.type == "qlora":
+            raise ValueError("method ppo supports peft.type none or lora (qlora is not supported)")
         return self
 
 

@@ -59,6 +59,9 @@ class JobResult:
     cancelled_by: str | None = None
     input_error: bool = False
     metrics: dict[str, Any] = field(default_factory=dict)
+    # A pause that arrived on the last step: the run just finished, and a caller with more to run (a
+    # pipeline's next stage) pauses before it.
+    pause_pending: bool = False
 
     @property
     def exit_code(self) -> int:
@@ -230,6 +233,7 @@ def run_worker(spec: JobSpec, job_dir: str | Path, resume: bool = False, log_to_
         # A pause is recorded by _train; a failure while pausing is a real failure, not a pause.
         if stop.is_set() and not stop.pausing and result.state != "succeeded":
             result.state, result.cancelled_by = "cancelled", stop.signal_name
+        result.pause_pending = result.state == "succeeded" and stop.is_set() and stop.pausing
         status = jd.read_status()
         result.step = status.step if status else result.step
         _record(jd, state=result.state, error=result.error, step=result.step)
@@ -267,6 +271,10 @@ def _train(spec: JobSpec, jd: JobDir, resume: bool, stop, result: JobResult,
         from posttrain.rl.trainer import train_online
 
         return train_online(spec, jd, resume, stop, result, placement)
+    if spec.method.name == "ppo":  # samples its own rollouts from prompt rows; not a TRL recipe
+        from posttrain.rl.ppo_trainer import train_ppo
+
+        return train_ppo(spec, jd, resume, stop, result, placement)
     data = load_training_data(spec.data, spec.method.name, seed=spec.training.seed)
     if data.skipped:
         log.warning("skipped %d malformed rows of %s (data.on_bad_row=skip)", data.skipped, data.source)
@@ -347,9 +355,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"the run was {stopped}: torchrun's restart of its ranks ends here", file=sys.stderr)
         return EXIT_OK  # exit 0, so that torchrun (max_restarts) does not restart them again
     try:
+        from posttrain.pipeline import is_plan, run_plan_file
         from posttrain.spec import load_yaml
 
-        spec = spec_from_dict(load_yaml(Path(args.spec).read_text(), args.spec))
+        data = load_yaml(Path(args.spec).read_text(), args.spec)
+        if is_plan(data):  # a pipeline: its stages run one by one through run_worker, in this process
+            return run_plan_file(Path(args.spec), jd.root, args.resume, not args.no_log_file).exit_code
+        spec = spec_from_dict(data)
     except (OSError, PosttrainError) as exc:
         message = exc.message if isinstance(exc, PosttrainError) else f"cannot read spec {args.spec}: {exc}"
         print(f"error: {message}", file=sys.stderr)

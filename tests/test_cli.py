@@ -77,7 +77,7 @@ def test_validate_reports_rows_and_steps_without_training(tmp_path):
     ("args", "message"),
     [
         (["train", "training.learning_rat=1e-4"], "did you mean 'training.learning_rate'?"),
-        (["validate", "method=ppo"], "unknown method 'ppo'"),
+        (["validate", "method=kto"], "unknown method 'kto'"),
         (["train", "missing.yaml"], "config file missing.yaml does not exist"),
         (["validate", "data.source=./nowhere.jsonl"], "nowhere.jsonl"),
         (["merge", "nowhere", "--output", "out"], "not a LoRA adapter folder"),

@@ -7,16 +7,18 @@ from pathlib import Path
 
 import pytest
 
-from posttrain.spec import load_spec
+from posttrain.spec import load_spec, load_yaml
 from posttrain.worker import run_worker
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE_FOR_METHOD = {"sft": "posttrain:alpaca", "dpo": "posttrain:preference", "reward": "posttrain:preference",
-                     "grpo": "posttrain:gsm8k"}
+                     "grpo": "posttrain:gsm8k", "ppo": "posttrain:preference"}
 
 
 # rl-*.yaml configure `posttrain rl run` (a whole online loop), not one job: tests/rl/test_run_config.py loads them.
-JOB_EXAMPLES = sorted(p for p in (ROOT / "examples").glob("*.yaml") if not p.name.startswith("rl-"))
+# Pipeline files (a stages: list, like tiny-rlhf.yaml) run in tests/test_pipeline.py.
+JOB_EXAMPLES = [path for path in sorted((ROOT / "examples").glob("*.yaml"))
+                if not path.name.startswith("rl-") and "stages" not in load_yaml(path.read_text())]
 
 
 @pytest.mark.parametrize("example", JOB_EXAMPLES, ids=lambda p: p.stem)
@@ -29,6 +31,8 @@ def test_example_trains_on_the_embedded_model(tmp_path, example):
         overrides.append("method.reference_model=posttrain:tiny")
     if method == "grpo":
         overrides += ["method.num_generations=4", "method.max_completion_length=16"]
+    if method == "ppo":
+        overrides += ["method.reward_model=posttrain:tiny", "method.response_length=8"]
     spec = load_spec(example, overrides)
     result = run_worker(spec, tmp_path / "run")
     assert result.state == "succeeded", result.error

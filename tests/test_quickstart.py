@@ -106,9 +106,62 @@ def test_unknown_key_names_the_closest_one(tmp_path):
     assert "unknown key 'model.paht' for quickstart sft; did you mean 'model.path'?" in proc.stderr
 
 
-def test_ppo_is_not_there_yet(tmp_path):
-    proc = quickstart("ppo", "experiment_name=a", "trial_name=b", cwd=tmp_path, check=False)
-    assert proc.returncode == 2 and "not yet: PPO is issue #12" in proc.stderr
+# A ReaLHF ppo command line: actor, critic, reference and reward model, PPO hyper-parameters, prompt data.
+SEED_PPO = [
+    "experiment_name=e", "trial_name=t", "actor.type=llama", "actor.path=posttrain:tiny", "critic.type=llama",
+    "critic.path=runs/rw/final", "ref.path=posttrain:tiny", "rew.type=llama", "rew.path=runs/rw/final",
+    "ppo.max_new_tokens=32", "ppo.temperature=0.9", "ppo.ppo_n_minibatches=2", "ppo.kl_ctl=0.1",
+    "ppo.discount=0.99", "ppo.gae_lambda=0.9", "ppo.eps_clip=0.15", "ppo.value_eps_clip=0.3",
+    "ppo.max_reward_clipping=5", "ppo.adv_norm=false", "ppo.top_p=1.0", "ppo.greedy=false",
+    "dataset.max_prompt_len=64", "dataset.train_bs_n_seqs=8", "optimizer.lr=1e-5", "critic_optimizer.lr=5e-6",
+    "dataset.train_path=posttrain:preference",
+]
+
+
+def test_ppo_keys_become_method_ppo():
+    plan = translate("ppo", SEED_PPO, overrides=["training.max_steps=3"])
+    method = plan.spec.method
+    assert method.name == "ppo" and plan.spec.model.name_or_path == "posttrain:tiny"
+    assert (method.reward_model, method.critic_model) == ("runs/rw/final", "runs/rw/final")
+    assert (method.response_length, method.temperature, method.num_mini_batches, method.kl_coef) == (32, 0.9, 2, 0.1)
+    assert (method.gamma, method.lam, method.cliprange, method.cliprange_value) == (0.99, 0.9, 0.15, 0.3)
+    assert (method.reward_clip, method.whiten_advantages, method.max_prompt_length) == (5, False, 64)
+    assert (method.critic_learning_rate, plan.spec.training.learning_rate) == (5e-6, 1e-5)
+    assert plan.spec.training.per_device_train_batch_size == 4  # 8 prompts per step / 2 mini-batches
+    assert plan.spec.data.source == "posttrain:preference" and plan.spec.peft.type == "none"
+    for note in ("actor.type=llama", "critic.type=llama", "rew.type=llama", "ref.path=posttrain:tiny",
+                 "ppo.top_p=1.0", "ppo.greedy=False"):
+        assert any(ignored.startswith(note) for ignored in plan.ignored), note
+
+
+@pytest.mark.parametrize("keys, error, message", [
+    (["ppo.eps_clp=0.1"], ConfigError, "unknown key 'ppo.eps_clp' for quickstart ppo; did you mean 'ppo.eps_clip'?"),
+    (["critic.parallel.data_parallel_size=2"], ConfigError, "unknown key 'critic.parallel.data_parallel_size'"),
+    (["ref.path=posttrain:smollm2"], UnsupportedError, "PPO's reference model is the actor's starting model"),
+    (["ppo.top_p=0.9"], UnsupportedError, "ppo.top_p=0.9: not supported"),
+    (["ppo.top_k=50"], UnsupportedError, "top-k sampling is not supported"),
+    (["ppo.use_adaptive_kl_ctl=true"], ConfigError, "needs the controller's target KL: --set method.kl_target"),
+    (["dataset.train_bs_n_seqs=7", "ppo.ppo_n_minibatches=2"], ConfigError, "7 prompts per step do not split evenly"),
+])
+def test_bad_ppo_keys_get_clear_errors(keys, error, message):
+    with pytest.raises(error, match=re.escape(message)):
+        translate("ppo", ["experiment_name=e", "trial_name=t", "rew.path=posttrain:tiny", *keys],
+                  overrides=["training.max_steps=2"])
+    with pytest.raises(ConfigError, match=r"rew\.path is required"):
+        translate("ppo", ["experiment_name=e", "trial_name=t"])
+
+
+def test_quickstart_ppo_runs_a_short_ppo_job(tmp_path):
+    # posttrain:tiny as the reward model is a random score head: this checks the translated job runs,
+    # not that it learns (tests/test_pipeline.py trains a real reward model first).
+    proc = quickstart("ppo", "experiment_name=e", "trial_name=t", "actor.path=posttrain:tiny",
+                      "rew.path=posttrain:tiny", "ppo.max_new_tokens=8", "dataset.train_bs_n_seqs=2",
+                      "--set", "training.max_steps=2", "--set", "peft.type=lora", cwd=tmp_path)
+    job_dir = tmp_path / "runs" / "e" / "t"
+    status = json.loads((job_dir / "status.json").read_text())
+    assert status["state"] == "succeeded" and status["step"] == 2, proc.stderr
+    records = [json.loads(line) for line in (job_dir / "metrics.jsonl").read_text().splitlines()]
+    assert {"reward", "kl", "policy_loss", "value_loss"} <= set(records[-1])
 
 
 @pytest.mark.parametrize("keys, error, message", [
@@ -160,13 +213,24 @@ def test_every_key_is_translated_or_reported():
               "allocation_mode": "manual", "mode": "local", "wandb_mode": "online", "recover_mode": "auto",
               "recover_retries": 2, "debug": False, "partition": "dev", "image_name": "img",
               "allocation_use_cache": True}
-    for experiment in ("sft", "rw", "dpo"):
-        base = translate(experiment, ["experiment_name=e", "trial_name=t"]).spec.model_dump(exclude_unset=True)
+    values.update({"ppo.max_new_tokens": 32, "ppo.temperature": 0.5, "ppo.ppo_n_minibatches": 2, "ppo.kl_ctl": 0.3,
+                   "ppo.discount": 0.9, "ppo.gae_lambda": 0.9, "ppo.eps_clip": 0.1, "ppo.value_eps_clip": 0.1,
+                   "ppo.max_reward_clipping": 3, "ppo.adv_norm": False, "ppo.greedy": False, "ppo.top_p": 1.0,
+                   "ppo.top_k": 0, "ppo.min_new_tokens": 0, "ppo.value_norm": False,
+                   "ppo.reward_output_scaling": 1.0, "ppo.reward_output_bias": 0, "ppo.use_adaptive_kl_ctl": False,
+                   "critic_optimizer.lr": 1e-5, "dataset.max_prompt_len": 64, "dataset.train_bs_n_seqs": 4})
+    required = {"ppo": ["rew.path=posttrain:tiny"]}  # ppo needs a reward model and a step count
+    overrides = {"ppo": ["training.max_steps=1"]}
+    for experiment in ("sft", "rw", "dpo", "ppo"):
+        given = ["experiment_name=e", "trial_name=t", *required.get(experiment, [])]
+        base = translate(experiment, given, overrides=overrides.get(experiment)).spec.model_dump(exclude_unset=True)
         for key in keys_for(experiment):
-            if key in ("experiment_name", "trial_name"):
+            if key in ("experiment_name", "trial_name") or any(g.startswith(f"{key}=") for g in given):
                 continue
             value = values.get(key, values.get(key.rsplit(".", 1)[-1]))
-            plan = translate(experiment, ["experiment_name=e", "trial_name=t", f"{key}={json.dumps(value)}"])
+            if experiment == "ppo" and key == "ref.path":
+                value = "posttrain:tiny"  # the actor's own path: anything else is refused
+            plan = translate(experiment, [*given, f"{key}={json.dumps(value)}"], overrides=overrides.get(experiment))
             changed = plan.spec.model_dump(exclude_unset=True) != base or plan.resume
             assert changed or any(note.startswith(f"{key}=") for note in plan.ignored), (experiment, key)
 
@@ -175,3 +239,20 @@ def test_docs_table_is_generated_from_the_keys():
     docs = (ROOT / "docs" / "quickstart.md").read_text()
     assert keys_table() in docs, "docs/quickstart.md is stale: paste posttrain.quickstart.keys_table()"
     assert len(KEYS) == keys_table().count("\n") - 1
+
+
+def test_quickstart_ppo_dry_run_prints_the_jobspec_it_runs():
+    from typer.testing import CliRunner
+
+    from posttrain.cli import app
+
+    result = CliRunner().invoke(app, ["quickstart", "ppo", *SEED_PPO, "--set", "training.max_steps=3", "--dry-run"])
+    assert result.exit_code == 0, result.output
+    printed = yaml.safe_load(result.stdout)
+    assert printed["method"] == {"name": "ppo", "reward_model": "runs/rw/final", "critic_model": "runs/rw/final",
+                                 "response_length": 32, "temperature": 0.9, "num_mini_batches": 2, "kl_coef": 0.1,
+                                 "gamma": 0.99, "lam": 0.9, "cliprange": 0.15, "cliprange_value": 0.3,
+                                 "reward_clip": 5, "whiten_advantages": False, "max_prompt_length": 64,
+                                 "critic_learning_rate": 5e-6}
+    assert "# ignored: ref.path=posttrain:tiny" in result.stdout
+    assert spec_from_dict(printed).method.name == "ppo"  # what it prints is a config posttrain train runs

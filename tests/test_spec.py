@@ -44,7 +44,7 @@ def test_method_shorthand_and_override_of_its_name():
         ({"trainig": {}}, [], "unknown key 'trainig'; did you mean 'training'?"),
         ({}, ["training.learning_rat=1e-4"], "did you mean 'training.learning_rate'?"),
         ({"method": "dpo"}, ["method.num_generations=4"], "unknown key 'method.num_generations'"),
-        ({"method": "ppo"}, [], "unknown method 'ppo'; expected one of sft, dpo, reward, grpo"),
+        ({"method": "kto"}, [], "unknown method 'kto'; expected one of sft, dpo, reward, grpo"),
         ({}, ["training.max_steps=lots"], "training.max_steps: Input should be a valid integer"),
         ({}, ["peft.type=qlora", "quantization.load_in_4bit=false"], "needs quantization.load_in_4bit=true"),
         ({}, ["peft.type=none", "quantization.load_in_4bit=true"], "cannot be trained in full"),

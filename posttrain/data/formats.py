@@ -11,6 +11,7 @@ sft        ``{"prompt": [user], "completion": [assistant]}`` (alpaca, preference
            ``{"messages": [...]}`` (sharegpt, messages), ``{"text": str}`` (text)
 dpo/reward ``{"prompt": [...], "chosen": [assistant...], "rejected": [assistant...]}``
 grpo       ``{"prompt": [user], "answer": str}`` (the answer column reaches reward functions as a kwarg)
+ppo        ``{"prompt": [...]}`` (prompt-only: the reward model scores the answers, no reference answer)
 =========  ==========================================================================================
 """
 
@@ -46,12 +47,14 @@ METHOD_FORMATS: dict[str, tuple[str, ...]] = {
     "dpo": ("preference",),
     "reward": ("preference",),
     "grpo": ("prompt",),
+    "ppo": ("prompt",),
 }
 METHOD_NEEDS: dict[str, str] = {
     "sft": "instruction/output, conversations, messages, text or prompt/chosen rows",
     "dpo": "prompt/chosen/rejected rows",
     "reward": "prompt/chosen/rejected rows",
     "grpo": "prompt/answer (or question/answer) rows",
+    "ppo": "prompt-only rows: a prompt (or question) column, or messages ending with the user's turn",
 }
 ROLE_NAMES = {"user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant",
               "system": "system", "tool": "tool"}
@@ -272,7 +275,10 @@ def _implicit_prompt(values: Mapping[str, Any]) -> tuple[list[Message], list[Mes
 
 
 def prompt_row(values: Mapping[str, Any], method: MethodName, conversational: bool = True) -> dict[str, Any]:
-    """A prompt with a reference answer for GRPO; GSM8k rows (question, answer ending in '#### N') included."""
+    """A prompt with a reference answer for GRPO; GSM8k rows (question, answer ending in '#### N') included.
+    PPO rows are the prompt alone: its reward model needs no answer, so one is neither required nor kept."""
+    if method == "ppo":
+        return {"prompt": _ppo_prompt(values, conversational)}
     if values.get("prompt") is None and values.get("question") is None and "messages" in values:
         return _openai_prompt_row(values)
     gsm8k_style = values.get("prompt") is None and values.get("question") is not None
@@ -285,6 +291,18 @@ def prompt_row(values: Mapping[str, Any], method: MethodName, conversational: bo
     if conversational and isinstance(prompt, str):
         prompt = _user(prompt)
     return {"prompt": prompt, "answer": _final_answer(values, require_marker=gsm8k_style)}
+
+
+def _ppo_prompt(values: Mapping[str, Any], conversational: bool) -> str | list[Message]:
+    if values.get("prompt") is None and values.get("question") is None and "messages" in values:
+        prompt: str | list[Message] = conversation_field(values, "messages")
+        if prompt[-1]["role"] == "assistant":
+            raise RowProblem("field 'messages' ends with an assistant turn; a PPO prompt ends with the user's "
+                             "turn (the model writes the answer)")
+        return prompt
+    field = "prompt" if values.get("prompt") is not None or values.get("question") is None else "question"
+    prompt = conversation_field(values, field) if is_conversation(values.get(field)) else text_field(values, field)
+    return _user(prompt) if conversational and isinstance(prompt, str) else prompt
 
 
 def _openai_prompt_row(values: Mapping[str, Any]) -> dict[str, Any]:
@@ -361,7 +379,10 @@ def convert_rows(
     readable = [_renamed(raw, columns).values for raw in first if raw.error is None]
     if not readable and on_bad_row != "skip":
         raise DatasetError(str(first[0].error), first[0].source, first[0].row)
-    fmt = detect_format(readable, source) if format == "auto" else format
+    if format == "auto" and method == "ppo":
+        fmt = "prompt"  # prompt-only rows match no format's required keys; PPO reads nothing else
+    else:
+        fmt = detect_format(readable, source) if format == "auto" else format
     if format == "auto" and method == "grpo" and fmt == "messages":
         fmt = "prompt"  # messages without the answer: OpenAI's reinforcement rows, prompts for GRPO
     check_method(fmt, method, source or None)

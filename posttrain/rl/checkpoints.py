@@ -12,6 +12,7 @@ import json
 import logging
 import random
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -53,8 +54,9 @@ def restore_rng(state: dict[str, Any]) -> None:
 
 
 def save_checkpoint(jd: JobDir, state: TrainerState, model: Any, tokenizer: Any, optimizer: torch.optim.Optimizer,
-                    scheduler: Any, keep: int | None) -> Path:
-    """Write checkpoint-<step> completely, mark it, then drop the oldest complete ones beyond ``keep``."""
+                    scheduler: Any, keep: int | None, extra: Callable[[Path], None] | None = None) -> Path:
+    """Write checkpoint-<step> completely, mark it, then drop the oldest complete ones beyond ``keep``.
+    ``extra(path)`` writes a trainer's own files (PPO: the critic) before the marker goes in."""
     path = jd.checkpoints_dir / f"checkpoint-{state.step}"
     if path.exists():
         shutil.rmtree(path)  # an unmarked leftover of a crash at this very step
@@ -65,6 +67,8 @@ def save_checkpoint(jd: JobDir, state: TrainerState, model: Any, tokenizer: Any,
     torch.save(scheduler.state_dict(), path / "scheduler.pt")
     torch.save(rng_state(), path / "rng.pt")
     atomic_write_json(path / STATE_FILE, state.to_json())
+    if extra is not None:
+        extra(path)
     jd.mark_checkpoint_complete(path, state.step)
     log.info("saved checkpoint %s", path)
     if keep is not None:

@@ -51,6 +51,8 @@ def _print_json(value: Any) -> None:
 def _progress(job: Any) -> str:
     total = f"/{job.total_steps}" if job.total_steps else ""
     text = f"{job.id} {job.state} step {job.step}{total}"
+    if job.stage:  # a pipeline job
+        text += f" stage {job.stage}"
     metrics = job.metrics or {}
     for key in ("loss", "eval_loss", "reward"):
         if isinstance(metrics.get(key), int | float):
@@ -146,7 +148,14 @@ def status(
     """Show a job's state, step, latest metrics and error."""
     with _connected(server, api_key) as client:
         job = client.get_job(job_id)
-    _print_json(job) if as_json else typer.echo(_progress(job))
+    if as_json:
+        _print_json(job)
+        return
+    typer.echo(_progress(job))
+    for stage in job.stages or []:  # a pipeline job's stages, in order
+        total = f"/{stage.total_steps}" if stage.total_steps else ""
+        typer.echo(f"  {stage.name:<16} {stage.method:<8} {stage.state:<10} step {stage.step}{total}"
+                   + (f"  {stage.error}" if stage.error else ""))
 
 
 @jobs_app.command()

@@ -341,8 +341,11 @@ def spec_environment(spec_json: str) -> dict[str, str]:
     import json
 
     try:
-        report_to = json.loads(spec_json).get("tracking", {}).get("report_to", [])
-    except (ValueError, AttributeError):
+        spec = json.loads(spec_json)
+        # A pipeline's plan (posttrain.pipeline) holds one spec per stage: any stage's trackers count.
+        specs = [stage["spec"] for stage in spec["stages"]] if "stages" in spec else [spec]
+        report_to = [tracker for one in specs for tracker in one.get("tracking", {}).get("report_to", [])]
+    except (ValueError, AttributeError, KeyError, TypeError):
         return {}
     prefixes = tuple(f"{tracker.upper()}_" for tracker in report_to if tracker in ("wandb", "mlflow"))
     return {key: value for key, value in os.environ.items() if prefixes and key.startswith(prefixes)}

@@ -36,6 +36,18 @@ class SubmitJobRequest(BaseModel):
         return self
 
 
+class StageInfo(BaseModel):
+    """One stage of a pipeline job: a JobSpec run in its own job directory inside the job's."""
+
+    name: str
+    method: str
+    state: JobStateName
+    step: int = 0
+    total_steps: int | None = None
+    error: str | None = None
+    dir: str = Field(description="The stage's job directory (spec.json, status.json, metrics.jsonl, final/).")
+
+
 class JobInfo(BaseModel):
     id: str
     name: str | None = None
@@ -52,6 +64,9 @@ class JobInfo(BaseModel):
     cancel_requested: bool = False
     pause_requested: bool = Field(False, description="A pause is pending: the worker stops at its next step "
                                                      "boundary, with a checkpoint, and the job becomes paused.")
+    stage: str | None = Field(None, description="A pipeline job: the stage running now.")
+    stages: list[StageInfo] | None = Field(None, description="A pipeline job: every stage, in order, with its "
+                                                             "progress (steps of the job count on over them).")
     created_at: float
     launched_at: float | None = Field(None, description="When the service started the worker process.")
     started_at: float | None = Field(None, description="When the worker reported it was running.")

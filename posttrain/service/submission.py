@@ -9,6 +9,7 @@ config.json, and the data by a bounded sample (the worker checks every row befor
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import time
@@ -18,6 +19,7 @@ from posttrain.data.sources import is_local_path
 from posttrain.errors import ConfigError, PosttrainError
 from posttrain.graders import runs_user_code
 from posttrain.jobdir import JobDir, JobStatus
+from posttrain.pipeline import Pipeline, is_pipeline_document, plan_pipeline
 from posttrain.preflight import DataBudget, preflight
 from posttrain.rewards import is_user_reward
 from posttrain.service.auth import Principal
@@ -45,6 +47,9 @@ def path_fields(spec: JobSpec) -> dict[str, str | None]:
         fields["method.reference_model"] = spec.method.reference_model
     if spec.method.name == "online_grpo":  # where the trainer writes weights for its inference server
         fields["method.sync_dir"] = spec.method.sync_dir
+    if spec.method.name == "ppo":
+        fields["method.reward_model"] = spec.method.reward_model
+        fields["method.critic_model"] = spec.method.critic_model
     return fields
 
 
@@ -56,9 +61,13 @@ def set_path_field(spec: JobSpec, key: str, value: str | None) -> None:
     setattr(owner, name, value)
 
 
+def request_document(body: SubmitJobRequest) -> dict:
+    """The submitted document: a JobSpec, or a pipeline (a ``stages:`` list)."""
+    return body.spec if body.spec is not None else load_yaml(body.yaml or "", "yaml")
+
+
 def build_spec(body: SubmitJobRequest) -> JobSpec:
-    data = body.spec if body.spec is not None else load_yaml(body.yaml or "", "yaml")
-    spec = spec_from_dict(data, body.overrides)
+    spec = spec_from_dict(request_document(body), body.overrides)
     if spec.output.dir is not None:
         raise ConfigError(
             f"the service places every job in its own directory under its data dir; remove output.dir "
@@ -108,11 +117,12 @@ def check_user_code(spec: JobSpec, settings: ServiceSettings) -> None:
         )
 
 
-def check_local_paths(spec: JobSpec, settings: ServiceSettings) -> None:
-    """On a shared (keyed) server, a spec may read only uploads and the folders given with --allow-path."""
+def check_local_paths(spec: JobSpec, settings: ServiceSettings, own_dir: Path | None = None) -> None:
+    """On a shared (keyed) server, a spec may read only uploads and the folders given with --allow-path
+    (and a pipeline stage the outputs of earlier stages, in ``own_dir``: the pipeline job's directory)."""
     if not settings.restricts_local_paths:
         return
-    roots = [settings.files_dir, *settings.allowed_paths]
+    roots = [settings.files_dir, *settings.allowed_paths, *([own_dir] if own_dir else [])]
     for key, value in local_paths(spec).items():
         path = Path(value).expanduser().resolve()
         if not any(path.is_relative_to(root) for root in roots):
@@ -129,6 +139,8 @@ def submit_job(body: SubmitJobRequest, store: JobStore, settings: ServiceSetting
     """Check and queue a job. ``openai_json``: what the OpenAI door keeps with a job it submits.
     ``check_data_and_model=False`` skips the preflight, which imports torch and datasets: for the Llama
     Stack inline provider, which runs without them and has checked its rows itself."""
+    if is_pipeline_document(document := request_document(body)):
+        return submit_pipeline(document, body, store, settings, caller, check_data_and_model)
     spec = build_spec(body)
     check_user_code(spec, settings)
     resolve_upload_references(spec, store, None if caller.admin else caller.owner)
@@ -157,3 +169,61 @@ def submit_job(body: SubmitJobRequest, store: JobStore, settings: ServiceSetting
     except BaseException:
         shutil.rmtree(root, ignore_errors=True)  # nothing half-submitted is left behind
         raise
+
+
+def submit_pipeline(document: dict, body: SubmitJobRequest, store: JobStore, settings: ServiceSettings,
+                    caller: Principal, check_data_and_model: bool = True) -> JobRecord:
+    """A pipeline is one job: every stage is checked here as a job would be, and one worker runs the plan
+    (posttrain.pipeline), each stage in its own job directory inside the job's."""
+    if document.get("output_dir") is not None:
+        raise ConfigError("the service places every job in its own directory under its data dir; remove it "
+                          f"(got {document['output_dir']!r})", "output_dir")
+    job_id = new_job_id()
+    root = settings.jobs_dir / job_id
+    plan = plan_pipeline(document, body.overrides, root=root, name=job_id)
+    for stage in plan.stages:
+        try:
+            check_user_code(stage.spec, settings)
+            resolve_upload_references(stage.spec, store, None if caller.admin else caller.owner)
+            absolutize_local_paths(stage.spec)
+            check_local_paths(stage.spec, settings, own_dir=root)
+            if check_data_and_model:
+                preflight(preflight_stand_in(plan, stage.name), budget=SUBMIT_BUDGET)
+        except PosttrainError as exc:
+            exc.message, exc.args = f"stages.{stage.name}: {exc.message}", (f"stages.{stage.name}: {exc.message}",)
+            if getattr(exc, "path", None):
+                exc.path = f"stages.{stage.name}.{exc.path}"  # type: ignore[attr-defined]
+            raise
+    now = time.time()
+    job_dir = JobDir(root).create()
+    try:
+        job_dir.write_spec(plan.plan_json())
+        job_dir.write_status(JobStatus(state="queued", created_at=now))
+        record = JobRecord(
+            id=job_id, owner=caller.owner, name=plan.name, method="pipeline", state="queued",
+            priority=body.priority, job_dir=str(root), spec_json=plan.plan_json(), step=0, total_steps=None,
+            error=None, attempt=0, retries=0, resume=False, cancel_requested=False, created_at=now, updated_at=now,
+        )
+        return store.add_job(record)
+    except BaseException:
+        shutil.rmtree(root, ignore_errors=True)
+        raise
+
+
+def preflight_stand_in(plan: Pipeline, name: str) -> JobSpec:
+    """A stage's spec as preflight can check it before the stages it uses exist: each earlier stage's output
+    stands for the model that stage starts from (same tokenizer and architecture)."""
+    by_name = {stage.name: stage for stage in plan.stages}
+
+    def base_model(stage_name: str) -> str:
+        model = by_name[stage_name].spec.model.name_or_path
+        for earlier in by_name[stage_name].needs:
+            if model.startswith(str(by_name[earlier].job_dir.root)):
+                return base_model(earlier)
+        return model
+
+    text = by_name[name].spec.model_dump_json()
+    for earlier in by_name[name].needs:
+        for output in (str(by_name[earlier].job_dir.root / "final"), str(by_name[earlier].job_dir.root)):
+            text = text.replace(json.dumps(output)[1:-1], json.dumps(base_model(earlier))[1:-1])
+    return JobSpec.model_validate_json(text)

@@ -23,8 +23,10 @@ def job_info(record: JobRecord, live: bool = True) -> JobInfo:
     job_dir = JobDir(record.job_dir)
     step, total_steps, started_at, metrics = record.step, record.total_steps, None, None
     status = read_status(job_dir.status_path) if live else None
+    stage, stages = None, None
     if status is not None:
         started_at = status.started_at
+        stage, stages = status.stage, status.stages  # a pipeline's (posttrain.pipeline)
         if record.state == "running":  # the job dir is fresher than the mirrored copy
             step, total_steps = status.step, status.total_steps
     if live:
@@ -36,6 +38,7 @@ def job_info(record: JobRecord, live: bool = True) -> JobInfo:
         error=record.error, attempt=record.attempt, retries=record.retries,
         cancel_requested=record.cancel_requested, pause_requested=record.pause_requested, created_at=record.created_at, launched_at=record.launched_at,
         started_at=started_at, finished_at=record.finished_at, updated_at=record.updated_at,
+        stage=stage if record.state == "running" else None, stages=stages,  # type: ignore[arg-type]
     )
 
 
@@ -90,10 +93,22 @@ def model_name(spec_json: str) -> str | None:
     """The model a stored spec trains (``model.name_or_path``); None for a spec that does not parse."""
     try:
         spec = json.loads(spec_json)
+        if "stages" in spec:  # a pipeline: the model its first stage starts from
+            spec = spec["stages"][0]["spec"]
         name = spec["model"]["name_or_path"]
-    except (json.JSONDecodeError, TypeError, KeyError, RecursionError):
+    except (json.JSONDecodeError, TypeError, KeyError, IndexError, RecursionError):
         return None
     return name if isinstance(name, str) else None
+
+
+def stage_names(spec_json: str) -> list[str]:
+    """The stages of a pipeline job's stored plan (posttrain.pipeline); [] for any other job."""
+    try:
+        plan = json.loads(spec_json)
+        names = [stage["name"] for stage in plan["stages"]] if isinstance(plan, dict) and "stages" in plan else []
+    except (json.JSONDecodeError, TypeError, KeyError, RecursionError):
+        return []
+    return [name for name in names if isinstance(name, str) and name and "/" not in name and name != ".."]
 
 
 def read_tail(path: Path, max_bytes: int) -> tuple[bytes, int]:
@@ -215,6 +230,9 @@ def _read_from(path: Path, offset: int, limit: int = 1024 * 1024) -> bytes:
 def artifact_list(record: JobRecord) -> ArtifactList:
     job_dir = JobDir(record.job_dir)
     entries = [Artifact(**entry) for entry in job_dir.artifacts()]
+    for stage in stage_names(record.spec_json):  # a pipeline's files are its stages' (<stage>/final/...)
+        entries += [Artifact(path=f"{stage}/{entry['path']}", size=entry["size"])
+                    for entry in JobDir(job_dir.root / stage).artifacts()]
     return ArtifactList(
         job_id=record.id, checkpoints=[path.name for path in job_dir.checkpoints()],
         final=job_dir.final_dir.is_dir(), artifacts=entries, total_size=sum(entry.size for entry in entries),

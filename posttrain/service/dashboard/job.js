@@ -115,6 +115,9 @@ export function jobView(page, id) {
       ...fact("Method", job.method),
       ...fact("Model", h("span", { class: "mono" }, job.model ?? "–")),
       ...fact("Progress", progress(job, rate)),
+      // A pipeline job: each stage with its state and steps, in order.
+      ...(job.stages ? fact("Stages", job.stages.map((stage) => `${stage.name} ${stage.state}`
+        + (stage.total_steps ? ` ${stage.step}/${stage.total_steps}` : "")).join(" → ")) : []),
       ...fact("Created", when(job.created_at)),
       ...fact("Started", when(job.started_at ?? job.launched_at)),
       ...fact(isFinished(job.state) ? "Ran for" : "Running for", duration(runTime(job))),
