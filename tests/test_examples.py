@@ -21,6 +21,12 @@ JOB_EXAMPLES = [path for path in sorted((ROOT / "examples").glob("*.yaml"))
                 if not path.name.startswith("rl-") and "stages" not in load_yaml(path.read_text())]
 
 
+@pytest.mark.parametrize("example", JOB_EXAMPLES, ids=lambda p: p.name)
+def test_examples_are_valid_job_specs(example):
+    spec = load_spec(example)
+    assert spec.name == example.stem
+
+
 @pytest.mark.parametrize("example", JOB_EXAMPLES, ids=lambda p: p.stem)
 def test_example_trains_on_the_embedded_model(tmp_path, example):
     method = load_spec(example).method.name

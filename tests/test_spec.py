@@ -97,8 +97,3 @@ def test_docs_config_reference_is_generated_from_the_schema():
     docs = (ROOT / "docs" / "config.md").read_text()
     assert config_keys_text() in docs, "docs/config.md is stale: run `posttrain config-keys` and paste its output"
 
-
-@pytest.mark.parametrize("example", sorted((ROOT / "examples").glob("*.yaml")), ids=lambda p: p.name)
-def test_examples_are_valid_job_specs(example):
-    spec = load_spec(example)
-    assert spec.name == example.stem
