@@ -102,6 +102,8 @@ def build_app(options: ServeOptions):
     from posttrain.rl.shared_weights import UpdateLock, share_model_weights
 
     apply_threads(options.num_threads, resolve_device(options.device))
+    if options.enable_lora:
+        import peft  # noqa: F401 - imported now, so the trainer's first adapter sync does not wait for it
     model, tokenizer = load_served_model(options)
     weights = WeightState()
     update_lock = None
