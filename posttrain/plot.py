@@ -11,7 +11,9 @@ from posttrain.jobdir import JobDir
 PANELS = {
     "loss": "training loss",
     "eval_loss": "validation loss",
-    "reward": "mean reward (GRPO)",
+    "reward": "mean reward (GRPO, PPO: reward-model score)",
+    "kl": "KL to the reference per answer (PPO)",
+    "value_loss": "critic value loss (PPO)",
     "rewards/margins": "reward margin (DPO)",
     "rewards/accuracies": "preference accuracy (DPO)",
     "accuracy": "preference accuracy (reward model)",

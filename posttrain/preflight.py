@@ -185,6 +185,8 @@ def preflight(spec: JobSpec, *, import_rewards: bool = True, budget: DataBudget 
 def _report(spec: JobSpec, location: str, placement, warnings: list[str], data=None) -> PreflightReport:
     train_rows = len(data.train) if data is not None else 0
     batch = spec.training.per_device_train_batch_size * spec.training.gradient_accumulation_steps
+    if spec.method.name == "ppo":  # one PPO step samples every mini-batch's prompts
+        batch *= spec.method.num_mini_batches
     steps_per_epoch = max(1, -(-train_rows // batch))
     total = spec.training.max_steps if spec.training.max_steps > 0 else int(
         steps_per_epoch * spec.training.num_train_epochs + 0.999
