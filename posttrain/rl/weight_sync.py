@@ -20,15 +20,15 @@ import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import httpx
 import torch
 
 from posttrain.errors import ConfigError, PosttrainError
 from posttrain.rl.server_process import InferenceServerProcess
+from posttrain.spec import WeightBridgeMode
 
-WeightBridgeMode = Literal["none", "lora_only", "shared_vllm", "broadcast"]
 WEIGHT_BRIDGE_MODES: tuple[str, ...] = WeightBridgeMode.__args__  # type: ignore[attr-defined]
 
 
