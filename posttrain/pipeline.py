@@ -335,15 +335,9 @@ class PipelineResult:
 
     @property
     def exit_code(self) -> int:
-        from posttrain.worker import EXIT_BAD_INPUT, EXIT_CANCELLED, EXIT_FAILED, EXIT_OK, EXIT_PAUSED
+        from posttrain.worker import exit_code_for
 
-        if self.state == "succeeded":
-            return EXIT_OK
-        if self.state == "paused":
-            return EXIT_PAUSED
-        if self.state == "cancelled":
-            return EXIT_CANCELLED.get(self.cancelled_by or "SIGTERM", 143)
-        return EXIT_BAD_INPUT if self.input_error else EXIT_FAILED
+        return exit_code_for(self.state, self.cancelled_by, self.input_error)
 
 
 def _spec_differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:

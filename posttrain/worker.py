@@ -43,6 +43,17 @@ EXIT_PAUSED = 75
 PAUSE_SIGNAL = signal.SIGUSR1  # what the service (or a user: kill -USR1) sends to pause a run
 
 
+def exit_code_for(state: str, cancelled_by: str | None, input_error: bool) -> int:
+    """The process exit code of a run that ended in ``state`` (launchers and torchrun read it)."""
+    if state == "succeeded":
+        return EXIT_OK
+    if state == "paused":
+        return EXIT_PAUSED
+    if state == "cancelled":
+        return EXIT_CANCELLED.get(cancelled_by or "SIGTERM", 143)
+    return EXIT_BAD_INPUT if input_error else EXIT_FAILED
+
+
 @dataclass
 class JobResult:
     """What a finished worker reports back to its caller (the CLI prints it as the summary)."""
@@ -65,13 +76,7 @@ class JobResult:
 
     @property
     def exit_code(self) -> int:
-        if self.state == "succeeded":
-            return EXIT_OK
-        if self.state == "paused":
-            return EXIT_PAUSED
-        if self.state == "cancelled":
-            return EXIT_CANCELLED.get(self.cancelled_by or "SIGTERM", 143)
-        return EXIT_BAD_INPUT if self.input_error else EXIT_FAILED
+        return exit_code_for(self.state, self.cancelled_by, self.input_error)
 
 
 def setup_logging(job_dir: JobDir | None, to_file: bool) -> None:
@@ -340,15 +345,20 @@ def _stopped_before_restart(jd: JobDir) -> str | None:
     return status.state if status is not None and status.state in ("paused", "cancelled") else None
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m posttrain.worker", description=__doc__,
+def worker_arguments(prog: str, description: str | None) -> argparse.ArgumentParser:
+    """The command line of the worker, which every program that stands in for it (the KFP driver) shares."""
+    parser = argparse.ArgumentParser(prog=prog, description=description,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--spec", required=True, help="JobSpec JSON (or YAML) file")
     parser.add_argument("--job-dir", required=True, help="job directory to write")
     parser.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
     parser.add_argument("--no-log-file", action="store_true",
                         help="do not write worker.log (the launcher already captures stdout/stderr there)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = worker_arguments("python -m posttrain.worker", __doc__).parse_args(argv)
     jd = JobDir(args.job_dir).create()
     stopped = _stopped_before_restart(jd)
     if stopped is not None:

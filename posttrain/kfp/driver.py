@@ -12,7 +12,6 @@ boundary and records ``cancelled``; this process waits for that rather than dyin
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import os
 import signal
@@ -22,7 +21,15 @@ from pathlib import Path
 from posttrain.errors import PosttrainError
 from posttrain.jobdir import JobDir
 from posttrain.spec import load_yaml, spec_from_dict
-from posttrain.worker import EXIT_BAD_INPUT, EXIT_CANCELLED, EXIT_FAILED, EXIT_OK, EXIT_PAUSED, PAUSE_SIGNAL
+from posttrain.worker import (
+    EXIT_BAD_INPUT,
+    EXIT_CANCELLED,
+    EXIT_FAILED,
+    EXIT_OK,
+    EXIT_PAUSED,
+    PAUSE_SIGNAL,
+    worker_arguments,
+)
 
 STEP_MODULE = "kfp.dsl.executor_main"  # what kfp.local runs for each step
 
@@ -72,14 +79,7 @@ def exit_code(jd: JobDir) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m posttrain.kfp.driver", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--spec", required=True, help="JobSpec JSON (or YAML) file")
-    parser.add_argument("--job-dir", required=True, help="job directory to write")
-    parser.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
-    parser.add_argument("--no-log-file", action="store_true",
-                        help="do not write worker.log (the launcher already captures stdout/stderr there)")
-    args = parser.parse_args(argv)
+    args = worker_arguments("python -m posttrain.kfp.driver", __doc__).parse_args(argv)
     jd = JobDir(Path(args.job_dir).resolve()).create()
     try:
         spec = spec_from_dict(load_yaml(Path(args.spec).read_text(), args.spec))

@@ -77,6 +77,20 @@ def save_checkpoint(jd: JobDir, state: TrainerState, model: Any, tokenizer: Any,
     return path
 
 
+def starting_point(jd: JobDir, resume: bool) -> tuple[Path | None, TrainerState]:
+    """The checkpoint a run continues from (None: the start) and its state; incomplete checkpoints are removed
+    first, and metrics logged after the checkpoint's step are dropped (they are logged again)."""
+    checkpoint = None
+    if resume:
+        for path in jd.remove_incomplete_checkpoints():
+            log.warning("removed incomplete checkpoint %s", path.name)
+        checkpoint = jd.latest_checkpoint()
+        log.info("resuming from %s", checkpoint if checkpoint else "the start (no complete checkpoint yet)")
+    state = read_state(checkpoint) if checkpoint else TrainerState(step=0, rewards=[])
+    jd.truncate_metrics(state.step)
+    return checkpoint, state
+
+
 def read_state(checkpoint: Path) -> TrainerState:
     data = json.loads((checkpoint / STATE_FILE).read_text())
     return TrainerState(step=int(data["step"]), rewards=[float(r) for r in data.get("rewards", [])])

@@ -30,7 +30,7 @@ import torch
 from posttrain.jobdir import JobDir, atomic_write_json
 from posttrain.modeling import Placement, load_model, load_tokenizer
 from posttrain.rl import ppo_loss
-from posttrain.rl.checkpoints import TrainerState, load_training_state, read_state, save_checkpoint
+from posttrain.rl.checkpoints import load_training_state, save_checkpoint, starting_point
 from posttrain.rl.ppo_models import (
     CRITIC_DIR,
     RewardModel,
@@ -227,15 +227,8 @@ def train_ppo(spec: JobSpec, jd: JobDir, resume: bool, stop, result, placement: 
 
     method: PPOMethod = spec.method  # type: ignore[assignment]
     training = spec.training
-    checkpoint = None
-    if resume:
-        for path in jd.remove_incomplete_checkpoints():
-            log.warning("removed incomplete checkpoint %s", path.name)
-        checkpoint = jd.latest_checkpoint()
-        log.info("resuming from %s", checkpoint if checkpoint else "the start (no complete checkpoint yet)")
-    state = read_state(checkpoint) if checkpoint else TrainerState(step=0, rewards=[])
+    checkpoint, state = starting_point(jd, resume)
     ppo_state = json.loads((checkpoint / PPO_STATE_FILE).read_text()) if checkpoint else {}
-    jd.truncate_metrics(state.step)
 
     tokenizer = load_tokenizer(spec)
     conversational = bool(getattr(tokenizer, "chat_template", None))

@@ -26,7 +26,7 @@ import torch
 from posttrain.jobdir import JobDir
 from posttrain.modeling import Placement, load_model, load_tokenizer, lora_config, resolve_model_path
 from posttrain.rl.api_client import Registration, TrajectoryAPIClient
-from posttrain.rl.checkpoints import MODEL_DIR, TrainerState, load_training_state, read_state, save_checkpoint
+from posttrain.rl.checkpoints import MODEL_DIR, load_training_state, save_checkpoint, starting_point
 from posttrain.rl.grpo_loss import LossConfig, LossStats, StepCounts, policy_loss, token_logprobs
 from posttrain.rl.rollouts import BadGroup, RolloutBatch, build_batch
 from posttrain.rl.tracking import MetricsSinks
@@ -189,14 +189,7 @@ def train_online(spec: JobSpec, jd: JobDir, resume: bool, stop, result, placemen
 
     method: OnlineGRPOMethod = spec.method  # type: ignore[assignment]
     training = spec.training
-    checkpoint = None
-    if resume:
-        for path in jd.remove_incomplete_checkpoints():
-            log.warning("removed incomplete checkpoint %s", path.name)
-        checkpoint = jd.latest_checkpoint()
-        log.info("resuming from %s", checkpoint if checkpoint else "the start (no complete checkpoint yet)")
-    state = read_state(checkpoint) if checkpoint else TrainerState(step=0, rewards=[])
-    jd.truncate_metrics(state.step)
+    checkpoint, state = starting_point(jd, resume)
 
     tokenizer = load_tokenizer(spec)
     model = build_policy(spec, placement, checkpoint)
