@@ -22,7 +22,7 @@ from posttrain.spec import JobSpec, describe_fields, load_spec, split_config_and
 console = Console(stderr=True)
 app = typer.Typer(
     name="posttrain",
-    help="Post-train language models (SFT, DPO, reward, GRPO) from one YAML config.",
+    help="Post-train language models (SFT, DPO, reward, GRPO, online GRPO, PPO) from one YAML config.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
