@@ -1,4 +1,5 @@
-"""The `posttrain` command line: train, validate, merge, plot, demo, serve and jobs."""
+"""The `posttrain` command line: train, validate, merge, plot, demo, serve, jobs, pipeline, quickstart, kfp, rl
+and llama-stack."""
 
 from __future__ import annotations
 
