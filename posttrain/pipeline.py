@@ -282,6 +282,12 @@ def plan_pipeline(data: dict[str, Any], overrides: list[str] | None = None, *, r
             spec = spec_from_dict(stage_data)
         except ConfigError as exc:
             raise ConfigError(f"stages.{stage_name}: {exc.message}") from None
+        if spec.distributed.launcher != "local":
+            # Stages run in the pipeline's own process (run_worker): a torchrun or kfp launcher would be
+            # ignored and the stage trained on one process without a word.
+            raise ConfigError(f"stages.{stage_name}.distributed.launcher: {spec.distributed.launcher} is not "
+                              "supported in a pipeline (each stage runs in one local process); remove it or "
+                              "run this stage as its own job")
         spec.output.dir = str(root_path / stage_name)
         stages.append(Stage(stage_name, spec, needs[stage_name]))
     saves_final = {stage.name: stage.spec.output.save_final for stage in stages}

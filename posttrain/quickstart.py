@@ -288,6 +288,9 @@ def translate(experiment: str, pairs: list[str], output_root: str | Path = "runs
     resume = bool(_choice(values, "recover_mode", {"disabled": False, "save": False, "auto": True, "resume": True}))
 
     distributed, data_parallel = _layout(values, role)
+    if experiment == "ppo" and distributed.get("launcher") == "torchrun":
+        raise UnsupportedError("quickstart ppo: PPO runs in a single process only, for now; drop n_gpus_per_node, "
+                               "n_nodes and the actor.parallel.* sizes (or set them to 1)")
 
     # Model.
     bf16, fp16 = _bool(values, f"{role}.enable_bf16"), _bool(values, f"{role}.enable_fp16")

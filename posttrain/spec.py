@@ -515,6 +515,15 @@ class JobSpec(Section):
         return self
 
     @model_validator(mode="after")
+    def _rl_runs_in_one_process(self) -> JobSpec:
+        # The PPO and online GRPO trainers have no gradient sync and no rank-0 gating: under torchrun every
+        # rank would train its own copy and race the others on one job directory (and on port 9001).
+        if self.method.name in ("ppo", "online_grpo") and self.distributed.launcher == "torchrun":
+            raise ValueError(f"distributed.launcher=torchrun: method {self.method.name} runs in a single "
+                             "process only, for now; use distributed.launcher=local")
+        return self
+
+    @model_validator(mode="after")
     def _online_grpo_fits(self) -> JobSpec:
         method = self.method
         if method.name != "online_grpo":

@@ -70,6 +70,10 @@ def two_stages(**second) -> dict:
     ({"name": "p", "stages": [{"name": "a", "output": {"save_final": False}},
                               {"name": "b", "model": {"name_or_path": "${stages.a.final}"}}]},
      "stages.b: uses ${stages.a.final}, but stage 'a' does not save one (output.save_final: false)"),
+    (two_stages(distributed={"launcher": "torchrun", "nproc_per_node": 4}),
+     "stages.dpo.distributed.launcher: torchrun is not supported in a pipeline"),
+    ({"name": "p", "defaults": {"distributed": {"launcher": "kfp"}}, "stages": [{"name": "sft"}]},
+     "stages.sft.distributed.launcher: kfp is not supported in a pipeline"),
 ])
 def test_bad_pipelines_are_refused_with_the_stage_and_key(document, message):
     with pytest.raises(ConfigError) as caught:

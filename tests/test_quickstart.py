@@ -142,6 +142,9 @@ def test_ppo_keys_become_method_ppo():
     (["ppo.top_k=50"], UnsupportedError, "top-k sampling is not supported"),
     (["ppo.use_adaptive_kl_ctl=true"], ConfigError, "needs the controller's target KL: --set method.kl_target"),
     (["dataset.train_bs_n_seqs=7", "ppo.ppo_n_minibatches=2"], ConfigError, "7 prompts per step do not split evenly"),
+    (["n_gpus_per_node=2"], UnsupportedError, "quickstart ppo: PPO runs in a single process only"),
+    (["n_nodes=2"], UnsupportedError, "quickstart ppo: PPO runs in a single process only"),
+    (["actor.parallel.data_parallel_size=2"], UnsupportedError, "PPO runs in a single process only"),
 ])
 def test_bad_ppo_keys_get_clear_errors(keys, error, message):
     with pytest.raises(error, match=re.escape(message)):
@@ -200,6 +203,9 @@ def test_allocation_modes_and_dpo_reference():
     assert model.spec.method.name == "reward" and model.spec.tracking.report_to == []
 
 
+MULTI_PROCESS_KEYS = ("n_nodes", "n_gpus_per_node", "data_parallel_size", "model_parallel_size")
+
+
 def test_every_key_is_translated_or_reported():
     # Each accepted key, given alone, either changes the JobSpec or is reported as ignored.
     values = {"experiment_name": "e", "trial_name": "t", "seed": 3, "total_train_epochs": 2, "save_freq": 5,
@@ -230,7 +236,12 @@ def test_every_key_is_translated_or_reported():
             value = values.get(key, values.get(key.rsplit(".", 1)[-1]))
             if experiment == "ppo" and key == "ref.path":
                 value = "posttrain:tiny"  # the actor's own path: anything else is refused
-            plan = translate(experiment, [*given, f"{key}={json.dumps(value)}"], overrides=overrides.get(experiment))
+            pair = f"{key}={json.dumps(value)}"
+            if experiment == "ppo" and value == 2 and key.rsplit(".", 1)[-1] in MULTI_PROCESS_KEYS:
+                with pytest.raises(UnsupportedError, match="single process only"):  # PPO is one process for now
+                    translate(experiment, [*given, pair], overrides=overrides.get(experiment))
+                continue
+            plan = translate(experiment, [*given, pair], overrides=overrides.get(experiment))
             changed = plan.spec.model_dump(exclude_unset=True) != base or plan.resume
             assert changed or any(note.startswith(f"{key}=") for note in plan.ignored), (experiment, key)
 

@@ -13,6 +13,7 @@ import torch
 
 from posttrain.errors import ModelError, UnsupportedError
 from posttrain.modeling import resolve_device, resolve_model_path
+from posttrain.rl.parent_watch import watch_parent
 
 log = logging.getLogger(__name__)
 
@@ -125,5 +126,6 @@ def run_server(options: ServeOptions) -> None:
         exec_vllm(options)
         return
     app = build_app(options)
+    watch_parent()  # started by a trainer: stop when it is gone (the portable half of dying with it)
     print(f"posttrain inference server: {options.name} on http://{options.host}:{options.port}", flush=True)
     uvicorn.run(app, host=options.host, port=options.port, log_level="warning", timeout_graceful_shutdown=30)

@@ -1,7 +1,8 @@
 """An inference server run as a child process: start it, wait for /health, stop its whole tree, restart it.
 
 Used by ``none`` weight sync (save a checkpoint, restart the server on it) and by ``posttrain rl run``.
-The child gets its own session, so stopping it also stops anything it started (``vllm serve`` workers).
+The child gets its own session, so stopping it also stops anything it started (``vllm serve`` workers), and
+it dies with the process that started it (see parent_watch.py), so a SIGKILLed trainer leaves no server behind.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pathlib import Path
 import httpx
 
 from posttrain.errors import PosttrainError
+from posttrain.rl.parent_watch import PARENT_PID_ENV, die_with_parent
 
 
 class ServerProcessError(PosttrainError):
@@ -69,7 +71,8 @@ class InferenceServerProcess:
             raise ServerProcessError("the inference server is already running")
         if self.healthy():
             raise ServerProcessError(f"another server already answers on {self.url}; stop it or pick another port")
-        env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), **(self.env or {})}
+        env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), **(self.env or {}),
+               PARENT_PID_ENV: str(os.getpid())}
         if self.log_path is not None:
             self.log_path.parent.mkdir(parents=True, exist_ok=True)
             output = open(self.log_path, "ab")  # noqa: SIM115 - the child owns it; closed below
@@ -77,7 +80,7 @@ class InferenceServerProcess:
             output = subprocess.DEVNULL
         try:
             self.process = subprocess.Popen(self.command, stdout=output, stderr=subprocess.STDOUT, env=env,
-                                            start_new_session=True)
+                                            start_new_session=True, preexec_fn=die_with_parent)
         except OSError as exc:
             raise ServerProcessError(f"cannot start the inference server {self.command[0]!r}: {exc}") from None
         finally:

@@ -325,6 +325,14 @@ def serve(
     allow_path: Annotated[list[Path] | None, typer.Option(
         "--allow-path", help="With API keys, a server folder jobs may read data or models from (repeatable); "
         "otherwise only uploads.")] = None,
+    allow_network_host: Annotated[list[str] | None, typer.Option(
+        "--allow-network-host", help="With API keys, a host besides loopback that jobs may connect to "
+        "(online_grpo's api_url/inference_host, distributed.rdzv_endpoint; repeatable).")] = None,
+    max_processes_per_job: Annotated[int | None, typer.Option(
+        help="With API keys, most processes (nproc_per_node x nnodes) a torchrun job may start "
+             "(default: this machine's CPU or GPU count).")] = None,
+    max_restarts_per_job: Annotated[int, typer.Option(
+        help="With API keys, largest distributed.max_restarts a job may ask for.")] = 3,
     max_retries: Annotated[int, typer.Option(help="Requeues of a job whose worker died before giving up.")] = 2,
     cancel_grace: Annotated[float, typer.Option(help="Seconds between SIGTERM and SIGKILL on cancel.")] = 30.0,
     max_upload_mb: Annotated[int, typer.Option(help="Largest dataset upload, in MiB.")] = 1024,
@@ -363,6 +371,8 @@ def serve(
             max_upload_bytes=max_upload_mb * MiB, max_body_bytes=max_body_mb * MiB,
             allowed_paths=list(allow_path or []), allow_user_code=allow_user_code, allowed_hosts=hosts,
             max_log_followers=max_log_followers, warm_workers=warm_workers,
+            allowed_network_hosts=list(allow_network_host or []), max_processes_per_job=max_processes_per_job,
+            max_restarts_per_job=max_restarts_per_job,
         )
         logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         app = create_app(settings)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,16 +46,31 @@ class ServiceSettings:
     allow_user_code: bool = False
     # Host names (besides loopback ones) a server without keys answers; see hosts.py (DNS rebinding).
     allowed_hosts: list[str] = field(default_factory=list)
+    # With API keys: hosts besides loopback a job may connect to (online_grpo's api_url and inference_host,
+    # distributed.rdzv_endpoint), and how many ranks a torchrun job may fork (None: this machine's CPUs/GPUs).
+    allowed_network_hosts: list[str] = field(default_factory=list)
+    max_processes_per_job: int | None = None
+    max_restarts_per_job: int = 3
     max_log_followers: int = 32  # log streams open at once; more get 429
     max_metrics_records: int = 10_000  # largest page of GET /metrics
 
     def __post_init__(self) -> None:
         self.data_dir = Path(self.data_dir).resolve()
         self.allowed_paths = [Path(path).resolve() for path in self.allowed_paths]
+        if self.max_processes_per_job is not None and self.max_processes_per_job < 1:
+            raise ValueError("max_processes_per_job must be at least 1")
+        if self.max_restarts_per_job < 0:
+            raise ValueError("max_restarts_per_job must be 0 or more")
         if self.slots < 1:
             raise ValueError("slots must be at least 1")
         if self.devices is not None and len(self.devices) != self.slots:
             raise ValueError(f"{len(self.devices)} devices given for {self.slots} slots; give one per slot")
+
+    @property
+    def processes_per_job(self) -> int:
+        if self.max_processes_per_job is not None:
+            return self.max_processes_per_job
+        return max(os.cpu_count() or 1, gpu_count())
 
     @property
     def jobs_dir(self) -> Path:
@@ -87,6 +103,12 @@ class ServiceSettings:
     @property
     def database_url(self) -> str:
         return normalize_db_url(self.db_url) if self.db_url else f"sqlite:///{self.data_dir / 'posttrain.db'}"
+
+
+def gpu_count() -> int:
+    """NVIDIA GPUs the driver lists, without importing torch into the API process (0 without the driver)."""
+    gpus = Path("/proc/driver/nvidia/gpus")
+    return len(list(gpus.iterdir())) if gpus.is_dir() else 0
 
 
 def normalize_db_url(url: str) -> str:

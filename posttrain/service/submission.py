@@ -24,6 +24,7 @@ from posttrain.preflight import DataBudget, preflight
 from posttrain.rewards import is_user_reward
 from posttrain.service.auth import Principal
 from posttrain.service.ids import new_job_id
+from posttrain.service.job_reach import check_job_reach
 from posttrain.service.schemas import SubmitJobRequest
 from posttrain.service.settings import ServiceSettings
 from posttrain.service.store import JobRecord, JobStore
@@ -45,8 +46,6 @@ def path_fields(spec: JobSpec) -> dict[str, str | None]:
               "model.name_or_path": spec.model.name_or_path}
     if spec.method.name == "dpo":
         fields["method.reference_model"] = spec.method.reference_model
-    if spec.method.name == "online_grpo":  # where the trainer writes weights for its inference server
-        fields["method.sync_dir"] = spec.method.sync_dir
     if spec.method.name == "ppo":
         fields["method.reward_model"] = spec.method.reward_model
         fields["method.critic_model"] = spec.method.critic_model
@@ -151,6 +150,7 @@ def submit_job(body: SubmitJobRequest, store: JobStore, settings: ServiceSetting
     if spec.name is None:
         spec.name = job_id
     check_local_paths(spec, settings)
+    check_job_reach(spec, settings, root)
     if check_data_and_model:
         preflight(spec, budget=SUBMIT_BUDGET)
 
@@ -187,6 +187,7 @@ def submit_pipeline(document: dict, body: SubmitJobRequest, store: JobStore, set
             resolve_upload_references(stage.spec, store, None if caller.admin else caller.owner)
             absolutize_local_paths(stage.spec)
             check_local_paths(stage.spec, settings, own_dir=root)
+            check_job_reach(stage.spec, settings, stage.job_dir.root)
             if check_data_and_model:
                 preflight(preflight_stand_in(plan, stage.name), budget=SUBMIT_BUDGET)
         except PosttrainError as exc:

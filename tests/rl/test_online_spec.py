@@ -52,6 +52,11 @@ def test_rl_train_flags_build_a_job_spec_the_service_accepts():
      "training.optim must be one of"),
     ({"method": {"name": "online_grpo", "loss_typ": "dapo"}, "training": {"max_steps": 3}},
      "did you mean 'method.loss_type'"),
+    ({"method": {"name": "online_grpo"}, "peft": {"type": "none"}, "distributed": {"launcher": "torchrun"}},
+     "method online_grpo runs in a single process only"),
+    ({"method": {"name": "ppo", "reward_model": "posttrain:tiny"}, "distributed": {"launcher": "torchrun",
+                                                                                  "nproc_per_node": 2}},
+     "method ppo runs in a single process only"),
 ])
 def test_online_specs_that_cannot_work_are_refused_with_the_reason(changes, message):
     data = {"training": {"max_steps": 3}, **changes}
