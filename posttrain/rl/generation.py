@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed takes a uint64; the request models bound seeds by it
+
 
 @dataclass(frozen=True)
 class SamplingParams:

@@ -26,6 +26,8 @@ from posttrain.rl.generation import GenerationResult, SamplingParams, generate_b
 from posttrain.rl.lora_slots import AdapterSlots
 from posttrain.rl.shared_weights import UpdateLock
 
+ADAPTER_WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")  # what PEFT saves and loads
+
 log = logging.getLogger(__name__)
 
 
@@ -102,7 +104,7 @@ class WeightsLock:
 class InferenceEngine:
     def __init__(self, model, tokenizer, model_name: str, *, max_batch_size: int = 64, batch_wait_s: float = 0.005,
                  max_model_len: int | None = None, enable_lora: bool = False, max_lora_rank: int = 16,
-                 update_lock: UpdateLock | None = None) -> None:
+                 update_lock: UpdateLock | None = None, lora_root: str | Path | None = None) -> None:
         self.base_model = model.eval()
         self.lora = AdapterSlots(self.base_model)
         self.tokenizer = tokenizer
@@ -112,6 +114,8 @@ class InferenceEngine:
         self.max_model_len = max_model_len or getattr(model.config, "max_position_embeddings", None) or 2048
         self.enable_lora = enable_lora
         self.max_lora_rank = max_lora_rank
+        # Adapters load only from local folders inside this one (None: any local folder; see inference_launch).
+        self.lora_root = Path(lora_root).resolve() if lora_root is not None else None
         self.weights_lock = WeightsLock()
         self.update_lock = update_lock  # shared_vllm: the trainer's optimizer step, across processes
         self.weights_version = 0
@@ -197,9 +201,15 @@ class InferenceEngine:
             with self.lora.activate(adapter) as model:
                 results = generate_batch(model, self.tokenizer, [j.prompt for j in jobs], [j.params for j in jobs])
         except Exception as exc:  # a failed batch fails its requests, never the engine thread
+            if len(jobs) > 1:
+                # One bad request must not fail those batched with it: generate each alone, so only the
+                # request that fails on its own gets the error.
+                log.warning("a batch of %d failed (%s); generating its requests one by one", len(jobs), exc)
+                for job in jobs:
+                    self._generate_group(adapter, [job])
+                return
             log.exception("generation failed")
-            for job in jobs:
-                job.future.set_exception(exc)
+            jobs[0].future.set_exception(exc)
             return
         for job, result in zip(jobs, results, strict=True):
             self.generated_tokens += sum(len(c.token_ids) for c in result.completions)
@@ -210,10 +220,8 @@ class InferenceEngine:
         """Load (or with ``inplace``, replace the weights of) adapter ``name``; it becomes the newest."""
         if not self.enable_lora:
             raise RequestError("LoRA is not enabled on this server; start it with --enable-lora")
-        folder = Path(path)
+        folder = self._adapter_folder(path)
         config_file = folder / "adapter_config.json"
-        if not config_file.is_file():
-            raise RequestError(f"lora_path {path!r} is not a LoRA adapter folder (no adapter_config.json)")
         try:
             config = json.loads(config_file.read_text())
             rank = int(config.get("r", 0))
@@ -229,6 +237,21 @@ class InferenceEngine:
             except (OSError, ValueError, KeyError, RuntimeError) as exc:
                 raise RequestError(f"cannot load adapter {name!r} from {folder}: {exc}") from None
             self.weights_version += 1
+
+    def _adapter_folder(self, path: str) -> Path:
+        """``path`` resolved, if it is a local adapter folder (config and weights) inside --lora-root.
+
+        Local only: PEFT would look a missing file up on the hub. One message for every refusal, so a
+        caller learns nothing about which folders exist outside the adapters.
+        """
+        folder = Path(path).expanduser().resolve()
+        inside = self.lora_root is None or folder.is_relative_to(self.lora_root)
+        weights = any((folder / name).is_file() for name in ADAPTER_WEIGHT_FILES)
+        if not inside or not (folder / "adapter_config.json").is_file() or not weights:
+            where = f" inside --lora-root {str(self.lora_root)!r}" if self.lora_root is not None else ""
+            raise RequestError(f"lora_path {path!r} is not a local LoRA adapter folder{where} (it needs "
+                               f"adapter_config.json and {' or '.join(ADAPTER_WEIGHT_FILES)})")
+        return folder
 
     def unload_adapter(self, name: str) -> None:
         if name not in self.adapters:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 import shutil
@@ -11,7 +12,7 @@ from typing import Literal
 
 import torch
 
-from posttrain.errors import ModelError, UnsupportedError
+from posttrain.errors import ConfigError, ModelError, UnsupportedError
 from posttrain.modeling import resolve_device, resolve_model_path
 from posttrain.rl.parent_watch import watch_parent
 
@@ -39,10 +40,35 @@ class ServeOptions:
     max_batch_size: int = 64
     max_model_len: int | None = None
     num_threads: int | None = None
+    api_key: str | None = None  # required as Authorization: Bearer on every route but /health
+    allow_unauthenticated: bool = False  # serve a non-loopback host without an api_key anyway
+    lora_root: str | None = None  # adapters load only from inside this folder
 
     @property
     def name(self) -> str:
         return self.served_model_name or self.model
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve to any interface
+
+
+def check_exposure(options: ServeOptions) -> None:
+    """The server can overwrite its weights and load files on request: off loopback it needs a key, and
+    adapters a folder they must come from."""
+    if is_loopback(options.host):
+        return
+    if not options.api_key and not options.allow_unauthenticated:
+        raise ConfigError(f"--host {options.host} is reachable from other machines: set --api-key (or "
+                          "POSTTRAIN_INFERENCE_API_KEY), or pass --allow-unauthenticated on a trusted network")
+    if options.enable_lora and options.lora_root is None:
+        raise ConfigError(f"--enable-lora on --host {options.host} needs --lora-root, the folder adapters may "
+                          "be loaded from")
 
 
 def vllm_serve_command(options: ServeOptions) -> list[str]:
@@ -67,6 +93,8 @@ def exec_vllm(options: ServeOptions) -> None:
         raise UnsupportedError("--backend vllm needs vLLM installed (pip install vllm, on a CUDA machine); "
                                f"the command would be: {' '.join(command)}")
     env = {**os.environ, "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"}
+    if options.api_key:
+        env["VLLM_API_KEY"] = options.api_key  # vllm serve's --api-key, kept off the command line
     sys.stdout.flush()
     os.execvpe(command[0], command, env)
 
@@ -100,7 +128,7 @@ def build_app(options: ServeOptions):
     from posttrain.modeling import apply_threads
     from posttrain.rl.inference_engine import InferenceEngine
     from posttrain.rl.inference_server import WeightState, create_app
-    from posttrain.rl.shared_weights import UpdateLock, share_model_weights
+    from posttrain.rl.shared_weights import UpdateLock, share_model_weights, sweep_stale_weights
 
     apply_threads(options.num_threads, resolve_device(options.device))
     if options.enable_lora:
@@ -109,19 +137,22 @@ def build_app(options: ServeOptions):
     weights = WeightState()
     update_lock = None
     if options.shared_weights:
+        sweep_stale_weights(options.shared_weights_dir)  # what servers killed by SIGKILL left behind
         weights.shared_layout, weights.shared_buffer = share_model_weights(
             model, options.shared_weights_dir, tag=f"posttrain-{options.port}")
         update_lock = UpdateLock(weights.shared_layout.lock_path or "")
     engine = InferenceEngine(model, tokenizer, options.name, max_batch_size=options.max_batch_size,
                              max_model_len=options.max_model_len, enable_lora=options.enable_lora,
-                             max_lora_rank=options.max_lora_rank, update_lock=update_lock)
-    return create_app(engine, weights)
+                             max_lora_rank=options.max_lora_rank, update_lock=update_lock,
+                             lora_root=options.lora_root)
+    return create_app(engine, weights, api_key=options.api_key)
 
 
 def run_server(options: ServeOptions) -> None:
     """Serve until SIGTERM / Ctrl-C; uvicorn finishes requests in flight before it exits."""
     import uvicorn
 
+    check_exposure(options)
     if options.backend == "vllm":
         exec_vllm(options)
         return

@@ -8,6 +8,7 @@ server side of weight sync under ``/weights/`` (shared-memory layout, pause/resu
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
 import threading
 from collections.abc import AsyncIterator
@@ -16,12 +17,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from fastapi import APIRouter, FastAPI, Request
+from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from posttrain.rl import weight_broadcast
-from posttrain.rl.generation import SamplingParams
+from posttrain.rl.generation import MAX_SEED, SamplingParams
 from posttrain.rl.inference_engine import InferenceEngine, RequestError
 from posttrain.rl.openai_routes import engine_of, resolve_adapter
 from posttrain.rl.openai_routes import router as openai_router
@@ -29,6 +30,18 @@ from posttrain.rl.shared_weights import SharedLayout, dtype_name
 
 log = logging.getLogger(__name__)
 router = APIRouter()
+health_router = APIRouter()  # the one route answered without the API key (process supervisors poll it)
+
+
+def require_api_key(request: Request) -> None:
+    """With --api-key, every route but /health needs ``Authorization: Bearer KEY`` (vLLM's convention, so
+    OpenAI and atroposlib clients configured with api_key just work)."""
+    key: str | None = request.app.state.api_key
+    if key is None:
+        return
+    scheme, _, given = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), key.encode()):
+        raise RequestError("missing or wrong API key: send Authorization: Bearer <the server's --api-key>", 401)
 
 
 @dataclass
@@ -62,12 +75,12 @@ class GenerateRequest(BaseModel):
     stop: str | list[str] | None = None
     logprobs: int | None = Field(None, ge=0, le=20)
     prompt_logprobs: int | None = Field(None, ge=0, le=20)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=0, le=MAX_SEED)
     ignore_eos: bool = False
     stream: bool = False
 
 
-@router.get("/health")
+@health_router.get("/health")
 def health() -> dict[str, str]:
     return {"status": "ok"}
 
@@ -226,7 +239,10 @@ def broadcast_init(body: BroadcastInitRequest, request: Request) -> dict[str, An
     engine, weights = engine_of(request), weights_of(request)
     with weights.lock:
         if weights.broadcast_group is not None:
-            raise RequestError("a broadcast group is already set up; POST /weights/broadcast/close first", 409)
+            # Only one trainer updates the weights; a new init means the previous one is gone (crashed or
+            # restarted with --resume), so its group is dropped rather than blocking the new trainer.
+            log.warning("a new trainer joins the weight broadcast: dropping the previous group")
+            weights.broadcast_group = weights.broadcast_store = None
         try:
             group, store = weight_broadcast.join_group(body.master_address, body.master_port, body.rank,
                                                        body.world_size, body.timeout_s)
@@ -265,7 +281,8 @@ def broadcast_close(request: Request) -> dict[str, bool]:
     return {"closed": closed}
 
 
-def create_app(engine: InferenceEngine, weights: WeightState | None = None) -> FastAPI:
+def create_app(engine: InferenceEngine, weights: WeightState | None = None, api_key: str | None = None) -> FastAPI:
+    """``api_key``: required as a Bearer token on every route but /health (None: no authentication)."""
     weights = weights or WeightState()
 
     @asynccontextmanager
@@ -282,8 +299,10 @@ def create_app(engine: InferenceEngine, weights: WeightState | None = None) -> F
     app = FastAPI(title="posttrain inference server", lifespan=lifespan)
     app.state.engine = engine
     app.state.weights = weights
-    app.include_router(router)
-    app.include_router(openai_router)
+    app.state.api_key = api_key or None
+    app.include_router(health_router)
+    app.include_router(router, dependencies=[Depends(require_api_key)])
+    app.include_router(openai_router, dependencies=[Depends(require_api_key)])
 
     @app.exception_handler(RequestError)
     async def request_error(_request: Request, exc: RequestError) -> JSONResponse:

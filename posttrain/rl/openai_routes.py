@@ -10,7 +10,7 @@ from typing import Any, Literal
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field
 
-from posttrain.rl.generation import GenerationResult, SamplingParams
+from posttrain.rl.generation import MAX_SEED, GenerationResult, SamplingParams
 from posttrain.rl.inference_engine import InferenceEngine, RequestError
 
 router = APIRouter()
@@ -28,7 +28,7 @@ class SamplingFields(BaseModel):
     top_k: int = -1
     n: int = Field(1, ge=1, le=64)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=0, le=MAX_SEED)
     stream: bool = False
     user: str | None = None
     # Accepted at their neutral values only, so clients that always send them keep working.

@@ -79,7 +79,10 @@ def group_advantages(scores: list[float]) -> list[float]:
 
 
 def _temperature(group: dict[str, Any], index: int) -> float:
-    """Sampling temperature of a sequence: its override, else the group's generation params or overrides."""
+    """Sampling temperature of a sequence: its override, else the group's generation params or overrides.
+
+    Only called on checked groups: every temperature present is a finite number.
+    """
     overrides = group.get("overrides") or []
     own = overrides[index] if index < len(overrides) else None
     for source in (own, group.get("generation_params"), group.get("group_overrides")):
@@ -89,18 +92,58 @@ def _temperature(group: dict[str, Any], index: int) -> float:
     return 1.0
 
 
-def _check_group(group: dict[str, Any]) -> int:
+def _is_number(value: Any) -> bool:
+    """A finite int or float (bools and strings are not numbers here: they would coerce silently)."""
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_numbers(values: Any, what: str) -> None:
+    if not isinstance(values, list) or not all(_is_number(v) for v in values):
+        raise BadGroup(f"{what} must be a list of finite numbers")
+
+
+def _check_tokens(values: Any, what: str, vocab_size: int | None, allow_ignore: bool = False) -> None:
+    if not isinstance(values, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in values):
+        raise BadGroup(f"{what} must be a list of integer token ids")
+    if vocab_size is not None:
+        bad = [t for t in values if not (0 <= t < vocab_size or (allow_ignore and t == IGNORE))]
+        if bad:
+            raise BadGroup(f"{what}: token id {bad[0]} is outside the vocabulary (0..{vocab_size - 1})")
+
+
+def _check_temperature(source: Any, what: str) -> None:
+    if source is None:
+        return
+    if not isinstance(source, dict):
+        raise BadGroup(f"{what} must be an object")
+    temperature = source.get("temperature")
+    if temperature is not None and not _is_number(temperature):
+        raise BadGroup(f"{what}.temperature must be a finite number, got {temperature!r}")
+
+
+def _check_group(group: dict[str, Any], vocab_size: int | None = None) -> int:
+    """The group's sequence count, after checking every field's shape, type, finiteness and token range:
+    whatever the environment sent, a bad group is a BadGroup (skipped), never a crash or a NaN weight."""
+    if not isinstance(group, dict):
+        raise BadGroup("a group must be an object")
     tokens, masks, scores = group.get("tokens"), group.get("masks"), group.get("scores")
     if not isinstance(tokens, list) or not isinstance(masks, list) or not isinstance(scores, list):
         raise BadGroup("tokens, masks and scores must be lists")
     count = len(tokens)
     if count == 0 or len(masks) != count or len(scores) != count:
         raise BadGroup(f"{count} token sequences, {len(masks)} masks and {len(scores)} scores")
+    _check_numbers(scores, "scores")
     for name in ("advantages", "inference_logprobs", "overrides"):
         value = group.get(name)
+        if value is not None and not isinstance(value, list):
+            raise BadGroup(f"{name} must be a list (one entry per sequence)")
         if value is not None and len(value) != count:
             raise BadGroup(f"{name} has {len(value)} entries for {count} sequences")
+    for name in ("generation_params", "group_overrides"):
+        _check_temperature(group.get(name), name)
     for i in range(count):
+        _check_tokens(tokens[i], f"sequence {i}: tokens", vocab_size)
+        _check_tokens(masks[i], f"sequence {i}: masks", vocab_size, allow_ignore=True)
         length = len(tokens[i])
         if length < 2:
             raise BadGroup(f"sequence {i} has {length} tokens (needs a prompt and a completion)")
@@ -108,21 +151,27 @@ def _check_group(group: dict[str, Any]) -> int:
             raise BadGroup(f"sequence {i}: {length} tokens but {len(masks[i])} mask entries")
         for name in ("advantages", "inference_logprobs"):
             value = group.get(name)
-            if value is not None and len(value[i]) != length:
-                raise BadGroup(f"sequence {i}: {length} tokens but {len(value[i])} {name}")
+            if value is not None:
+                _check_numbers(value[i], f"sequence {i}: {name}")
+                if len(value[i]) != length:
+                    raise BadGroup(f"sequence {i}: {length} tokens but {len(value[i])} {name}")
+        if group.get("overrides") is not None:
+            _check_temperature(group["overrides"][i], f"overrides[{i}]")
     return count
 
 
-def build_batch(groups: list[dict[str, Any]], pad_id: int, max_tokens: int | None = None) -> RolloutBatch:
+def build_batch(groups: list[dict[str, Any]], pad_id: int, max_tokens: int | None = None,
+                vocab_size: int | None = None) -> RolloutBatch:
     """Pad every sequence of ``groups`` into one :class:`RolloutBatch`.
 
     Sequences longer than ``max_tokens`` are cut (the API was told this limit at registration). Groups
-    that do not fit together raise :class:`BadGroup` naming the group.
+    that do not fit together, carry non-numbers or non-finite values, or token ids outside
+    ``0..vocab_size-1`` raise :class:`BadGroup` naming the group.
     """
     sequences: list[dict[str, Any]] = []
     for number, group in enumerate(groups):
         try:
-            count = _check_group(group)
+            count = _check_group(group, vocab_size)
         except BadGroup as exc:
             raise BadGroup(f"group {number}: {exc}") from None
         given = group.get("advantages")

@@ -17,6 +17,8 @@ to ``<run dir>/logs/<part>.log``; the terminal shows one combined progress line.
 
 from __future__ import annotations
 
+import os
+import secrets
 import sys
 import time
 from collections.abc import Callable
@@ -27,6 +29,7 @@ import httpx
 from posttrain.jobdir import JobDir
 from posttrain.modeling import resolve_model_path
 from posttrain.rl.run_config import EnvironmentSection, RunConfig
+from posttrain.rl.server_process import API_KEY_VARIABLE
 from posttrain.rl.supervisor import ChildSpec, Outcome, Report, Supervisor
 from posttrain.spec import JobSpec, spec_to_json
 
@@ -61,7 +64,8 @@ def flag_value(value: object) -> str:
     return "None" if value is None else str(value)
 
 
-def env_command(config: RunConfig, section: EnvironmentSection, tokenizer: str, total_steps: int) -> list[str]:
+def env_command(config: RunConfig, section: EnvironmentSection, tokenizer: str, total_steps: int,
+                api_key: str = "x") -> list[str]:
     """``posttrain rl env NAME serve`` with the run's addresses and model; the section's settings win."""
     env = {
         "tokenizer_name": tokenizer,
@@ -75,7 +79,7 @@ def env_command(config: RunConfig, section: EnvironmentSection, tokenizer: str, 
         "model_name": config.served_model_name,
         "tokenizer_name": tokenizer,
         "server_type": "vllm",
-        "api_key": "x",
+        "api_key": api_key,
         **section.openai,
     }
     flags = [f"--env.{key}={flag_value(value)}" for key, value in env.items()]
@@ -97,6 +101,18 @@ def inference_command(config: RunConfig, spec: JobSpec, model_path: str) -> list
     return posttrain_command(*command, *config.inference.args)
 
 
+def shared_weights_dir(args: list[str]) -> str:
+    """The server's --shared-weights-dir among its extra flags (either spelling), else the default."""
+    from posttrain.rl.shared_weights import DEFAULT_DIRECTORY  # torch: not imported before it is needed
+
+    for index, arg in enumerate(args):
+        if arg.startswith("--shared-weights-dir="):
+            return arg.partition("=")[2]
+        if arg == "--shared-weights-dir" and index + 1 < len(args):
+            return args[index + 1]
+    return DEFAULT_DIRECTORY
+
+
 def build_children(config: RunConfig, spec: JobSpec, run_dir: Path, resume: bool = False) -> list[ChildSpec]:
     logs = run_dir / "logs"
     api, inference = config.api, config.inference
@@ -105,6 +121,10 @@ def build_children(config: RunConfig, spec: JobSpec, run_dir: Path, resume: bool
     job_dir.mkdir(parents=True, exist_ok=True)
     JobDir(job_dir).write_spec(spec_to_json(spec))
     trainer_starts_server = spec.method.weight_bridge_mode == "none"
+    # One key per run for the inference server: the server requires it, the trainer (and the server it starts
+    # in mode none) and the environments send it; the user's own key wins.
+    api_key = os.environ.get(API_KEY_VARIABLE) or secrets.token_urlsafe(24)
+    keyed = {API_KEY_VARIABLE: api_key}
 
     children = [ChildSpec(
         "api", [sys.executable, "-m", "atroposlib.cli.run_api", "--host", api.host, "--port", str(api.port)],
@@ -115,7 +135,7 @@ def build_children(config: RunConfig, spec: JobSpec, run_dir: Path, resume: bool
         children.append(ChildSpec(
             "inference", inference_command(config, spec, model_path), logs / "inference.log",
             health=answers(f"{config.inference_url}/health"), ports=((inference.host, inference.port),),
-            start_timeout=inference.start_timeout,
+            start_timeout=inference.start_timeout, env=keyed,
         ))
 
     def trainer_ready() -> bool:
@@ -130,14 +150,14 @@ def build_children(config: RunConfig, spec: JobSpec, run_dir: Path, resume: bool
         ready_before_next=False,  # environments load while the trainer does; they wait for it to register
         # In mode none the trainer's own server listens on the inference port.
         ports=((inference.host, inference.port),) if trainer_starts_server else (),
-        start_timeout=inference.start_timeout,
+        start_timeout=inference.start_timeout, env=keyed,
     ))
     for env_id, section in enumerate(config.environments):
         name = f"env-{section.name.rpartition(':')[2] or section.name}"
         if any(child.name == name for child in children):
             name = f"{name}-{env_id}"
         children.append(ChildSpec(
-            name, env_command(config, section, model_path, spec.training.max_steps), logs / f"{name}.log",
+            name, env_command(config, section, model_path, spec.training.max_steps, api_key), logs / f"{name}.log",
             health=lambda env_id=env_id: env_registered(config.api_url, env_id), exit_zero="allowed",
             start_timeout=section.start_timeout,
         ))
@@ -189,6 +209,10 @@ def run_loop(config: RunConfig, report: Report = print, resume: bool = False) ->
     supervisor = Supervisor(children, report=report, progress=ProgressView(config, run_dir / "trainer"),
                             progress_interval=config.progress_interval, stop_grace=config.stop_grace)
     outcome = supervisor.run()
+    # Every child has exited: a server that was killed (not shut down) left its shared weights file.
+    from posttrain.rl.shared_weights import sweep_stale_weights
+
+    sweep_stale_weights(shared_weights_dir(config.inference.args))
     summary = reward_summary(run_dir / "trainer")
     if summary:
         report(summary)

@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from posttrain.errors import PosttrainError
+from posttrain.rl.server_process import API_KEY_VARIABLE
 
 console = Console(stderr=True)
 
@@ -18,7 +19,7 @@ console = Console(stderr=True)
 def serve_inference(
     model: Annotated[str, typer.Option(help="Model folder, hub id, or posttrain:tiny / posttrain:smollm2.")],
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 9001,
-    host: Annotated[str, typer.Option(help="Interface to bind (0.0.0.0 for other machines).")] = "127.0.0.1",
+    host: Annotated[str, typer.Option(help="Interface to bind (0.0.0.0 for other machines: needs --api-key).")] = "127.0.0.1",
     served_model_name: Annotated[str | None, typer.Option(help="Model name in the API (default: --model).")] = None,
     tokenizer: Annotated[str | None, typer.Option(help="Tokenizer to use (default: the model's).")] = None,
     enable_lora: Annotated[bool, typer.Option("--enable-lora", help="Allow LoRA adapters to be loaded.")] = False,
@@ -32,6 +33,14 @@ def serve_inference(
     max_batch_size: Annotated[int, typer.Option(help="Most requests generated in one batch.")] = 64,
     max_model_len: Annotated[int | None, typer.Option(help="Context length (default: the model's).")] = None,
     num_threads: Annotated[int | None, typer.Option(help="torch CPU threads (default 1 on CPU).")] = None,
+    api_key: Annotated[str | None, typer.Option(
+        envvar=API_KEY_VARIABLE, show_default=False,
+        help="Require Authorization: Bearer KEY on every route but /health.")] = None,
+    allow_unauthenticated: Annotated[bool, typer.Option(
+        "--allow-unauthenticated", help="Serve a non-loopback --host without --api-key.")] = False,
+    lora_root: Annotated[str | None, typer.Option(
+        help="Adapters load only from local folders inside this one (required with --enable-lora "
+             "off loopback).")] = None,
 ) -> None:
     """Serve a model for online RL: OpenAI completions/chat with logprobs, vLLM's /generate and LoRA routes,
     and the server side of weight sync. Example: posttrain rl serve-inference --model posttrain:tiny"""
@@ -46,7 +55,8 @@ def serve_inference(
                            tokenizer=tokenizer, enable_lora=enable_lora, max_lora_rank=max_lora_rank,
                            dtype=dtype, device=device, backend=backend,  # type: ignore[arg-type]
                            shared_weights=shared_weights, shared_weights_dir=shared_weights_dir,
-                           max_batch_size=max_batch_size, max_model_len=max_model_len, num_threads=num_threads)
+                           max_batch_size=max_batch_size, max_model_len=max_model_len, num_threads=num_threads,
+                           api_key=api_key, allow_unauthenticated=allow_unauthenticated, lora_root=lora_root)
     try:
         run_server(options)
     except PosttrainError as exc:

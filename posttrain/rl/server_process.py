@@ -19,6 +19,9 @@ import httpx
 from posttrain.errors import PosttrainError
 from posttrain.rl.parent_watch import PARENT_PID_ENV, die_with_parent
 
+# The inference server's --api-key as an environment variable: how `rl run` hands one key to every part.
+API_KEY_VARIABLE = "POSTTRAIN_INFERENCE_API_KEY"
+
 
 class ServerProcessError(PosttrainError):
     """The inference server process did not start or did not become healthy."""

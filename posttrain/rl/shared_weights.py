@@ -8,15 +8,20 @@ very bytes the server generates from.
 - CPU: the buffer is a file in ``/dev/shm`` (RAM-backed) mapped by both processes with ``torch.from_file``.
 - CUDA: the buffer is one CUDA tensor shared by an IPC handle (``torch.multiprocessing.reductions``),
   Atropos' ``shared_vllm`` idea; limits: both processes on the same GPU, no tensor parallelism.
+
+The layout arrives over the network, so the trainer trusts none of it: the CUDA handle is plain JSON
+fields rebuilt with torch's own function (never unpickled), and a file or lock path is used only if it
+resolves inside the shared-weights directory under the server's own naming pattern.
 """
 
 from __future__ import annotations
 
 import base64
 import fcntl
+import logging
 import math
 import os
-import pickle
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -27,7 +32,12 @@ import torch
 
 from posttrain.errors import ModelError
 
+log = logging.getLogger(__name__)
+
 ALIGN = 64  # bytes; every view starts aligned for any dtype and for vectorised kernels
+DEFAULT_DIRECTORY = "/dev/shm"
+# What share_model_weights names its files: posttrain[-TAG]-weights-PID (+ ".bin" / ".intent" / ".lock").
+WEIGHTS_NAME = re.compile(r"^posttrain(-[A-Za-z0-9_]+)*-weights-(?P<pid>[0-9]+)(?P<suffix>\.bin|\.intent|\.lock)?$")
 
 
 @dataclass(frozen=True)
@@ -38,7 +48,7 @@ class SharedLayout:
     total_bytes: int
     params: list[dict[str, Any]]  # {"name", "dtype", "shape", "offset"}
     path: str | None = None  # kind=file
-    ipc_handle: str | None = None  # kind=cuda_ipc: base64 pickle of torch's (rebuild function, args)
+    ipc_handle: dict[str, Any] | None = None  # kind=cuda_ipc: the fields of torch's CUDA IPC handle, as JSON
     lock_path: str | None = None  # the UpdateLock's files are lock_path + ".intent" / ".lock"
 
     def to_json(self) -> dict[str, Any]:
@@ -47,8 +57,14 @@ class SharedLayout:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> SharedLayout:
-        return cls(data["kind"], int(data["total_bytes"]), list(data["params"]), data.get("path"),
-                   data.get("ipc_handle"), data.get("lock_path"))
+        try:
+            params = list(data["params"])
+            if not all(isinstance(p, dict) for p in params):
+                raise TypeError("params must be objects")
+            return cls(str(data["kind"]), int(data["total_bytes"]), params, data.get("path"),
+                       data.get("ipc_handle"), data.get("lock_path"))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ModelError(f"the server's shared weights layout is malformed: {exc}") from None
 
     def files(self) -> list[Path]:
         """The files the server created (removed when it shuts down)."""
@@ -66,9 +82,15 @@ class UpdateLock:
     each batch, so a busy server cannot starve a trainer that is waiting for the batch in flight to end.
     """
 
-    def __init__(self, base: str) -> None:
-        self._intent = os.open(base + ".intent", os.O_RDWR | os.O_CREAT, 0o600)
-        self._weights = os.open(base + ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+    def __init__(self, base: str, create: bool = True) -> None:
+        """``create``: the server makes the files; a trainer opens existing ones only (and no symlink)."""
+        flags = os.O_RDWR | (os.O_CREAT if create else os.O_NOFOLLOW)
+        self._intent = os.open(base + ".intent", flags, 0o600)
+        try:
+            self._weights = os.open(base + ".lock", flags, 0o600)
+        except OSError:
+            os.close(self._intent)
+            raise
 
     @contextmanager
     def serving(self) -> Iterator[None]:
@@ -95,6 +117,43 @@ class UpdateLock:
         os.close(self._weights)
 
 
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process: alive
+    return True
+
+
+def sweep_stale_weights(directory: str | Path = DEFAULT_DIRECTORY) -> list[Path]:
+    """Remove ``directory``'s posttrain-*-weights-* files whose server (the pid in the name) is dead.
+
+    A server killed with SIGKILL never runs its shutdown, and its file holds a model's worth of RAM; each
+    new server and the ``rl run`` supervisor sweep. Files of live processes are never touched.
+    """
+    removed = []
+    root = Path(directory)
+    if not root.is_dir():
+        return removed
+    for path in root.iterdir():
+        match = WEIGHTS_NAME.match(path.name)
+        if match is None or pid_alive(int(match["pid"])):
+            continue
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            continue  # another sweeper was first
+        except OSError as exc:  # another user's file: not ours to remove
+            log.warning("cannot remove stale shared weights file %s: %s", path, exc)
+            continue
+        removed.append(path)
+    if removed:
+        log.info("removed %d stale shared weights files from %s", len(removed), root)
+    return removed
+
+
 def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
@@ -115,7 +174,7 @@ def _view(buffer: torch.Tensor, entry: dict[str, Any]) -> torch.Tensor:
     return buffer[entry["offset"]:entry["offset"] + nbytes].view(dtype).view(entry["shape"])
 
 
-def share_model_weights(model: torch.nn.Module, directory: str | Path = "/dev/shm",
+def share_model_weights(model: torch.nn.Module, directory: str | Path = DEFAULT_DIRECTORY,
                         tag: str = "posttrain") -> tuple[SharedLayout, torch.Tensor]:
     """Move ``model``'s parameters onto one shared buffer (server side); returns the layout and the buffer."""
     named = list(model.named_parameters())
@@ -140,24 +199,100 @@ def share_model_weights(model: torch.nn.Module, directory: str | Path = "/dev/sh
         param.data = view
     handle = None
     if layout_kind == "cuda_ipc":
-        handle = base64.b64encode(pickle.dumps(reduce_tensor(buffer))).decode()
+        handle = _ipc_fields(reduce_tensor(buffer)[1])
     return SharedLayout(layout_kind, total, params, path, handle, lock_path=base), buffer
 
 
-def map_shared_buffer(layout: SharedLayout) -> torch.Tensor:
-    """Open the server's buffer in this process (trainer side)."""
+def _ipc_fields(args: tuple) -> dict[str, Any]:
+    """torch's rebuild_cuda_tensor arguments for a flat uint8 buffer, as JSON (classes left out: fixed)."""
+    (_cls, size, _stride, offset, _storage_cls, _dtype, device, handle, size_bytes, offset_bytes, _grad,
+     ref_handle, ref_offset, event_handle, event_sync) = args
+
+    def b64(value: bytes | None) -> str | None:
+        return None if value is None else base64.b64encode(value).decode()
+
+    return {"numel": int(size[0]), "tensor_offset": int(offset), "device": int(device), "handle": b64(handle),
+            "storage_size_bytes": int(size_bytes), "storage_offset_bytes": int(offset_bytes),
+            "ref_counter_handle": b64(ref_handle), "ref_counter_offset": int(ref_offset),
+            "event_handle": b64(event_handle), "event_sync_required": bool(event_sync)}
+
+
+def _rebuild_ipc(fields: Any, total_bytes: int) -> torch.Tensor:
+    """The server's CUDA buffer from validated JSON fields: ints, base64 bytes and a bool, nothing callable."""
+    from torch.multiprocessing.reductions import rebuild_cuda_tensor
+
+    if not isinstance(fields, dict):
+        raise ModelError("the server's CUDA IPC handle is not an object")
+
+    def integer(key: str) -> int:
+        value = fields.get(key)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise ModelError(f"the server's CUDA IPC handle: {key} must be a non-negative integer")
+        return value
+
+    def raw(key: str, optional: bool = False) -> bytes | None:
+        value = fields.get(key)
+        if value is None and optional:
+            return None
+        try:
+            return base64.b64decode(value, validate=True)  # type: ignore[arg-type]
+        except (TypeError, ValueError):
+            raise ModelError(f"the server's CUDA IPC handle: {key} must be base64 bytes") from None
+
+    if integer("numel") != total_bytes:
+        raise ModelError(f"the server's CUDA IPC handle covers {fields['numel']} bytes, the layout {total_bytes}")
+    if not isinstance(fields.get("event_sync_required"), bool):
+        raise ModelError("the server's CUDA IPC handle: event_sync_required must be a boolean")
+    return rebuild_cuda_tensor(
+        torch.Tensor, (total_bytes,), (1,), integer("tensor_offset"), torch.storage.TypedStorage, torch.uint8,
+        integer("device"), raw("handle"), integer("storage_size_bytes"), integer("storage_offset_bytes"), False,
+        raw("ref_counter_handle"), integer("ref_counter_offset"), raw("event_handle", optional=True),
+        fields["event_sync_required"])
+
+
+def trusted_path(given: str | None, directory: str | Path, suffixes: tuple[str, ...]) -> Path:
+    """``given`` resolved, if it is directly inside ``directory`` (resolved too) and named as the server
+    names its files; anything else (another folder, ``..``, a symlink out, another name) is refused."""
+    if not given:
+        raise ModelError("the server's shared weights layout names no file")
+    root = Path(directory).resolve()
+    resolved = Path(given).resolve()
+    match = WEIGHTS_NAME.match(resolved.name)
+    if resolved.parent != root or match is None or (match["suffix"] or "") not in suffixes:
+        raise ModelError(f"refusing shared weights path {given!r}: it must be a posttrain-*-weights-* file "
+                         f"directly in the shared weights directory {str(root)!r} (set by --shared-weights-dir "
+                         "on the server, POSTTRAIN_SHARED_WEIGHTS_DIR for the trainer)")
+    return resolved
+
+
+def open_update_lock(layout: SharedLayout, directory: str | Path) -> UpdateLock | None:
+    """The server's UpdateLock (trainer side) when its files exist at a trusted path, else None (use HTTP)."""
+    if not layout.lock_path:
+        return None
+    base = trusted_path(layout.lock_path, directory, ("",))
+    if not (base.with_name(base.name + ".intent").is_file() and base.with_name(base.name + ".lock").is_file()):
+        return None
+    return UpdateLock(str(base), create=False)
+
+
+def map_shared_buffer(layout: SharedLayout, directory: str | Path = DEFAULT_DIRECTORY) -> torch.Tensor:
+    """Open the server's buffer in this process (trainer side); ``directory``: where its files may be."""
     if layout.kind == "file":
-        if not layout.path or not Path(layout.path).exists():
+        path = trusted_path(layout.path, directory, (".bin",))
+        if not path.is_file():
             raise ModelError(f"shared weights file {layout.path!r} is not on this machine: shared_vllm needs the "
                              "trainer and the inference server on the same host (use broadcast across hosts)")
-        return torch.from_file(layout.path, shared=True, size=layout.total_bytes, dtype=torch.uint8)
+        if path.stat().st_size != layout.total_bytes:
+            raise ModelError(f"shared weights file {str(path)!r} has {path.stat().st_size} bytes, the layout says "
+                             f"{layout.total_bytes}")
+        return torch.from_file(str(path), shared=True, size=layout.total_bytes, dtype=torch.uint8)
     if layout.kind == "cuda_ipc":
-        rebuild, args = pickle.loads(base64.b64decode(layout.ipc_handle or ""))
-        return rebuild(*args)
+        return _rebuild_ipc(layout.ipc_handle, layout.total_bytes)
     raise ModelError(f"unknown shared weights kind {layout.kind!r}")
 
 
-def attach_model_weights(model: torch.nn.Module, layout: SharedLayout) -> torch.Tensor:
+def attach_model_weights(model: torch.nn.Module, layout: SharedLayout,
+                         directory: str | Path = DEFAULT_DIRECTORY) -> torch.Tensor:
     """Rebind ``model``'s parameters onto the server's buffer; returns the buffer (keep it alive).
 
     Every trainer parameter must exist in the server's layout with the same dtype and shape: otherwise the
@@ -177,7 +312,12 @@ def attach_model_weights(model: torch.nn.Module, layout: SharedLayout) -> torch.
         more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
         raise ModelError("the trainer's model does not match the served weights: " + "; ".join(problems[:5]) + more
                          + ". shared_vllm trains the full model in the server's dtype (no LoRA).")
-    buffer = map_shared_buffer(layout)
+    for name, param in named:  # dtype and shape match the trainer's (checked above); the offset is the server's
+        offset = entries[name].get("offset")
+        if not isinstance(offset, int) or offset < 0 or offset + param.numel() * param.element_size() > \
+                layout.total_bytes:
+            raise ModelError(f"the served layout puts {name!r} outside the shared buffer (offset {offset!r})")
+    buffer = map_shared_buffer(layout, directory)
     if buffer.device != named[0][1].device:
         raise ModelError(f"the shared weights are on {buffer.device}, the trainer's model on {named[0][1].device}")
     for name, param in named:

@@ -162,7 +162,8 @@ def run_benchmark(model: str = "posttrain:smollm2", steps: int = 3, generation_t
                     progress(mode)
                     real_mode = "lora_only" if mode == "lora_inplace" else mode
                     report["modes"][mode] = measure_mode(real_mode, model, tokenizer, url, steps, root / mode,
-                                                         lora_inplace=mode == "lora_inplace")
+                                                         lora_inplace=mode == "lora_inplace",
+                                                         shared_weights_dir=root)
                     unload_adapters(url)
         finally:
             server.stop()

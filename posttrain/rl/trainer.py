@@ -164,7 +164,7 @@ def train_step(model, reference, batch: RolloutBatch, micro_batch: int, loss_con
 
 
 def wait_for_batch(client: TrajectoryAPIClient, method: OnlineGRPOMethod, pad_id: int,
-                   max_tokens: int) -> tuple[RolloutBatch | None, float]:
+                   max_tokens: int, vocab_size: int | None = None) -> tuple[RolloutBatch | None, float]:
     """The next usable batch (groups that do not fit together are skipped with a warning), and the
     seconds spent waiting; (None, s) when a stop was requested meanwhile."""
     started = time.perf_counter()
@@ -175,12 +175,12 @@ def wait_for_batch(client: TrajectoryAPIClient, method: OnlineGRPOMethod, pad_id
         usable = []
         for number, group in enumerate(groups):
             try:
-                build_batch([group], pad_id, max_tokens)
+                build_batch([group], pad_id, max_tokens, vocab_size)
                 usable.append(group)
             except BadGroup as exc:
                 log.warning("skipping group %d of the batch: %s", number, exc)
         if usable:
-            return build_batch(usable, pad_id, max_tokens), time.perf_counter() - started
+            return build_batch(usable, pad_id, max_tokens, vocab_size), time.perf_counter() - started
 
 
 def train_online(spec: JobSpec, jd: JobDir, resume: bool, stop, result, placement: Placement):
@@ -222,8 +222,10 @@ def train_online(spec: JobSpec, jd: JobDir, resume: bool, stop, result, placemen
                  state.step + 1, training.max_steps, method.api_url, batch_size, method.loss_type,
                  method.weight_bridge_mode if sync is not None else "off")
         saved_at = state.step
+        vocab_size = model.get_input_embeddings().weight.shape[0]  # an id past it would be an IndexError
         while state.step < training.max_steps and not stop.is_set():
-            batch, waited = wait_for_batch(client, method, tokenizer.pad_token_id, training.max_seq_length)
+            batch, waited = wait_for_batch(client, method, tokenizer.pad_token_id, training.max_seq_length,
+                                           vocab_size)
             if batch is None:
                 break
             lr = scheduler.get_last_lr()[0]

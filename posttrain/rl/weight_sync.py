@@ -14,6 +14,7 @@ One interface, four strategies, chosen by ``--weight-bridge-mode`` (the Atropos 
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import threading
 import time
@@ -26,7 +27,7 @@ import httpx
 import torch
 
 from posttrain.errors import ConfigError, PosttrainError
-from posttrain.rl.server_process import InferenceServerProcess
+from posttrain.rl.server_process import API_KEY_VARIABLE, InferenceServerProcess
 from posttrain.spec import WeightBridgeMode
 
 WEIGHT_BRIDGE_MODES: tuple[str, ...] = WeightBridgeMode.__args__  # type: ignore[attr-defined]
@@ -49,6 +50,12 @@ class SyncConfig:
     broadcast_port: int = 0  # broadcast: 0 = a free port
     timeout_s: float = 600.0
     server_log: Path | None = None  # none: the server's output
+    # shared_vllm: the only folder whose posttrain-*-weights-* files the trainer maps (the server's
+    # --shared-weights-dir); the layout the server publishes is not trusted to point anywhere else.
+    shared_weights_dir: Path = field(
+        default_factory=lambda: Path(os.environ.get("POSTTRAIN_SHARED_WEIGHTS_DIR", "/dev/shm")))
+    # The inference server's --api-key, sent as Authorization: Bearer (`rl run` sets the variable for all parts).
+    api_key: str | None = field(default_factory=lambda: os.environ.get(API_KEY_VARIABLE) or None)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -56,7 +63,8 @@ class WeightSync(ABC):
     def __init__(self, config: SyncConfig) -> None:
         self.config = config
         self.url = config.server_url.rstrip("/").removesuffix("/v1")
-        self.client = httpx.Client(base_url=self.url, timeout=config.timeout_s)
+        headers = {"Authorization": f"Bearer {config.api_key}"} if config.api_key else {}
+        self.client = httpx.Client(base_url=self.url, timeout=config.timeout_s, headers=headers)
 
     def attach(self, model: torch.nn.Module) -> torch.nn.Module:
         """Once, after the model (and LoRA) exist and before the optimizer does; returns the model to train."""
@@ -205,16 +213,16 @@ class SharedMemorySync(WeightSync):
         self._pause_seconds = 0.0
 
     def attach(self, model: torch.nn.Module) -> torch.nn.Module:
-        from posttrain.rl.shared_weights import SharedLayout, UpdateLock, attach_model_weights
+        from posttrain.rl.shared_weights import SharedLayout, attach_model_weights, open_update_lock
 
         info = self._get("/weights/info")
-        if not info.get("shared"):
+        if not isinstance(info.get("shared"), dict):
             raise WeightSyncError(f"the inference server at {self.url} does not share its weights; start it with "
                                   "`posttrain rl serve-inference --shared-weights`")
+        # Network data: map only files in our own shared-weights directory (see shared_weights.trusted_path).
         layout = SharedLayout.from_json(info["shared"])
-        self.buffer = attach_model_weights(model, layout)
-        if layout.lock_path and Path(layout.lock_path + ".lock").exists():
-            self.lock = UpdateLock(layout.lock_path)
+        self.buffer = attach_model_weights(model, layout, self.config.shared_weights_dir)
+        self.lock = open_update_lock(layout, self.config.shared_weights_dir)
         return model
 
     def before_update(self) -> None:
@@ -272,16 +280,28 @@ class BroadcastSync(WeightSync):
         self.store = weight_broadcast.master_store(self.config.broadcast_host, self.config.broadcast_port, 2,
                                                    timeout)
         body = {"master_address": self.config.broadcast_host, "master_port": self.store.port, "timeout_s": timeout}
-        reply: dict[str, Any] = {}
-        request = threading.Thread(target=lambda: reply.update(self._call("/weights/broadcast/init", body)))
-        request.start()
-        try:
-            self.group, _ = weight_broadcast.join_group(self.config.broadcast_host, self.store.port, 0, 2, timeout,
-                                                        store=self.store)
-        finally:
-            request.join()
+        # The server's init returns once both ranks are in, so joining runs beside it; a refused init (wrong
+        # key, bad address) ends the wait at once with the server's message, not after the join's timeout.
+        joined: dict[str, Any] = {}
+        store = self.store
+
+        def join() -> None:
+            try:
+                joined["group"], _ = weight_broadcast.join_group(self.config.broadcast_host, store.port, 0, 2,
+                                                                 timeout, store=store)
+            except Exception as exc:  # reported below, after the server's answer
+                joined["error"] = exc
+
+        joining = threading.Thread(target=join, name="weight-group-join", daemon=True)
+        joining.start()
+        reply = self._call("/weights/broadcast/init", body)
         if "error" in reply:
-            raise WeightSyncError(reply["error"])
+            self.store = None  # the join gives up at its timeout; nothing else waits on it
+            raise WeightSyncError(f"the inference server did not join the weight broadcast: {reply['error']}")
+        joining.join(timeout)
+        if "group" not in joined:
+            raise WeightSyncError(f"joining the weight broadcast group failed: {joined.get('error', 'timed out')}")
+        self.group = joined["group"]
         served = {p["name"]: p for p in reply["params"]}
         mine = dict(model.named_parameters())
         missing = sorted(set(served) ^ set(mine))

@@ -194,3 +194,30 @@ def test_token_logprobs_score_each_target_with_the_previous_positions(tiny_model
     expected = logits.log_softmax(-1)[torch.arange(4), torch.tensor([12, 13, 14, 15])]
     assert got[0, 1:].tolist() == pytest.approx(expected[1:].tolist(), abs=1e-5)
     assert got[0, 0] == 0 and got[1, 2:].abs().sum() == 0  # untrained and padded positions stay 0
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"scores": [None]}, "scores must be a list of finite numbers"),
+    ({"scores": ["x"]}, "scores must be a list of finite numbers"),
+    ({"scores": [float("nan")]}, "scores must be a list of finite numbers"),
+    ({"scores": [float("inf")]}, "scores must be a list of finite numbers"),
+    ({"advantages": 5}, "advantages must be a list"),
+    ({"advantages": [[0.0, float("nan"), 1.0]]}, "advantages must be a list of finite numbers"),
+    ({"inference_logprobs": [[None, 0.0, 0.0]]}, "inference_logprobs must be a list of finite numbers"),
+    ({"tokens": [[1, "2", 3]]}, "tokens must be a list of integer token ids"),
+    ({"tokens": [[1, 2, 99]]}, "token id 99 is outside the vocabulary"),
+    ({"tokens": [[1, 2, -5]]}, "token id -5 is outside the vocabulary"),
+    ({"masks": [[-100, 2, 77]]}, "masks: token id 77 is outside the vocabulary"),
+    ({"overrides": [{"temperature": "hot"}]}, "temperature must be a finite number"),
+    ({"overrides": ["zero"]}, "overrides\\[0\\] must be an object"),
+    ({"generation_params": {"temperature": None}}, None),  # absent temperature: fine
+])
+def test_a_group_with_bad_values_is_a_bad_group_not_a_crash(bad, message):
+    """Whatever an environment sends, the trainer gets a BadGroup (skipped) or a finite batch."""
+    group = {"tokens": [[1, 2, 3]], "masks": [[-100, 2, 3]], "scores": [1.0], **bad}
+    if message is None:
+        batch = build_batch([group], PAD, vocab_size=10)
+        assert torch.isfinite(batch.advantages).all()
+        return
+    with pytest.raises(BadGroup, match=message):
+        build_batch([group], PAD, vocab_size=10)

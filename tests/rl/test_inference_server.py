@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
 import subprocess
 import sys
@@ -192,6 +193,9 @@ def test_lora_load_unload_and_the_base_name_serves_the_newest(server, adapters):
     ("/v1/load_lora_adapter", {"lora_name": MODEL, "lora_path": "/tmp"}, 400),
     ("/v1/unload_lora_adapter", {"lora_name": "never-loaded"}, 404),
     ("/weights/broadcast/update", {}, 409),
+    ("/generate", {"prompt": "hi", "max_tokens": 2, "seed": 2**64}, 422),  # torch seeds are uint64
+    ("/generate", {"prompt": "hi", "max_tokens": 2, "seed": -1}, 422),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "max_tokens": 2, "seed": 2**64}, 422),
 ])
 def test_bad_requests_are_4xx_with_a_message(server, path, body, status):
     reply = post(f"{server.url}{path}", json=body)
@@ -291,3 +295,81 @@ def test_server_process_that_dies_at_start_reports_its_log(tmp_path: Path):
                                     "http://127.0.0.1:9", log_path=tmp_path / "dead.log")
     with pytest.raises(ServerProcessError, match=r"(?s)exited with code 3.*no model here"):
         server.start()
+
+
+def test_one_request_that_fails_does_not_fail_the_ones_batched_with_it():
+    """The engine generates requests arriving together as one batch; one that raises inside generation
+    (here a seed torch refuses, sent past the HTTP models' bounds) fails alone."""
+    from posttrain.rl.inference_engine import InferenceEngine
+
+    model, tokenizer = load_served_model(ServeOptions(model=MODEL))
+    engine = InferenceEngine(model, tokenizer, MODEL, batch_wait_s=1.0)  # a long window: one batch
+    try:
+        good_params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
+        bad = engine.submit(PROMPT, SamplingParams(max_tokens=4, seed=2**64))
+        good = engine.submit(PROMPT, good_params)
+        assert len(good.result(timeout=120).completions[0].token_ids) == 4
+        with pytest.raises(ValueError, match="Overflow"):
+            bad.result(timeout=120)
+        assert engine.largest_batch == 2  # they really were batched together
+    finally:
+        engine.close()
+
+
+def test_an_adapter_folder_without_weights_is_refused_without_a_hub_lookup(server, tmp_path: Path, adapters):
+    folder = tmp_path / "config-only"
+    folder.mkdir()
+    shutil.copy(adapters["a"] / "adapter_config.json", folder)
+    for path in (folder, tmp_path / "missing", "some-user/some-hub-adapter"):
+        reply = post(f"{server.url}/v1/load_lora_adapter", json={"lora_name": "x", "lora_path": str(path)})
+        assert reply.status_code == 400 and "not a local LoRA adapter folder" in reply.text, reply.text
+
+
+def test_an_api_key_guards_every_route_but_health(tmp_path: Path, adapters):
+    root = tmp_path / "adapters"
+    shutil.copytree(adapters["a"], root / "a")
+    server = start_server(MODEL, tmp_path, "--api-key", "s3cret", "--enable-lora", "--max-lora-rank", "8",
+                          "--lora-root", str(root))
+    key = {"Authorization": "Bearer s3cret"}
+    generate = {"prompt": {"prompt_token_ids": PROMPT}, "max_tokens": 2}
+    try:
+        assert get(f"{server.url}/health").status_code == 200
+        for method, path, body in [("post", "/generate", generate), ("get", "/v1/models", None),
+                                   ("post", "/v1/completions", {"prompt": "hi"}),
+                                   ("post", "/v1/load_lora_adapter", {"lora_name": "a", "lora_path": str(root)}),
+                                   ("post", "/lora/load", {"adapter_path": str(root / "a")}),
+                                   ("post", "/weights/pause", {}), ("get", "/weights/info", None),
+                                   ("post", "/weights/broadcast/init", {"master_address": "10.0.0.1",
+                                                                        "master_port": 1})]:
+            for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}):
+                call = post if method == "post" else get
+                reply = call(f"{server.url}{path}", headers=headers, **({"json": body} if body else {}))
+                assert reply.status_code == 401 and "API key" in reply.text, (path, headers, reply.text)
+        assert post(f"{server.url}/generate", json=generate, headers=key).status_code == 200
+        # OpenAI clients configured with api_key send it as the Bearer token.
+        import openai
+        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="s3cret")
+        assert client.completions.create(model=MODEL, prompt="hi", max_tokens=2).choices
+        # Adapters only from inside --lora-root, with the same answer as for a folder that does not exist.
+        outside = post(f"{server.url}/v1/load_lora_adapter", headers=key,
+                       json={"lora_name": "b", "lora_path": str(adapters["b"])})
+        escape = post(f"{server.url}/v1/load_lora_adapter", headers=key,
+                      json={"lora_name": "b", "lora_path": f"{root}/../../{adapters['b'].parent.name}/b"})
+        for reply in (outside, escape):
+            assert reply.status_code == 400 and "inside --lora-root" in reply.text, reply.text
+        inside = post(f"{server.url}/v1/load_lora_adapter", headers=key,
+                      json={"lora_name": "a", "lora_path": str(root / "a")})
+        assert inside.status_code == 200, inside.text
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--host", "0.0.0.0"], "set --api-key"),
+    (["--host", "0.0.0.0", "--api-key", "k", "--enable-lora"], "needs --lora-root"),
+])
+def test_a_server_reachable_from_other_machines_needs_a_key(flags, message):
+    result = subprocess.run([sys.executable, "-m", "posttrain.cli", "rl", "serve-inference", "--model", MODEL,
+                             *flags], capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "POSTTRAIN_INFERENCE_API_KEY": ""})
+    assert result.returncode == 2 and message in result.stderr, result.stderr

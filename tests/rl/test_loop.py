@@ -32,6 +32,7 @@ from posttrain.modeling import resolve_model_path
 from posttrain.rl.supervisor import port_in_use
 
 ROOT = Path(__file__).resolve().parents[2]
+LOOP_KEY = "loop-test-key"
 PROBE_TEXT = "Elena buys 4 bags with 5 coins in each bag. How many coins does Elena buy? #### 20"
 
 
@@ -88,7 +89,8 @@ class PolicyProbe(threading.Thread):
         return flat_logprobs(client.post(f"{self.url}/generate", json=body).json()["prompt_logprobs"])
 
     def run(self) -> None:
-        with httpx.Client(timeout=30) as client:
+        # rl run's server requires the run's key (here the one the test gave it) on everything but /health.
+        with httpx.Client(timeout=30, headers={"Authorization": f"Bearer {LOOP_KEY}"}) as client:
             while not self.stopped.is_set():
                 self.collect_pids()
                 try:
@@ -143,7 +145,7 @@ def start_run(config_path: Path, *overrides: str, log: Path) -> subprocess.Popen
     with open(log, "wb") as out:
         return subprocess.Popen([sys.executable, "-m", "posttrain.cli", "rl", "run", str(config_path), *overrides],
                                 stdout=out, stderr=subprocess.STDOUT, cwd=ROOT,
-                                env={**os.environ, "OMP_NUM_THREADS": "1"})
+                                env={**os.environ, "OMP_NUM_THREADS": "1", "POSTTRAIN_INFERENCE_API_KEY": LOOP_KEY})
 
 
 def alive(pid: int) -> bool:

@@ -97,3 +97,17 @@ def test_rl_run_refuses_a_busy_port_before_starting_anything(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "posttrain.cli", "rl", "run", str(tmp_path / "missing.yaml")],
                          capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=120)
     assert bad.returncode == 2 and "missing.yaml does not exist" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_one_api_key_per_run_reaches_the_server_trainer_and_environments(tmp_path, monkeypatch):
+    from posttrain.rl.run_loop import shared_weights_dir
+
+    monkeypatch.delenv("POSTTRAIN_INFERENCE_API_KEY", raising=False)
+    config = run_config_from_dict({**MINIMAL, "environments": [{"name": "gsm8k"}]})
+    children = {c.name: c for c in build_children(config, config.trainer_spec(), tmp_path)}
+    key = children["inference"].env["POSTTRAIN_INFERENCE_API_KEY"]
+    assert len(key) >= 16 and children["trainer"].env["POSTTRAIN_INFERENCE_API_KEY"] == key
+    assert f"--openai.api_key={key}" in children["env-gsm8k"].command
+    # Where rl run sweeps a killed server's shared weights files after its children exit.
+    assert shared_weights_dir([]) == "/dev/shm"
+    assert shared_weights_dir(["--shared-weights-dir", "/a"]) == shared_weights_dir(["--shared-weights-dir=/a"]) == "/a"

@@ -61,7 +61,7 @@ def assert_serves_trainer_weights(url: str, model, tokenizer, before: list[int])
 
 def test_shared_vllm_trains_the_served_weights_in_place(tmp_path: Path, tokenizer):
     server = start_server("posttrain:tiny", tmp_path, "--shared-weights", "--shared-weights-dir", str(tmp_path))
-    sync = make_weight_sync(SyncConfig("shared_vllm", server_url=server.url))
+    sync = make_weight_sync(SyncConfig("shared_vllm", server_url=server.url, shared_weights_dir=tmp_path))
     try:
         model = sync.attach(trainer_model())
         before = greedy(server.url, PROMPT)
@@ -83,7 +83,7 @@ def test_shared_vllm_trains_the_served_weights_in_place(tmp_path: Path, tokenize
 
 def test_a_request_arriving_during_the_pause_is_served_by_the_new_weights(tmp_path: Path, tokenizer):
     server = start_server("posttrain:tiny", tmp_path, "--shared-weights", "--shared-weights-dir", str(tmp_path))
-    sync = make_weight_sync(SyncConfig("shared_vllm", server_url=server.url))
+    sync = make_weight_sync(SyncConfig("shared_vllm", server_url=server.url, shared_weights_dir=tmp_path))
     try:
         model = sync.attach(trainer_model())
         before = greedy(server.url, PROMPT)
@@ -110,13 +110,13 @@ def test_shared_vllm_refuses_a_server_without_shared_weights_and_a_mismatched_mo
     server = start_server("posttrain:tiny", tmp_path)
     try:
         with pytest.raises(WeightSyncError, match="--shared-weights"):
-            make_weight_sync(SyncConfig("shared_vllm", server_url=server.url)).attach(trainer_model())
+            make_weight_sync(SyncConfig("shared_vllm", server_url=server.url, shared_weights_dir=tmp_path)).attach(trainer_model())
     finally:
         server.stop()
     server = start_server("posttrain:tiny", tmp_path, "--shared-weights", "--shared-weights-dir", str(tmp_path))
     try:
         with pytest.raises(Exception, match="does not match the served weights"):
-            make_weight_sync(SyncConfig("shared_vllm", server_url=server.url)).attach(trainer_model(lora=True))
+            make_weight_sync(SyncConfig("shared_vllm", server_url=server.url, shared_weights_dir=tmp_path)).attach(trainer_model(lora=True))
     finally:
         server.stop()
 
@@ -137,6 +137,37 @@ def test_broadcast_sends_every_tensor_over_gloo(tmp_path: Path, tokenizer):
         assert get(f"{server.url}/weights/info").json()["version"] == 2
     finally:
         sync.close()
+        server.stop()
+
+
+def test_a_resumed_trainer_takes_over_the_broadcast_and_a_refused_init_fails_at_once(tmp_path: Path, tokenizer):
+    """A trainer that crashed left its group on the server: the next one (--resume) must still attach.
+    And when the server refuses the init (here: no API key), the trainer says why instead of waiting for
+    the group's timeout."""
+    server = start_server("posttrain:tiny", tmp_path, "--api-key", "k")
+    headers = {"Authorization": "Bearer k"}
+
+    def served() -> list[int]:
+        body = {"prompt": {"prompt_token_ids": PROMPT}, "max_tokens": 8, "temperature": 0, "ignore_eos": True}
+        return httpx.post(f"{server.url}/generate", json=body, headers=headers, timeout=120).json()["token_ids"][0]
+
+    keyless = make_weight_sync(SyncConfig("broadcast", server_url=server.url, api_key=None))
+    crashed = make_weight_sync(SyncConfig("broadcast", server_url=server.url, api_key="k"))
+    resumed = make_weight_sync(SyncConfig("broadcast", server_url=server.url, api_key="k"))
+    try:
+        with pytest.raises(WeightSyncError, match=r"401.*API key"):
+            keyless.attach(trainer_model())
+        crashed.attach(trainer_model())
+        crashed.group = None  # it dies without closing its group on the server
+        model = resumed.attach(trainer_model())
+        before = served()
+        sgd_steps(model, tokenizer, TARGET, steps=2)
+        resumed.after_update(model, step=1)
+        after = served()
+        assert after != before and after == local_greedy(model, tokenizer, PROMPT)
+    finally:
+        for sync in (keyless, crashed, resumed):
+            sync.close()
         server.stop()
 
 
