@@ -102,3 +102,35 @@ def nothing_listens_on(port: int) -> bool:
 def test_server_rollout_settings_are_checked(tmp_path: Path, method: dict, peft: str, message: str):
     with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
         spec_from_dict(ppo_spec(tmp_path / "prompts.jsonl", peft, **method))
+
+
+def test_server_rollouts_are_the_tensors_in_process_sampling_builds(tmp_path: Path, tiny_model_dir: Path):
+    """Greedy, so both samplers must agree token for token: ids, padding, answer mask, EOS flags, texts."""
+    import torch
+
+    from posttrain.rl.ppo_rollouts import inprocess_sampler, sample_rollouts
+    from posttrain.rl.server_sampler import ServerSampler
+
+    model, tokenizer = load_for_inference(tiny_model_dir)
+    prompts = [[{"role": "user", "content": p}] for p in PROMPTS]
+    server = start_server("posttrain:tiny", tmp_path)
+    sampler = ServerSampler(server.url)
+    try:
+        remote = sample_rollouts(sampler.complete, tokenizer, prompts, 12, 0.0, 64, "cpu")
+    finally:
+        sampler.close()
+        server.stop()
+    local = sample_rollouts(inprocess_sampler(model, tokenizer), tokenizer, prompts, 12, 0.0, 64, "cpu")
+    for name in ("input_ids", "attention_mask", "position_ids", "mask", "ended"):
+        assert torch.equal(getattr(remote, name), getattr(local, name)), name
+    assert remote.texts == local.texts and remote.context_length == local.context_length
+    assert remote.generated_tokens > 0
+
+
+def test_an_unreachable_server_fails_the_job_with_its_address(tmp_path: Path, prompts_file: Path):
+    port = free_port()  # nothing listens there
+    spec = spec_from_dict(ppo_spec(prompts_file, "lora", rollout_backend="server", weight_bridge_mode="lora_only",
+                                   inference_port=port))
+    result = run_worker(spec, tmp_path / "run", log_to_file=False)
+    assert result.state == "failed"
+    assert f"127.0.0.1:{port}" in result.error and "unreachable" in result.error, result.error
