@@ -42,6 +42,11 @@ class ServerSampler:
             response = self.client.post("/generate", json=body)
         except httpx.HTTPError as exc:
             raise GenerationError(f"inference server at {self.url} unreachable (/generate): {exc}") from None
+        if response.status_code in (404, 405, 501):
+            # No model is named, so these mean the route itself is missing: e.g. a plain `vllm serve` (404).
+            raise GenerationError(f"the server at {self.url} has no POST /generate route; PPO's server rollouts "
+                                  "need vLLM's native /generate with token_ids, as `posttrain rl serve-inference` "
+                                  "serves it")
         if response.status_code >= 400:
             raise GenerationError(f"inference server at {self.url} refused /generate ({response.status_code}): "
                                   f"{response.text}")

@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import json
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 from inference_harness import free_port, greedy, local_greedy, start_server
+from waiting import stop_process, wait_for
 
 from posttrain.errors import ConfigError
 from posttrain.jobdir import JobDir
@@ -134,3 +137,21 @@ def test_an_unreachable_server_fails_the_job_with_its_address(tmp_path: Path, pr
     result = run_worker(spec, tmp_path / "run", log_to_file=False)
     assert result.state == "failed"
     assert f"127.0.0.1:{port}" in result.error and "unreachable" in result.error, result.error
+
+
+def test_a_server_without_generate_is_named_as_such(tmp_path: Path):
+    """A server that lacks the route (as a plain `vllm serve`); Python's http.server stands in for one."""
+    from posttrain.rl.generation import SamplingParams
+    from posttrain.rl.server_sampler import GenerationError, ServerSampler
+
+    port = free_port()
+    other = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1",
+                              "--directory", str(tmp_path)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    sampler = ServerSampler(f"http://127.0.0.1:{port}")
+    try:
+        wait_for(lambda: not nothing_listens_on(port), timeout=60, what="http.server")
+        with pytest.raises(GenerationError, match="no POST /generate route"):
+            sampler.complete([[11, 12]], SamplingParams(max_tokens=2))
+    finally:
+        sampler.close()
+        stop_process(other, grace=10)
