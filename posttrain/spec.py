@@ -246,6 +246,25 @@ class PPOMethod(Section):
     reward_clip: float | None = Field(
         None, gt=0, description="Clip reward-model scores to +-this before the KL penalty (OpenRLHF's reward_clip_range)."
     )
+    rollout_backend: Literal["inprocess", "server"] = Field(
+        "inprocess",
+        description="Where answers are sampled: inprocess (the actor itself, no sync) or server (POST /generate "
+        "on a `posttrain rl serve-inference` / vLLM server kept on the actor's weights by weight_bridge_mode).",
+    )
+    weight_bridge_mode: WeightBridgeMode = Field(
+        "none",
+        description="rollout_backend=server: how new weights reach the server, as in online_grpo: none (save + "
+        "restart a server the trainer starts itself), lora_only (hot-load the adapter; needs peft.type=lora), "
+        "shared_vllm (one shared copy), broadcast (torch.distributed to a remote server).",
+    )
+    inference_host: str = Field("127.0.0.1", description="rollout_backend=server: host of the inference server.")
+    inference_port: int = Field(9001, gt=0, lt=65536, description="rollout_backend=server: its port.")
+    restart_interval: int = Field(
+        1, gt=0, le=MAX_STEPS, description="weight_bridge_mode=none: restart the server every N steps."
+    )
+    sync_dir: str | None = Field(
+        None, description="Where checkpoints/adapters for the inference server go (default <job dir>/sync)."
+    )
 
 
 Method = Annotated[SFTMethod | DPOMethod | RewardMethod | GRPOMethod | OnlineGRPOMethod | PPOMethod,
@@ -478,6 +497,19 @@ class DistributedSpec(Section):
         return self
 
 
+PPO_SERVER_KEYS = ("weight_bridge_mode", "inference_host", "inference_port", "restart_interval", "sync_dir")
+
+
+def _check_weight_bridge(mode: str, peft_type: str) -> None:
+    """The weight bridge decides what the inference server can load: an adapter, or the whole model."""
+    lora = peft_type != "none"
+    if mode == "lora_only" and not lora:
+        raise ValueError("method.weight_bridge_mode=lora_only trains an adapter: set peft.type=lora")
+    if mode != "lora_only" and lora:
+        raise ValueError(f"method.weight_bridge_mode={mode} syncs the whole model: "
+                         "set peft.type=none (or use weight_bridge_mode=lora_only)")
+
+
 class JobSpec(Section):
     """A complete training job: what to train, on what, how, and where to write it."""
 
@@ -535,12 +567,7 @@ class JobSpec(Section):
                              f"{', '.join(ONLINE_OPTIMIZERS)} (got {self.training.optim!r})")
         # The weight bridge decides what the inference server can load: an adapter, or the whole model.
         if method.sync_weights:
-            lora = self.peft.type != "none"
-            if method.weight_bridge_mode == "lora_only" and not lora:
-                raise ValueError("method.weight_bridge_mode=lora_only trains an adapter: set peft.type=lora")
-            if method.weight_bridge_mode != "lora_only" and lora:
-                raise ValueError(f"method.weight_bridge_mode={method.weight_bridge_mode} syncs the whole model: "
-                                 "set peft.type=none (or use weight_bridge_mode=lora_only)")
+            _check_weight_bridge(method.weight_bridge_mode, self.peft.type)
         return self
 
 
@@ -558,6 +585,13 @@ class JobSpec(Section):
                              f"{', '.join(ONLINE_OPTIMIZERS)} (got {self.training.optim!r})")
         if self.peft.type == "qlora":
             raise ValueError("method ppo supports peft.type none or lora (qlora is not supported)")
+        if self.method.rollout_backend == "server":
+            _check_weight_bridge(self.method.weight_bridge_mode, self.peft.type)
+        else:
+            server_only = sorted(self.method.model_fields_set & set(PPO_SERVER_KEYS))
+            if server_only:
+                raise ValueError(f"method.{server_only[0]} only applies to method.rollout_backend=server "
+                                 "(rollouts are sampled in-process by default)")
         return self
 
 

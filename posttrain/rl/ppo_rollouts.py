@@ -1,18 +1,22 @@
-"""PPO rollouts: prompts in a resumable order, answers sampled by the actor through the online stack's
-batched generation (:func:`posttrain.rl.generation.generate_batch`, the inference server's own path), and
-the tensors the update needs: ``[prompt (left-padded) | answer (right-padded)]`` sequences with a mask of
-real answer tokens.
+"""PPO rollouts: prompts in a resumable order, answers sampled either by the actor in-process through the
+online stack's batched generation (:func:`posttrain.rl.generation.generate_batch`, the inference server's own
+path) or by an inference server (:class:`posttrain.rl.server_sampler.ServerSampler`), and the tensors the
+update needs: ``[prompt (left-padded) | answer (right-padded)]`` sequences with a mask of real answer tokens.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from posttrain.rl.generation import SamplingParams, generate_batch
+from posttrain.rl.generation import Completion, SamplingParams, generate_batch
+
+# Token ids of each prompt + the sampling parameters -> one completion per prompt.
+Sampler = Callable[[list[list[int]], SamplingParams], list[Completion]]
 
 
 class PromptStream:
@@ -94,20 +98,27 @@ class Rollouts:
                 "position_ids": self.position_ids[index]}
 
 
-def sample_rollouts(model, tokenizer, prompts: list[Any], response_length: int, temperature: float,
+def inprocess_sampler(model, tokenizer) -> Sampler:
+    """Sampling with the actor itself, in eval mode (no dropout), all prompts in one batch."""
+    def sample(encoded: list[list[int]], params: SamplingParams) -> list[Completion]:
+        was_training = model.training
+        model.eval()
+        try:
+            results = generate_batch(model, tokenizer, encoded, [params] * len(encoded))
+        finally:
+            model.train(was_training)
+        return [result.completions[0] for result in results]
+    return sample
+
+
+def sample_rollouts(sample: Sampler, tokenizer, prompts: list[Any], response_length: int, temperature: float,
                     max_prompt_length: int, device: str | torch.device) -> Rollouts:
-    """Sample one answer per prompt with the actor in eval mode (no dropout), all prompts in one batch."""
+    """Sample one answer per prompt with ``sample`` (in-process or an inference server)."""
     encoded = [encode_prompt(tokenizer, prompt, max_prompt_length) for prompt in prompts]
     params = SamplingParams(max_tokens=response_length, temperature=temperature)
-    was_training = model.training
-    model.eval()
     started = time.perf_counter()
-    try:
-        results = generate_batch(model, tokenizer, encoded, [params] * len(encoded))
-    finally:
-        model.train(was_training)
+    completions = sample(encoded, params)
     seconds = time.perf_counter() - started
-    completions = [result.completions[0] for result in results]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     context = max(len(ids) for ids in encoded)
     width = max(max(len(c.token_ids) for c in completions), 1)

@@ -4,20 +4,24 @@ Read top to bottom: load the actor (full or LoRA; the online trainer's :func:`bu
 (the actor's base: with LoRA the adapter switched off, no second copy), the frozen reward model and the
 critic -> one AdamW + schedule each -> resume from the newest complete checkpoint -> for every step:
 
-1. take the next prompts, sample one answer each in-process (:mod:`posttrain.rl.ppo_rollouts`);
+1. take the next prompts, sample one answer each (:mod:`posttrain.rl.ppo_rollouts`): in-process, or from an
+   inference server kept on the actor's weights by the online trainer's weight bridge;
 2. score prompt + answer with the reward model, minus the EOS / length penalties;
 3. with no gradients: the actor's and the reference's log-probs and the critic's values of the answer
    tokens; per-token rewards = -kl_coef x KL (+ score on the last token); GAE; whitening;
 4. ``ppo_epochs`` passes over shuffled mini-batches: clipped policy loss on the actor, clipped value loss on
    the critic, gradient accumulation over micro-batches, gradient clipping, one step of each optimizer;
-5. the adaptive KL controller, metrics, checkpoints -> final/ (the actor).
+5. push the new actor weights to the server (rollout_backend=server), the adaptive KL controller, metrics,
+   checkpoints -> final/ (the actor).
 
-Rollouts need no inference server: the actor samples through the online stack's batched generation in the
-trainer's own process, so no weights have to be synced.
+By default rollouts need no inference server: the actor samples through the online stack's batched generation
+in the trainer's own process, so no weights have to be synced. With ``rollout_backend: server`` the weight
+bridge is the online GRPO trainer's own (:func:`posttrain.rl.trainer.make_sync`), attached the same way.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
@@ -39,9 +43,17 @@ from posttrain.rl.ppo_models import (
     response_logprobs,
     token_values,
 )
-from posttrain.rl.ppo_rollouts import PromptStream, Rollouts, render_scored, sample_rollouts
+from posttrain.rl.ppo_rollouts import (
+    PromptStream,
+    Rollouts,
+    Sampler,
+    inprocess_sampler,
+    render_scored,
+    sample_rollouts,
+)
+from posttrain.rl.server_sampler import ServerSampler
 from posttrain.rl.tracking import MetricsSinks
-from posttrain.rl.trainer import build_optimizer, build_policy
+from posttrain.rl.trainer import attach_resumed, build_optimizer, build_policy, make_sync, served_model
 from posttrain.spec import JobSpec, PPOMethod
 
 log = logging.getLogger("posttrain.worker")
@@ -188,7 +200,7 @@ def ppo_update(actor, critic, actor_optimizer, critic_optimizer, rollouts: Rollo
 
 
 def step_metrics(step: int, rollouts: Rollouts, scored: Scored, stats: UpdateStats, kl_coef: float, lr: float,
-                 update_tokens: int, update_seconds: float) -> dict:
+                 update_tokens: int, update_seconds: float, sync_seconds: float) -> dict:
     mask = rollouts.mask
     kl_per_sequence = (scored.kl * mask).sum(dim=1)
     lengths = mask.sum(dim=1)
@@ -206,7 +218,7 @@ def step_metrics(step: int, rollouts: Rollouts, scored: Scored, stats: UpdateSta
         "generation_tokens_per_s": rollouts.generated_tokens / max(rollouts.generation_seconds, 1e-9),
         "tokens_per_s": update_tokens / max(update_seconds, 1e-9),
         "generated_tokens": rollouts.generated_tokens, "generation_seconds": rollouts.generation_seconds,
-        "update_tokens": update_tokens, "update_seconds": update_seconds,
+        "update_tokens": update_tokens, "update_seconds": update_seconds, "sync_seconds": sync_seconds,
     }
 
 
@@ -240,51 +252,68 @@ def train_ppo(spec: JobSpec, jd: JobDir, resume: bool, stop, result, placement: 
     reference = build_reference(spec, placement, actor)
     reward = load_reward_model(spec, placement)
     critic = build_critic(spec, placement, checkpoint, tokenizer)
-    # Dropout off everywhere (eval mode; gradients still flow), as in TRL's PPO: the rollout's log-probs and
-    # values and the update's come from the same function, so the first mini-batch's ratio is exactly 1.
-    actor.eval()
-    critic.eval()
-    actor_optimizer, actor_scheduler = build_optimizer(spec, actor)
-    critic_spec = spec.model_copy(update={"training": training.model_copy(
-        update={"learning_rate": method.critic_learning_rate or training.learning_rate})})
-    critic_optimizer, critic_scheduler = build_optimizer(critic_spec, critic)
-    kl = ppo_loss.KLController(method.kl_coef, method.kl_target, method.kl_horizon)
-    if checkpoint:
-        load_training_state(checkpoint, actor_optimizer, actor_scheduler)  # also the random generators
-        critic_optimizer.load_state_dict(torch.load(checkpoint / "critic_optimizer.pt", weights_only=True))
-        critic_scheduler.load_state_dict(torch.load(checkpoint / "critic_scheduler.pt", weights_only=True))
-        kl.load_state_dict(ppo_state["kl_controller"])
-    micro = training.per_device_train_batch_size
-    mini_batch = micro * training.gradient_accumulation_steps
-    rollout_batch = mini_batch * method.num_mini_batches
-    sinks = MetricsSinks(spec, jd)
-    jd.update_status(step=state.step, total_steps=training.max_steps)
-    log.info("ppo: steps %d..%d, %d rollouts per step (%d mini-batches of %d, micro-batches of %d), %d rows, "
-             "reward model %s", state.step + 1, training.max_steps, rollout_batch, method.num_mini_batches,
-             mini_batch, micro, len(prompts.rows), method.reward_model)
-
-    def checkpoint_now() -> None:
-        save_checkpoint(jd, state, actor, tokenizer, actor_optimizer, actor_scheduler, training.save_total_limit,
-                        extra=_save_critic_state(critic, critic_optimizer, critic_scheduler, kl, prompts))
-
+    sync, server = None, None
+    sinks: MetricsSinks | None = None
     try:
+        sample: Sampler = inprocess_sampler(actor, tokenizer)
+        if method.rollout_backend == "server":
+            # As the online trainer: attach before the optimizer exists (shared_vllm rebinds the parameters).
+            sync = make_sync(spec, jd, served_model(spec, checkpoint))
+            actor = attach_resumed(sync, actor, method, checkpoint, state.step)
+            server = ServerSampler(f"http://{method.inference_host}:{method.inference_port}")
+            sample = server.complete
+        # Dropout off everywhere (eval mode; gradients still flow), as in TRL's PPO: the rollout's log-probs and
+        # values and the update's come from the same function, so the first mini-batch's ratio is exactly 1.
+        actor.eval()
+        critic.eval()
+        actor_optimizer, actor_scheduler = build_optimizer(spec, actor)
+        critic_spec = spec.model_copy(update={"training": training.model_copy(
+            update={"learning_rate": method.critic_learning_rate or training.learning_rate})})
+        critic_optimizer, critic_scheduler = build_optimizer(critic_spec, critic)
+        kl = ppo_loss.KLController(method.kl_coef, method.kl_target, method.kl_horizon)
+        if checkpoint:
+            load_training_state(checkpoint, actor_optimizer, actor_scheduler)  # also the random generators
+            critic_optimizer.load_state_dict(torch.load(checkpoint / "critic_optimizer.pt", weights_only=True))
+            critic_scheduler.load_state_dict(torch.load(checkpoint / "critic_scheduler.pt", weights_only=True))
+            kl.load_state_dict(ppo_state["kl_controller"])
+        micro = training.per_device_train_batch_size
+        mini_batch = micro * training.gradient_accumulation_steps
+        rollout_batch = mini_batch * method.num_mini_batches
+        sinks = MetricsSinks(spec, jd)
+        jd.update_status(step=state.step, total_steps=training.max_steps)
+        log.info("ppo: steps %d..%d, %d rollouts per step (%d mini-batches of %d, micro-batches of %d), %d rows, "
+                 "reward model %s, rollouts %s", state.step + 1, training.max_steps, rollout_batch,
+                 method.num_mini_batches, mini_batch, micro, len(prompts.rows), method.reward_model,
+                 f"server {method.inference_host}:{method.inference_port} ({method.weight_bridge_mode})"
+                 if sync is not None else "in-process")
+
+        def checkpoint_now() -> None:
+            save_checkpoint(jd, state, actor, tokenizer, actor_optimizer, actor_scheduler, training.save_total_limit,
+                            extra=_save_critic_state(critic, critic_optimizer, critic_scheduler, kl, prompts))
+
         saved_at = state.step
         while state.step < training.max_steps and not stop.is_set():
             lr = actor_scheduler.get_last_lr()[0]
-            rollouts = sample_rollouts(actor, tokenizer, prompts.take(rollout_batch), method.response_length,
+            rollouts = sample_rollouts(sample, tokenizer, prompts.take(rollout_batch), method.response_length,
                                        method.temperature, method.max_prompt_length, placement.device)
             started = time.perf_counter()
             scored = evaluate_rollouts(actor, reference, critic, reward, rollouts, method, kl.value,
                                        training.max_seq_length, micro)
+            # Rollouts and updates take turns, so one hold around all of this step's optimizer steps is
+            # enough for shared_vllm; the other modes push once, after the last of them.
+            if sync is not None:
+                sync.before_update()
             stats = ppo_update(actor, critic, actor_optimizer, critic_optimizer, rollouts, scored, method,
                                mini_batch, micro, training.max_grad_norm)
             update_seconds = time.perf_counter() - started
             actor_scheduler.step()
             critic_scheduler.step()
             state.step += 1
+            sync_seconds = sync.after_update(actor, state.step) if sync is not None else 0.0
             # Forward passes of the update: the scoring pass and ppo_epochs x (actor + critic) passes.
             update_tokens = int(rollouts.attention_mask.sum()) * (1 + method.ppo_epochs)
-            record = step_metrics(state.step, rollouts, scored, stats, kl.value, lr, update_tokens, update_seconds)
+            record = step_metrics(state.step, rollouts, scored, stats, kl.value, lr, update_tokens, update_seconds,
+                                  sync_seconds)
             kl.update(record["kl"], rollouts.size)
             state.rewards.append(record["reward"])
             if state.step % training.logging_steps == 0 or state.step == training.max_steps:
@@ -311,5 +340,11 @@ def train_ppo(spec: JobSpec, jd: JobDir, resume: bool, stop, result, placement: 
         result.state = "succeeded"
         return result
     finally:
-        sinks.close()
+        if sinks is not None:
+            sinks.close()
+        if server is not None:
+            server.close()
+        if sync is not None:
+            with contextlib.suppress(Exception):
+                sync.close()
 

@@ -30,7 +30,7 @@ from posttrain.rl.checkpoints import MODEL_DIR, load_training_state, save_checkp
 from posttrain.rl.grpo_loss import LossConfig, LossStats, StepCounts, policy_loss, token_logprobs
 from posttrain.rl.rollouts import BadGroup, RolloutBatch, build_batch
 from posttrain.rl.tracking import MetricsSinks
-from posttrain.spec import JobSpec, OnlineGRPOMethod
+from posttrain.spec import JobSpec, OnlineGRPOMethod, PPOMethod
 
 log = logging.getLogger("posttrain.worker")
 
@@ -84,11 +84,18 @@ def reference_logprobs(reference, policy: torch.nn.Module, batch: RolloutBatch) 
         return token_logprobs(reference, batch)
 
 
+def served_model(spec: JobSpec, checkpoint: Path | None) -> str:
+    """What a server the trainer starts itself (mode none) loads: a full run's checkpoint, else the base."""
+    if checkpoint and spec.peft.type == "none":
+        return str(checkpoint / MODEL_DIR)
+    return resolve_model_path(spec.model.name_or_path)
+
+
 def make_sync(spec: JobSpec, jd: JobDir, model_path: str):
     """The weight bridge to the inference server (posttrain.rl.weight_sync), or None when the run syncs
-    nothing (method.sync_weights=false)."""
-    method: OnlineGRPOMethod = spec.method  # type: ignore[assignment]
-    if not method.sync_weights:
+    nothing (online_grpo's method.sync_weights=false). PPO's server rollouts use it too."""
+    method: OnlineGRPOMethod | PPOMethod = spec.method  # type: ignore[assignment]
+    if isinstance(method, OnlineGRPOMethod) and not method.sync_weights:
         return None
     from posttrain.rl.weight_sync import SyncConfig, make_weight_sync
 
@@ -105,7 +112,7 @@ def make_sync(spec: JobSpec, jd: JobDir, model_path: str):
     ))
 
 
-def attach_resumed(sync, model: torch.nn.Module, method: OnlineGRPOMethod, checkpoint: Path | None,
+def attach_resumed(sync, model: torch.nn.Module, method: OnlineGRPOMethod | PPOMethod, checkpoint: Path | None,
                    step: int) -> torch.nn.Module:
     """Attach the weight bridge; a resumed run then pushes its checkpoint's weights at once, so the first
     rollouts after a resume come from the resumed policy, not from whatever the server held. (In none mode
@@ -194,9 +201,7 @@ def train_online(spec: JobSpec, jd: JobDir, resume: bool, stop, result, placemen
     tokenizer = load_tokenizer(spec)
     model = build_policy(spec, placement, checkpoint)
     reference = build_reference(spec, placement, model)
-    served = str(checkpoint / MODEL_DIR) if checkpoint and spec.peft.type == "none" else \
-        resolve_model_path(spec.model.name_or_path)
-    sync = make_sync(spec, jd, served)
+    sync = make_sync(spec, jd, served_model(spec, checkpoint))
     sinks = MetricsSinks(spec, jd)
     client = TrajectoryAPIClient(method.api_url, poll_interval=method.poll_interval, should_stop=stop.is_set)
     try:
