@@ -1,8 +1,8 @@
 """What a job may write, fork and connect to on a shared (keyed) server, beyond the files it reads.
 
 submission.py checks the paths a job reads; these are the other ways one key holder could reach past
-their own job: a write location (online_grpo's ``method.sync_dir``, which the trainer empties and fills),
-the number of processes a torchrun job forks, and the hosts a job connects to (the trajectory API, the
+their own job: a write location (``method.sync_dir`` of online_grpo and of ppo with server rollouts, which
+the trainer empties and fills), the number of processes a torchrun job forks, and the hosts a job connects to (the trajectory API, the
 inference server, a rendezvous endpoint). A server without keys is one user's own: it checks none of this.
 """
 
@@ -23,18 +23,27 @@ class NotAllowedHere(PosttrainError):
     status_code = 403
 
 
+def uses_weight_sync(spec: JobSpec) -> bool:
+    """Whether the job pushes weights to an inference server: online_grpo (unless sync_weights is off) and
+    ppo with rollout_backend=server. Only those read method.sync_dir and method.inference_host."""
+    method = spec.method
+    if method.name == "online_grpo":
+        return method.sync_weights
+    return method.name == "ppo" and method.rollout_backend == "server"
+
+
 def place_sync_dir(spec: JobSpec, own_dir: Path) -> None:
     """A relative ``method.sync_dir`` means a folder in the job's own directory: make it absolute, so the
     worker writes exactly where it was checked, whatever its working directory."""
     method = spec.method
-    if method.name == "online_grpo" and method.sync_dir and not Path(method.sync_dir).expanduser().is_absolute():
+    if getattr(method, "sync_dir", None) and not Path(method.sync_dir).expanduser().is_absolute():
         method.sync_dir = str((own_dir / method.sync_dir).resolve())
 
 
 def check_write_paths(spec: JobSpec, settings: ServiceSettings, own_dir: Path) -> None:
     """On a keyed server a job writes only inside its own directory (the trainer rmtrees sync_dir)."""
     method = spec.method
-    if not settings.keyed or method.name != "online_grpo" or not method.sync_dir:
+    if not settings.keyed or not getattr(method, "sync_dir", None):
         return
     path = Path(method.sync_dir).expanduser().resolve()
     if not path.is_relative_to(own_dir.resolve()):
@@ -49,8 +58,8 @@ def network_targets(spec: JobSpec) -> dict[str, str]:
     method = spec.method
     if method.name == "online_grpo":
         targets["method.api_url"] = urlsplit(method.api_url).hostname or method.api_url
-        if method.sync_weights:
-            targets["method.inference_host"] = method.inference_host
+    if uses_weight_sync(spec):
+        targets["method.inference_host"] = method.inference_host
     if spec.distributed.launcher == "torchrun" and spec.distributed.rdzv_endpoint:
         endpoint = spec.distributed.rdzv_endpoint
         targets["distributed.rdzv_endpoint"] = urlsplit(f"//{endpoint}").hostname or endpoint

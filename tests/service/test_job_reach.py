@@ -34,6 +34,15 @@ def online(**method: object) -> dict:
             "training": {"max_steps": 1, "num_threads": 1}, "tracking": {"report_to": []}}
 
 
+def ppo_on_a_server(**method: object) -> dict:
+    """PPO sampling from an inference server: it syncs weights there, like online_grpo."""
+    return {"model": {"name_or_path": "posttrain:tiny"}, "peft": {"type": "none"},
+            "data": {"source": "posttrain:preference"},
+            "method": {"name": "ppo", "reward_model": "posttrain:tiny", "rollout_backend": "server",
+                       "weight_bridge_mode": "shared_vllm", **method},
+            "training": {"max_steps": 1, "num_threads": 1}, "tracking": {"report_to": []}}
+
+
 def torchrun(**distributed: object) -> dict:
     return {"training": {"max_steps": 1, "num_threads": 1}, "tracking": {"report_to": []},
             "distributed": {"launcher": "torchrun", **distributed}}
@@ -48,9 +57,10 @@ def refusal(server: ServerProcess, spec: dict) -> ServiceError:
 def test_sync_dir_outside_the_job_s_own_directory_is_refused(server: ServerProcess, allowed_folder: Path):
     # The uploads folder and --allow-path folders are readable, never writable: the trainer empties sync_dir.
     for sync_dir in (str(server.data_dir / "files"), str(allowed_folder), "../../files", "/tmp"):
-        error = refusal(server, online(sync_dir=sync_dir))
-        assert error.status_code == 422, sync_dir
-        assert "method.sync_dir" in error.message and "outside this job's own directory" in error.message
+        for spec in (online(sync_dir=sync_dir), ppo_on_a_server(sync_dir=sync_dir)):
+            error = refusal(server, spec)
+            assert error.status_code == 422, (sync_dir, spec["method"]["name"])
+            assert "method.sync_dir" in error.message and "outside this job's own directory" in error.message
 
 
 def test_a_relative_sync_dir_lands_in_the_job_s_directory(server: ServerProcess):
@@ -78,6 +88,7 @@ def test_too_many_processes_are_refused(server: ServerProcess, distributed: dict
 @pytest.mark.parametrize("spec, key", [
     (online(api_url="http://10.0.0.5:8000"), "method.api_url: host '10.0.0.5'"),
     (online(sync_weights=True, inference_host="gpu-7.example"), "method.inference_host: host 'gpu-7.example'"),
+    (ppo_on_a_server(inference_host="gpu-7.example"), "method.inference_host: host 'gpu-7.example'"),
     (torchrun(nproc_per_node=1, nnodes=2, rdzv_endpoint="10.1.1.1:29400"), "distributed.rdzv_endpoint: host"),
 ])
 def test_network_targets_the_operator_did_not_allow_are_refused(server: ServerProcess, spec: dict, key: str):
