@@ -77,7 +77,7 @@ def test_pollers_that_miss_together_share_one_read(store: JobStore, monkeypatch)
 
     *records, missing = asyncio.run(poll_together())
     assert {record.id for record in records} == {"job-1"} and missing is None
-    assert calls == ["job-1", "job-404"]
+    assert sorted(calls) == ["job-1", "job-404"]  # one read each; their threads may finish in either order
 
 
 def test_a_read_after_a_write_never_joins_a_read_that_started_before_it(store: JobStore, monkeypatch):
