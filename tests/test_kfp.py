@@ -12,7 +12,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -22,6 +21,7 @@ import pytest
 import uvicorn
 import yaml
 from fastapi import FastAPI, Request, Response
+from ports import free_port
 from waiting import wait_for
 
 from posttrain.jobdir import JobDir
@@ -185,12 +185,6 @@ def test_export_checks_final_and_copies_a_full_model_or_fails_naming_the_step(tm
 
 
 # -- submit to a KFP host (fake API + S3 stub on loopback) ------------------------------------------------
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
 
 @pytest.fixture
 def fake_cluster():

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import platform
-import socket
 import statistics
 import sys
 import tempfile
@@ -23,6 +22,7 @@ from typing import Any
 import httpx
 import torch
 
+from posttrain.launchers.torchrun import free_port
 from posttrain.rl.generation import SamplingParams, generate_batch
 from posttrain.rl.server_process import InferenceServerProcess
 from posttrain.rl.weight_sync import SyncConfig, WeightSync, make_weight_sync
@@ -31,12 +31,6 @@ PROMPT_TEXT = "Question: what is 17 times 3? Answer step by step."
 TARGET_TEXT = "Question: what is 17 times 3? Answer: 17 times 3 is 51. #### 51"
 # The Atropos trainer's README figures for its modes (GPU, large models), for the side-by-side table.
 SEED_FIGURES = {"none": "30-60 s", "lora_only": "1-5 s", "shared_vllm": "0 ms", "broadcast": "n/a"}
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def server_command(model: str, port: int, *flags: str) -> list[str]:

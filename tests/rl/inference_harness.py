@@ -3,24 +3,18 @@
 from __future__ import annotations
 
 import functools
-import socket
 import sys
 from pathlib import Path
 
 import httpx
 import torch
+from ports import free_port
 
 from posttrain.rl.server_process import InferenceServerProcess
 
 # A loaded 2-core machine can take seconds to answer the first LoRA load (importing PEFT): no 5 s default.
 post = functools.partial(httpx.post, timeout=120)
 get = functools.partial(httpx.get, timeout=120)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def serve_command(model: str, port: int, *flags: str) -> list[str]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +12,7 @@ from pathlib import Path
 import psutil
 import pytest
 from inference_harness import free_port, serve_command
+from ports import port_is_free
 from waiting import kill_process, wait_for
 
 # A stand-in for the trainer: starts the server, reports its pid, then waits to be killed.
@@ -45,15 +45,6 @@ while time.monotonic() < deadline:
 print(child.pid, flush=True)
 time.sleep(600)
 """
-
-
-def port_is_free(port: int) -> bool:
-    with socket.socket() as sock:
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-        return True
 
 
 def gone(pid: int) -> bool:

@@ -17,17 +17,12 @@ from pathlib import Path
 import httpx
 import psutil
 import pytest
+from ports import free_port
 from waiting import kill_process, wait_for
 
 from posttrain.rl.supervisor import ChildSpec, Supervisor, port_in_use
 
 CHILD = str(Path(__file__).with_name("supervised_child.py"))
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def child(tmp_path: Path, name: str, *flags: str, port: int | None = None, **options) -> ChildSpec:

@@ -3,11 +3,11 @@ weight bridge, with rollouts POSTed to a real run-api by the test (no environmen
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 
 import pytest
 from inference_harness import greedy, local_greedy, start_server
+from ports import port_is_free
 from trainer_harness import finish, good_and_bad_group, start_trainer, trainer_log
 from trajectory_api import TrajectoryAPI, free_port
 from waiting import kill_process, wait_for
@@ -16,15 +16,6 @@ from posttrain.jobdir import JobDir
 from posttrain.modeling import load_for_inference
 
 PROBE = [11, 12, 13, 14, 15]
-
-
-def port_is_free(port: int) -> bool:
-    with socket.socket() as sock:
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
 
 
 @pytest.mark.parametrize("mode, server_flags", [

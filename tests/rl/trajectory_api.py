@@ -4,20 +4,14 @@ and the scored groups an environment would post to it."""
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
 import httpx
+from ports import free_port
 from waiting import stop_process, wait_for
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class TrajectoryAPI:

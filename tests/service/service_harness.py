@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,6 +14,7 @@ from typing import Any
 
 import httpx
 import psutil
+from ports import free_port
 from waiting import kill_process, stop_process
 
 from posttrain.client import Client
@@ -22,12 +22,6 @@ from posttrain.launchers.identity import recorded_worker_identity
 
 STARTUP_TIMEOUT_S = 60
 WARM_TIMEOUT_S = 180
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class ServerProcess:
