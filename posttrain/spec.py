@@ -141,7 +141,27 @@ WeightBridgeMode = Literal["none", "lora_only", "shared_vllm", "broadcast"]
 ONLINE_OPTIMIZERS = ("adamw_torch", "adamw_torch_fused", "adamw")
 
 
-class OnlineGRPOMethod(Section):
+class WeightBridgeFields(Section):
+    """Where an RL trainer's inference server is and how its new weights reach it (online_grpo; ppo with
+    rollout_backend=server)."""
+
+    weight_bridge_mode: WeightBridgeMode = Field(
+        "none",
+        description="How new weights reach the inference server (online_grpo; ppo with rollout_backend=server): "
+        "none (save + restart a server the trainer starts itself), lora_only (hot-load the adapter; needs peft.type=lora), shared_vllm (one shared copy), "
+        "broadcast (torch.distributed to a remote server).",
+    )
+    inference_host: str = Field("127.0.0.1", description="Host of the inference server.")
+    inference_port: int = Field(9001, gt=0, lt=65536, description="Port of the inference server (--vllm-port).")
+    restart_interval: int = Field(
+        1, gt=0, le=MAX_STEPS, description="weight_bridge_mode=none: restart the server every N steps."
+    )
+    sync_dir: str | None = Field(
+        None, description="Where checkpoints/adapters for the inference server go (default <job dir>/sync)."
+    )
+
+
+class OnlineGRPOMethod(WeightBridgeFields):
     """Online GRPO against an Atropos trajectory API (see docs/rl.md). Reads no data.* section: the
     environments behind ``api_url`` produce the scored rollouts. training.max_steps is the number of
     batches trained on, training.per_device_train_batch_size x gradient_accumulation_steps the sequences
@@ -151,22 +171,8 @@ class OnlineGRPOMethod(Section):
         "online_grpo", description="Online GRPO on scored rollouts from an Atropos trajectory API (run-api)."
     )
     api_url: str = Field("http://localhost:8000", description="Atropos trajectory API (atroposlib's run-api).")
-    weight_bridge_mode: WeightBridgeMode = Field(
-        "none",
-        description="How new weights reach the inference server: none (save + restart a server the trainer "
-        "starts itself), lora_only (hot-load the adapter; needs peft.type=lora), shared_vllm (one shared copy), "
-        "broadcast (torch.distributed to a remote server).",
-    )
     sync_weights: bool = Field(
         True, description="false: train without any inference server (rollouts come from elsewhere, e.g. tests)."
-    )
-    inference_host: str = Field("127.0.0.1", description="Host of the inference server.")
-    inference_port: int = Field(9001, gt=0, lt=65536, description="Port of the inference server (--vllm-port).")
-    restart_interval: int = Field(
-        1, gt=0, le=MAX_STEPS, description="weight_bridge_mode=none: restart the server every N steps."
-    )
-    sync_dir: str | None = Field(
-        None, description="Where checkpoints/adapters for the inference server go (default <job dir>/sync)."
     )
     loss_type: Literal["grpo", "dr_grpo", "dapo"] = Field(
         "grpo",
@@ -188,7 +194,7 @@ class OnlineGRPOMethod(Section):
     benchmark: bool = Field(False, description="Also log step_seconds and wait_seconds for every step.")
 
 
-class PPOMethod(Section):
+class PPOMethod(WeightBridgeFields):
     """Classic RLHF PPO (see docs/ppo.md): the actor samples answers to prompt-only rows, a reward model scores
     them, a critic estimates values, and a clipped policy/value update follows. Key names follow OpenRLHF and
     TRL's former PPOConfig. One step samples per_device_train_batch_size x gradient_accumulation_steps x
@@ -250,20 +256,6 @@ class PPOMethod(Section):
         "inprocess",
         description="Where answers are sampled: inprocess (the actor itself, no sync) or server (POST /generate "
         "on a `posttrain rl serve-inference` / vLLM server kept on the actor's weights by weight_bridge_mode).",
-    )
-    weight_bridge_mode: WeightBridgeMode = Field(
-        "none",
-        description="rollout_backend=server: how new weights reach the server, as in online_grpo: none (save + "
-        "restart a server the trainer starts itself), lora_only (hot-load the adapter; needs peft.type=lora), "
-        "shared_vllm (one shared copy), broadcast (torch.distributed to a remote server).",
-    )
-    inference_host: str = Field("127.0.0.1", description="rollout_backend=server: host of the inference server.")
-    inference_port: int = Field(9001, gt=0, lt=65536, description="rollout_backend=server: its port.")
-    restart_interval: int = Field(
-        1, gt=0, le=MAX_STEPS, description="weight_bridge_mode=none: restart the server every N steps."
-    )
-    sync_dir: str | None = Field(
-        None, description="Where checkpoints/adapters for the inference server go (default <job dir>/sync)."
     )
 
 
