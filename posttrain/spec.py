@@ -580,7 +580,11 @@ class JobSpec(Section):
         if self.method.rollout_backend == "server":
             _check_weight_bridge(self.method.weight_bridge_mode, self.peft.type)
         else:
-            server_only = sorted(self.method.model_fields_set & set(PPO_SERVER_KEYS))
+            # Keys set to something other than their default: a spec written out in full (spec.json, a
+            # service's re-validation) carries every key at its default and stays valid.
+            fields = type(self.method).model_fields
+            server_only = sorted(key for key in set(PPO_SERVER_KEYS) & self.method.model_fields_set
+                                 if getattr(self.method, key) != fields[key].default)
             if server_only:
                 raise ValueError(f"method.{server_only[0]} only applies to method.rollout_backend=server "
                                  "(rollouts are sampled in-process by default)")

@@ -97,3 +97,20 @@ def test_docs_config_reference_is_generated_from_the_schema():
     docs = (ROOT / "docs" / "config.md").read_text()
     assert config_keys_text() in docs, "docs/config.md is stale: run `posttrain config-keys` and paste its output"
 
+
+
+@pytest.mark.parametrize("data", [
+    {},
+    {"method": "dpo"},
+    {"method": "reward"},
+    {"method": "grpo"},
+    {"method": {"name": "online_grpo"}, "peft": {"type": "none"}, "training": {"max_steps": 2}},
+    {"method": {"name": "ppo", "reward_model": "posttrain:tiny"}, "peft": {"type": "none"},
+     "training": {"max_steps": 2}},
+    {"method": {"name": "ppo", "reward_model": "posttrain:tiny", "rollout_backend": "server",
+                "weight_bridge_mode": "lora_only"}, "training": {"max_steps": 2}},
+], ids=["sft", "dpo", "reward", "grpo", "online_grpo", "ppo", "ppo-server"])
+def test_a_spec_written_out_in_full_reads_back_the_same(data):
+    # spec.json and the service's re-validation carry every key, defaults included: no validator may refuse that.
+    spec = spec_from_dict(data)
+    assert JobSpec.model_validate_json(spec.model_dump_json()) == spec
