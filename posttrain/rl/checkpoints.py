@@ -12,6 +12,7 @@ import json
 import logging
 import random
 import shutil
+import types
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -102,3 +103,25 @@ def load_training_state(checkpoint: Path, optimizer: torch.optim.Optimizer, sche
     scheduler.load_state_dict(torch.load(checkpoint / "scheduler.pt", weights_only=True))
     # numpy's and python's RNG states are plain tuples/arrays, but not all of torch's allow-listed types.
     restore_rng(torch.load(checkpoint / "rng.pt", weights_only=False))
+
+
+def finish_run(spec: Any, jd: JobDir, state: TrainerState, result: Any, stop: Any, saved_at: int,
+               checkpoint_now: Callable[[], None], model: Any, tokenizer: Any, reward_name: str) -> Any:
+    """The end of an RL trainer's loop: a stop before the last step ends the run (a pause checkpoints its step
+    first); otherwise ``final/`` is written and the run succeeds."""
+    from posttrain.worker import _save_final
+
+    training = spec.training
+    result.step, result.total_steps = state.step, training.max_steps
+    if stop.is_set() and state.step < training.max_steps:
+        if stop.pausing and saved_at != state.step:
+            checkpoint_now()
+        result.state, result.cancelled_by = stop.outcome, stop.signal_name
+        return result
+    if spec.output.save_final:
+        result.final_dir = _save_final(types.SimpleNamespace(save_model=model.save_pretrained), tokenizer, jd)
+    result.metrics = {f"{reward_name}_first": state.rewards[0] if state.rewards else None,
+                      f"{reward_name}_last": state.rewards[-1] if state.rewards else None}
+    jd.update_status(step=state.step, total_steps=training.max_steps)
+    result.state = "succeeded"
+    return result

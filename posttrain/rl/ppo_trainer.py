@@ -25,7 +25,6 @@ import contextlib
 import json
 import logging
 import time
-import types
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,7 +33,7 @@ import torch
 from posttrain.jobdir import JobDir, atomic_write_json
 from posttrain.modeling import Placement, load_model, load_tokenizer
 from posttrain.rl import ppo_loss
-from posttrain.rl.checkpoints import load_training_state, save_checkpoint, starting_point
+from posttrain.rl.checkpoints import finish_run, load_training_state, save_checkpoint, starting_point
 from posttrain.rl.ppo_models import (
     CRITIC_DIR,
     RewardModel,
@@ -235,7 +234,6 @@ def _save_critic_state(critic, critic_optimizer, critic_scheduler, kl: ppo_loss.
 def train_ppo(spec: JobSpec, jd: JobDir, resume: bool, stop, result, placement: Placement):
     """Run a ppo job to its end (or to a stop request) and fill in ``result``."""
     from posttrain.data import load_training_data
-    from posttrain.worker import _save_final
 
     method: PPOMethod = spec.method  # type: ignore[assignment]
     training = spec.training
@@ -326,19 +324,7 @@ def train_ppo(spec: JobSpec, jd: JobDir, resume: bool, stop, result, placement: 
             if training.save_steps and state.step % training.save_steps == 0 and state.step < training.max_steps:
                 checkpoint_now()
                 saved_at = state.step
-        result.step, result.total_steps = state.step, training.max_steps
-        if stop.is_set() and state.step < training.max_steps:
-            if stop.pausing and saved_at != state.step:
-                checkpoint_now()
-            result.state, result.cancelled_by = stop.outcome, stop.signal_name
-            return result
-        if spec.output.save_final:
-            result.final_dir = _save_final(types.SimpleNamespace(save_model=actor.save_pretrained), tokenizer, jd)
-        result.metrics = {"reward_first": state.rewards[0] if state.rewards else None,
-                          "reward_last": state.rewards[-1] if state.rewards else None}
-        jd.update_status(step=state.step, total_steps=training.max_steps)
-        result.state = "succeeded"
-        return result
+        return finish_run(spec, jd, state, result, stop, saved_at, checkpoint_now, actor, tokenizer, "reward")
     finally:
         if sinks is not None:
             sinks.close()

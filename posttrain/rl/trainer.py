@@ -17,7 +17,6 @@ import logging
 import math
 import sys
 import time
-import types
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +25,13 @@ import torch
 from posttrain.jobdir import JobDir
 from posttrain.modeling import Placement, load_model, load_tokenizer, lora_config, resolve_model_path
 from posttrain.rl.api_client import Registration, TrajectoryAPIClient
-from posttrain.rl.checkpoints import MODEL_DIR, load_training_state, save_checkpoint, starting_point
+from posttrain.rl.checkpoints import (
+    MODEL_DIR,
+    finish_run,
+    load_training_state,
+    save_checkpoint,
+    starting_point,
+)
 from posttrain.rl.grpo_loss import LossConfig, LossStats, StepCounts, policy_loss, token_logprobs
 from posttrain.rl.rollouts import BadGroup, RolloutBatch, build_batch
 from posttrain.rl.tracking import MetricsSinks
@@ -192,7 +197,6 @@ def wait_for_batch(client: TrajectoryAPIClient, method: OnlineGRPOMethod, pad_id
 
 def train_online(spec: JobSpec, jd: JobDir, resume: bool, stop, result, placement: Placement):
     """Run an online_grpo job to its end (or to a stop request) and fill in ``result``."""
-    from posttrain.worker import _save_final
 
     method: OnlineGRPOMethod = spec.method  # type: ignore[assignment]
     training = spec.training
@@ -261,19 +265,10 @@ def train_online(spec: JobSpec, jd: JobDir, resume: bool, stop, result, placemen
             if training.save_steps and state.step % training.save_steps == 0 and state.step < training.max_steps:
                 save_checkpoint(jd, state, model, tokenizer, optimizer, scheduler, training.save_total_limit)
                 saved_at = state.step
-        result.step, result.total_steps = state.step, training.max_steps
-        if stop.is_set() and state.step < training.max_steps:
-            if stop.pausing and saved_at != state.step:
-                save_checkpoint(jd, state, model, tokenizer, optimizer, scheduler, training.save_total_limit)
-            result.state, result.cancelled_by = stop.outcome, stop.signal_name
-            return result
-        if spec.output.save_final:
-            result.final_dir = _save_final(types.SimpleNamespace(save_model=model.save_pretrained), tokenizer, jd)
-        result.metrics = {"reward_mean_first": state.rewards[0] if state.rewards else None,
-                          "reward_mean_last": state.rewards[-1] if state.rewards else None}
-        jd.update_status(step=state.step, total_steps=training.max_steps)
-        result.state = "succeeded"
-        return result
+        def checkpoint_now() -> None:
+            save_checkpoint(jd, state, model, tokenizer, optimizer, scheduler, training.save_total_limit)
+
+        return finish_run(spec, jd, state, result, stop, saved_at, checkpoint_now, model, tokenizer, "reward_mean")
     finally:
         client.close()
         sinks.close()
