@@ -53,8 +53,8 @@ class ModelSpec(Section):
     )
     attn_implementation: Literal["auto", "eager", "sdpa", "flash_attention_2"] = Field(
         "auto",
-        description="Attention kernel; auto lets transformers choose (sdpa), except SFT on CPU with small "
-        "attention matrices, where eager was measured faster.",
+        description="Attention kernel; auto lets transformers choose (sdpa), except SFT on CPU, where each "
+        "batch whose attention scores fit an eighth of the machine's memory runs eager (measured faster).",
     )
     trust_remote_code: bool = Field(False, description="Allow model code from the hub repository to run.")
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit) of the model.")

@@ -8,7 +8,8 @@ Speed choices for ``auto`` settings, measured with bench/sft_throughput.py (see 
   correct block-diagonal mask from ``position_ids`` but compute it densely over the whole concatenation,
   which was measured ~1.4x slower on CPU than length-grouped padded batches;
 - fp32 weights under bf16 autocast on CPUs with native bf16 (see ``cpu_bf16_autocast``);
-- eager attention on CPU while its score matrices are small (see ``cpu_attention``);
+- eager attention on CPU for every batch whose score matrices fit a share of this machine's memory, SDPA
+  for longer ones, chosen batch by batch (see ``CPUAttention``);
 - on CPU, the loss projects only the trained positions (``posttrain.losses``) instead of TRL's tiled LM
   head, which on CPU scores every position (prompt and padding included) and recomputes the projection
   in its backward: on SmolLM2-135M (49K vocabulary) with LoRA that head took over half of a step.
@@ -17,12 +18,13 @@ Speed choices for ``auto`` settings, measured with bench/sft_throughput.py (see 
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 import torch
 from trl import SFTConfig, SFTTrainer
 
-from posttrain.losses import trained_token_loss
+from posttrain.losses import is_plain_projection, trained_token_loss
 from posttrain.modeling import load_model, lora_config
 from posttrain.recipes.common import (
     RecipeInputs,
@@ -35,9 +37,11 @@ from posttrain.token_batches import TokenBudgetBatching
 log = logging.getLogger("posttrain.worker")
 
 VARLEN_ATTENTION = ("flash_attention_2", "flash_attention_3")
-# Largest total of per-layer attention score matrices (bytes, fp32, full batch at max_seq_length) for which
-# eager attention is used on CPU.
-EAGER_ATTENTION_MAX_BYTES = 2 << 30
+# Eager attention on CPU is used for a batch while all layers' fp32 score matrices take at most this share of
+# the machine's memory (eager holds ~1.5x that: the fp32 softmax and its bf16 copy), and never less than
+# EAGER_ATTENTION_MIN_BYTES.
+EAGER_ATTENTION_MEMORY_SHARE = 1 / 8
+EAGER_ATTENTION_MIN_BYTES = 2 << 30
 
 
 class PosttrainSFTTrainer(TokenBudgetBatching, SFTTrainer):
@@ -52,10 +56,11 @@ class PosttrainSFTTrainer(TokenBudgetBatching, SFTTrainer):
     """
 
     def __init__(self, *args: Any, fused_loss: bool = False, tokens_per_batch: int | None = None,
-                 **kwargs: Any) -> None:
+                 cpu_attention: CPUAttention | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.fused_loss = fused_loss
         self.tokens_per_batch = tokens_per_batch
+        self.cpu_attention = cpu_attention
         self._head_checked = False
 
     def row_lengths(self, dataset: Any) -> list[int]:
@@ -74,6 +79,8 @@ class PosttrainSFTTrainer(TokenBudgetBatching, SFTTrainer):
         )
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if self.cpu_attention is not None and "input_ids" in inputs:
+            self.cpu_attention.apply(self.accelerator.unwrap_model(model), *inputs["input_ids"].shape[:2])
         if return_outputs or not self._fused_loss_applies(inputs):
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         mode = "train" if self.model.training else "eval"
@@ -104,12 +111,8 @@ class PosttrainSFTTrainer(TokenBudgetBatching, SFTTrainer):
         return loss
 
     def _plain_head(self, hidden: torch.Tensor, weight: torch.Tensor, logits: torch.Tensor) -> bool:
-        """Whether the model's logits are exactly ``last hidden state @ head.T`` (no scaling, softcap or bias),
-        checked once on the last position, which the model projected itself."""
         self._head_checked = True
-        with torch.no_grad():
-            ours = (hidden[:, -1].float() @ weight.float().t())
-            plain = ours.shape == logits[:, -1].shape and torch.allclose(ours, logits[:, -1].float(), rtol=0.05, atol=0.05)
+        plain = is_plain_projection(hidden, weight, logits)
         if not plain:
             log.warning("sft: this model's LM head is not a plain projection; using TRL's loss")
         return plain
@@ -129,33 +132,66 @@ def use_padding_free(inputs: RecipeInputs) -> bool:
     return inputs.placement.device == "cuda" and inputs.spec.model.attn_implementation in VARLEN_ATTENTION
 
 
-def cpu_attention(inputs: RecipeInputs) -> str | None:
-    """``eager`` attention for ``attn_implementation=auto`` on CPU while the attention scores stay small.
+class CPUAttention:
+    """Eager or SDPA attention on CPU, chosen for each batch from its shape (``attn_implementation=auto``).
 
-    On CPU, eager attention (plain matmuls and a softmax) trained a hidden-256 model ~15% faster than
-    SDPA with a padding mask, at the same loss; but it keeps every layer's full score matrix for the
-    backward pass, so it is used only while those stay under ``EAGER_ATTENTION_MAX_BYTES``.
+    Measured on SmolLM2-135M with LoRA under bf16 autocast (a full forward and backward, batches of 8 rows):
+    eager was 12% faster than SDPA at 128-256 tokens, 5% at 512 and even at 1,024 (SDPA's flash kernel for
+    CPU is slow in its backward pass, and with a padding mask). But eager keeps every layer's full score
+    matrices for the backward pass, so a batch whose scores would pass ``budget_bytes`` runs with ``longer``
+    (what transformers chose when loading the model: SDPA where the model supports it).
+    Switching goes through transformers' ``set_attn_implementation``, only when the choice changes.
     """
-    spec = inputs.spec
-    if inputs.placement.device != "cpu" or spec.model.attn_implementation != "auto":
+
+    def __init__(self, heads: int, layers: int, budget_bytes: int, longer: str = "sdpa") -> None:
+        self.heads, self.layers, self.budget_bytes = heads, layers, budget_bytes
+        self.longer = longer  # what batches over the budget get: what transformers chose when loading
+
+    def score_bytes(self, rows: int, length: int) -> int:
+        return rows * self.heads * length * length * 4 * self.layers
+
+    def choose(self, rows: int, length: int) -> str:
+        return "eager" if self.score_bytes(rows, length) <= self.budget_bytes else self.longer
+
+    def apply(self, model: Any, rows: int, length: int) -> None:
+        wanted = self.choose(rows, length)
+        if model.config._attn_implementation != wanted:
+            model.set_attn_implementation(wanted)
+
+    def describe(self, rows: int, max_length: int) -> str:
+        """What the longest batch gets: ``eager``, or which lengths switch to SDPA."""
+        if self.choose(rows, max_length) == "eager":
+            return "eager"
+        longest = int((self.budget_bytes / (rows * self.heads * 4 * self.layers)) ** 0.5)
+        return f"eager up to {longest} tokens per row, {self.longer} above"
+
+
+def machine_memory_bytes() -> int | None:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def eager_attention_budget() -> int:
+    memory = machine_memory_bytes()
+    return max(EAGER_ATTENTION_MIN_BYTES, int((memory or 0) * EAGER_ATTENTION_MEMORY_SHARE))
+
+
+def cpu_attention(inputs: RecipeInputs, model: Any) -> CPUAttention | None:
+    """The per-batch attention choice for ``attn_implementation=auto`` on CPU; None elsewhere, and for models
+    whose attention cannot be switched (they keep what transformers chose when loading them)."""
+    if inputs.placement.device != "cpu" or inputs.spec.model.attn_implementation != "auto":
+        return None
+    can_switch = getattr(model, "_can_set_attn_implementation", None)
+    if can_switch is None or not can_switch():
         return None
     try:
-        from transformers import AutoConfig
-
-        from posttrain.modeling import resolve_model_path
-
-        config = AutoConfig.from_pretrained(resolve_model_path(spec.model.name_or_path),
-                                            revision=spec.model.revision,
-                                            trust_remote_code=spec.model.trust_remote_code).get_text_config()
+        config = model.config.get_text_config()
         heads, layers = int(config.num_attention_heads), int(config.num_hidden_layers)
-    except (OSError, ValueError, AttributeError, TypeError):
-        return None  # load_model reports an unreadable model; an unusual config keeps transformers' choice
-    training = spec.training
-    # A token budget holds at most tokens_per_batch / max_seq_length full-length rows (its worst case).
-    rows = (training.tokens_per_batch // training.max_seq_length if training.tokens_per_batch
-            else training.per_device_train_batch_size)
-    scores = rows * heads * training.max_seq_length**2 * 4 * layers
-    return "eager" if scores <= EAGER_ATTENTION_MAX_BYTES else None
+    except (AttributeError, TypeError, ValueError):
+        return None
+    return CPUAttention(heads, layers, eager_attention_budget(), longer=model.config._attn_implementation)
 
 
 def use_group_by_length(inputs: RecipeInputs, padding_free: bool) -> bool:
@@ -169,10 +205,8 @@ def use_group_by_length(inputs: RecipeInputs, padding_free: bool) -> bool:
 def build_trainer(inputs: RecipeInputs) -> PosttrainSFTTrainer:
     spec = inputs.spec
     method = spec.method
-    attention = cpu_attention(inputs)
-    if attention is not None:
-        spec = spec.model_copy(update={"model": spec.model.model_copy(update={"attn_implementation": attention})})
     model = load_model(spec, inputs.placement)
+    attention = cpu_attention(inputs, model)
     kwargs = training_arguments(inputs, model.num_parameters())
     padding_free = use_padding_free(inputs)
     group_by_length = use_group_by_length(inputs, padding_free)
@@ -181,13 +215,19 @@ def build_trainer(inputs: RecipeInputs) -> PosttrainSFTTrainer:
         kwargs["train_sampling_strategy"] = "group_by_length"
     if tokens_per_batch is not None:
         record_settings(inputs, tokens_per_batch=tokens_per_batch)
+    training = spec.training
+    # A token budget holds at most tokens_per_batch / max_seq_length full-length rows (its worst case).
+    rows = (training.tokens_per_batch // training.max_seq_length if training.tokens_per_batch
+            else training.per_device_train_batch_size)
+    attention_label = (attention.describe(max(1, rows), training.max_seq_length) if attention is not None
+                       else model.config._attn_implementation)
     record_settings(inputs, padding_free=padding_free, group_by_length=group_by_length,
                     gradient_checkpointing=bool(kwargs.get("activation_checkpointing")),
-                    attn_implementation=model.config._attn_implementation)
+                    attn_implementation=attention_label)
     fused_loss = use_fused_loss(inputs)
     log.info("sft: padding_free=%s group_by_length=%s tokens_per_batch=%s gradient_checkpointing=%s bf16=%s "
              "fused_loss=%s attention=%s", padding_free, group_by_length, tokens_per_batch, bool(kwargs.get("activation_checkpointing")), kwargs["bf16"],
-             fused_loss, model.config._attn_implementation)
+             fused_loss, attention_label)
     config = SFTConfig(
         **kwargs,
         max_length=None if padding_free and not spec.training.packing else spec.training.max_seq_length,
@@ -204,5 +244,6 @@ def build_trainer(inputs: RecipeInputs) -> PosttrainSFTTrainer:
         **shared_trainer_arguments(inputs),
         fused_loss=fused_loss,
         tokens_per_batch=tokens_per_batch,
+        cpu_attention=attention,
     )
 
