@@ -10,13 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from sft_trainers import build_sft_trainer
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
-
-from posttrain.data import load_training_data
-from posttrain.jobdir import JobDir
-from posttrain.modeling import load_tokenizer, resolve_placement
-from posttrain.recipes import RecipeInputs, build_trainer
-from posttrain.spec import spec_from_dict
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = {"stock_trl", "tuned_trl", "plain_loop", "posttrain"}
@@ -58,15 +53,7 @@ def test_quick_token_budget_suite_compares_both_batchings(tmp_path):
 
 @pytest.fixture(scope="module")
 def sft_trainer(tmp_path_factory):
-    torch.set_num_threads(1)
-    spec = spec_from_dict({"peft": {"type": "none"}, "tracking": {"report_to": []},
-                           "training": {"max_steps": 1, "per_device_train_batch_size": 4}})
-    job_dir = JobDir(tmp_path_factory.mktemp("job")).create()
-    data = load_training_data(spec.data, "sft", seed=spec.training.seed)
-    inputs = RecipeInputs(spec, job_dir, resolve_placement(spec.model), data, load_tokenizer(spec), [])
-    trainer = build_trainer(inputs)
-    trainer.model.train()
-    return trainer
+    return build_sft_trainer(tmp_path_factory.mktemp("job"), {"type": "none"})
 
 
 def batch_loss(trainer, batch, fused_loss: bool) -> float:

@@ -7,14 +7,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from sft_trainers import build_sft_trainer
 
-from posttrain.data import load_training_data
-from posttrain.jobdir import JobDir
 from posttrain.losses import is_plain_projection
-from posttrain.modeling import load_tokenizer, resolve_placement
-from posttrain.recipes import RecipeInputs, build_trainer
 from posttrain.recipes.sft import CPUAttention, eager_attention_budget
-from posttrain.spec import spec_from_dict
 
 
 def test_eager_attention_within_the_budget_and_the_loaded_kernel_beyond_it():
@@ -31,15 +27,7 @@ def test_eager_attention_within_the_budget_and_the_loaded_kernel_beyond_it():
 
 @pytest.fixture(scope="module")
 def tiny_sft_trainer(tmp_path_factory):
-    torch.set_num_threads(1)
-    spec = spec_from_dict({"peft": {"type": "lora", "r": 4}, "tracking": {"report_to": []},
-                           "training": {"max_steps": 1, "per_device_train_batch_size": 4}})
-    job_dir = JobDir(tmp_path_factory.mktemp("job")).create()
-    data = load_training_data(spec.data, "sft", seed=spec.training.seed)
-    inputs = RecipeInputs(spec, job_dir, resolve_placement(spec.model), data, load_tokenizer(spec), [])
-    trainer = build_trainer(inputs)
-    trainer.model.train()
-    return trainer
+    return build_sft_trainer(tmp_path_factory.mktemp("job"), {"type": "lora", "r": 4})
 
 
 def test_sft_switches_attention_by_batch_length_with_the_same_loss(tiny_sft_trainer):
