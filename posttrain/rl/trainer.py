@@ -230,6 +230,9 @@ def train_online(spec: JobSpec, jd: JobDir, resume: bool, stop, result, placemen
         log.info("online_grpo: training steps %d..%d from %s (batch %d sequences, loss %s, sync %s)",
                  state.step + 1, training.max_steps, method.api_url, batch_size, method.loss_type,
                  method.weight_bridge_mode if sync is not None else "off")
+        def checkpoint_now() -> None:
+            save_checkpoint(jd, state, model, tokenizer, optimizer, scheduler, training.save_total_limit)
+
         saved_at = state.step
         vocab_size = model.get_input_embeddings().weight.shape[0]  # an id past it would be an IndexError
         while state.step < training.max_steps and not stop.is_set():
@@ -263,11 +266,8 @@ def train_online(spec: JobSpec, jd: JobDir, resume: bool, stop, result, placemen
                      record["clipped_fraction"], sync_seconds)
             result.final_loss, result.tokens_per_s = step.loss, record["tokens_per_second"]
             if training.save_steps and state.step % training.save_steps == 0 and state.step < training.max_steps:
-                save_checkpoint(jd, state, model, tokenizer, optimizer, scheduler, training.save_total_limit)
+                checkpoint_now()
                 saved_at = state.step
-        def checkpoint_now() -> None:
-            save_checkpoint(jd, state, model, tokenizer, optimizer, scheduler, training.save_total_limit)
-
         return finish_run(spec, jd, state, result, stop, saved_at, checkpoint_now, model, tokenizer, "reward_mean")
     finally:
         client.close()
