@@ -3,7 +3,7 @@
     .venv/bin/python bench/online_grpo_step.py            # posttrain:smollm2 (135M), 8 x 192-token sequences
     .venv/bin/python bench/online_grpo_step.py --quick    # smoke run: posttrain:tiny
 
-Each variant runs :func:`posttrain.rl.trainer.train_step` (forward, loss, backward, clip, AdamW step) on
+Each variant runs :func:`posttrain.rl.grpo.trainer.train_step` (forward, loss, backward, clip, AdamW step) on
 one hand-built batch of scored groups with inference log-probs, in this process, on one CPU thread;
 the first ``--warmup`` steps are not timed. No trajectory API and no weight sync: this measures the
 trainer's own compute. ``lora_kl`` adds the reference forward (the adapter switched off) that
@@ -44,9 +44,9 @@ def run_variant(model_name: str, peft: str, beta: float, steps: int, warmup: int
     import torch
 
     from posttrain.modeling import apply_threads, load_tokenizer, resolve_placement
-    from posttrain.rl.grpo_loss import LossConfig
-    from posttrain.rl.rollouts import build_batch
-    from posttrain.rl.trainer import build_optimizer, build_policy, build_reference, train_step
+    from posttrain.rl.grpo.loss import LossConfig
+    from posttrain.rl.grpo.rollouts import build_batch
+    from posttrain.rl.grpo.trainer import build_optimizer, build_policy, build_reference, train_step
     from posttrain.spec import spec_from_dict
 
     spec = spec_from_dict({"model": {"name_or_path": model_name},

@@ -40,7 +40,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from posttrain.client import Client  # noqa: E402
-from posttrain.jobdir import JobDir  # noqa: E402
+from posttrain.job.directory import JobDir  # noqa: E402
 
 SPEC = {
     "training": {"max_steps": 2, "per_device_train_batch_size": 2, "num_threads": 1, "save_steps": 100},

@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-from posttrain.rl.sync_bench import run_benchmark  # noqa: E402
+from posttrain.weight_sync.bench import run_benchmark  # noqa: E402
 
 
 def main() -> None:

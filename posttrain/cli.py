@@ -13,10 +13,10 @@ from rich.console import Console
 from rich.panel import Panel
 from rich.table import Table
 
+from posttrain.commands.rl import rl_app
 from posttrain.errors import PosttrainError
 from posttrain.kfp.commands import kfp_app
 from posttrain.llama_stack.commands import llama_stack_app
-from posttrain.rl.commands import rl_app
 from posttrain.service.commands import jobs_app, serve
 from posttrain.spec import JobSpec, describe_fields, load_spec, split_config_and_overrides
 
@@ -67,7 +67,7 @@ def default_job_dir(spec: JobSpec) -> Path:
 
 def remove_previous_run(job_dir: Path) -> None:
     """Delete a previous run for --overwrite; refuse anything that does not look like one."""
-    from posttrain.jobdir import JobDir
+    from posttrain.job.directory import JobDir
 
     run = JobDir(job_dir)
     if not job_dir.is_dir():

@@ -22,7 +22,7 @@ from urllib.parse import quote
 
 import httpx
 
-from posttrain.jobdir import TERMINAL_STATES
+from posttrain.job.directory import TERMINAL_STATES
 from posttrain.service.schemas import (
     ArtifactList,
     FileInfo,

@@ -27,7 +27,7 @@ from typing import Any, Literal
 from rich.console import Console
 from rich.table import Table
 
-from posttrain.jobdir import JobDir
+from posttrain.job.directory import JobDir
 from posttrain.rewards import final_number
 from posttrain.spec import spec_from_dict
 

@@ -11,7 +11,7 @@ Running a pipeline is running each stage's JobSpec through :func:`posttrain.work
 spec.json holds the plan, its status.json the pipeline's state with the current stage and every stage's
 progress, its metrics.jsonl every stage's metrics tagged with the stage. A rerun skips the stages that
 already succeeded (with the same spec); ``--resume`` resumes the one that was interrupted. The job service
-runs the same plan as one job: its worker sees a plan in spec.json and calls :func:`run_pipeline`.
+runs the same plan as one job: its worker sees a plan in spec.json and hands the process over to :func:`main`.
 """
 
 from __future__ import annotations
@@ -27,12 +27,15 @@ from pathlib import Path
 from typing import Any
 
 from posttrain.errors import ConfigError, PosttrainError
-from posttrain.jobdir import TERMINAL_STATES, JobDir, atomic_write_text
+from posttrain.job.directory import TERMINAL_STATES, JobDir, atomic_write_text
+from posttrain.job.result import exit_code_for
+from posttrain.job.signals import CANCEL_SIGNALS, PAUSE_SIGNAL
 from posttrain.spec import (
+    PLAN_KEY,
     JobSpec,
-    _closest,
     apply_overrides,
     check_depth,
+    closest_name,
     load_yaml,
     spec_from_dict,
     spec_to_json,
@@ -47,7 +50,6 @@ STAGE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 RESERVED_NAMES = frozenset({"checkpoints", "final", "tensorboard"})
 REFERENCE = re.compile(r"\$\{([^}]*)\}")
 REFERENCE_KINDS = {"final": "its final/ (trained adapter or model)", "dir": "its job directory"}
-PLAN_KEY = "pipeline"  # a spec.json holding {"pipeline": name, "stages": [...]} is a planned pipeline
 MIRROR_INTERVAL_S = 1.0
 
 
@@ -80,10 +82,6 @@ class Pipeline:
 def is_pipeline_document(data: Any) -> bool:
     """Whether a config or spec document is a pipeline (a ``stages:`` list) rather than one JobSpec."""
     return isinstance(data, dict) and "stages" in data
-
-
-def is_plan(data: Any) -> bool:
-    return isinstance(data, dict) and PLAN_KEY in data and "stages" in data
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -122,7 +120,7 @@ def _split_overrides(overrides: list[str], stage_names: list[str]) -> tuple[list
         elif key.startswith("stages."):
             name, _, rest = key[len("stages."):].partition(".")
             if name not in per_stage:
-                hint = _closest(name, stage_names)
+                hint = closest_name(name, stage_names)
                 raise ConfigError(f"override {text!r}: no stage named {name!r}"
                                   + (f"; did you mean {hint!r}?" if hint else f" (stages: {', '.join(stage_names)})"))
             if not rest:
@@ -156,7 +154,7 @@ def _parse_reference(expression: str, where: str, stage_names: list[str]) -> tup
                           "or ${stages.<name>.dir}")
     _, target, kind = parts
     if target not in stage_names:
-        hint = _closest(target, stage_names)
+        hint = closest_name(target, stage_names)
         raise ConfigError(f"{where}: ${{{expression}}} names no stage {target!r}"
                           + (f"; did you mean {hint!r}?" if hint else f" (stages: {', '.join(stage_names)})"))
     if kind not in REFERENCE_KINDS:
@@ -215,7 +213,7 @@ def plan_pipeline(data: dict[str, Any], overrides: list[str] | None = None, *, r
     check_depth(data, "the pipeline")
     for key in data:
         if key not in TOP_LEVEL_KEYS:
-            hint = _closest(str(key), list(TOP_LEVEL_KEYS))
+            hint = closest_name(str(key), list(TOP_LEVEL_KEYS))
             raise ConfigError(f"unknown pipeline key {key!r}" + (f"; did you mean {hint!r}?" if hint else
                               f" (valid keys: {', '.join(TOP_LEVEL_KEYS)}; stage settings go under stages:)"))
     raw_stages = data.get("stages")
@@ -341,8 +339,6 @@ class PipelineResult:
 
     @property
     def exit_code(self) -> int:
-        from posttrain.worker import exit_code_for
-
         return exit_code_for(self.state, self.cancelled_by, self.input_error)
 
 
@@ -471,8 +467,6 @@ class _BetweenStages:
         self.signal_name: str | None = None
 
     def install(self) -> dict[int, Any]:
-        from posttrain.worker import PAUSE_SIGNAL
-
         if threading.current_thread() is not threading.main_thread():
             return {}
 
@@ -481,12 +475,10 @@ class _BetweenStages:
             if self.signal_name is None or signum != PAUSE_SIGNAL:  # a cancel replaces a pause
                 self.signal_name = name
 
-        return {signum: signal.signal(signum, handle) for signum in (signal.SIGINT, signal.SIGTERM, PAUSE_SIGNAL)}
+        return {signum: signal.signal(signum, handle) for signum in (*CANCEL_SIGNALS, PAUSE_SIGNAL)}
 
     @property
     def outcome(self) -> str:
-        from posttrain.worker import PAUSE_SIGNAL
-
         return "paused" if self.signal_name == PAUSE_SIGNAL.name else "cancelled"
 
 
@@ -500,7 +492,8 @@ def run_pipeline(pipeline: Pipeline, resume: bool = False, log_to_file: bool = T
     """Run the stages in order through the worker's run_worker; skip those already done. Never raises for
     a stage's failure (the result says which stage and why); raises ConfigError, touching nothing, when a
     finished stage's spec changed or a stage's directory holds an interrupted run and ``resume`` is not set."""
-    from posttrain.worker import PAUSE_SIGNAL, run_worker, setup_logging
+    from posttrain.worker import run_worker
+    from posttrain.worker.logs import setup_logging
 
     check_fresh_pipeline(pipeline)
     if not resume:
@@ -563,6 +556,28 @@ def run_pipeline(pipeline: Pipeline, resume: bool = False, log_to_file: bool = T
 
 
 def run_plan_file(spec_path: Path, job_dir: Path, resume: bool, log_to_file: bool) -> PipelineResult:
-    """What the worker entrypoint does with a spec.json that holds a pipeline plan."""
+    """Run the plan a job directory's spec.json holds (the service runs a pipeline as one job)."""
     data = json.loads(spec_path.read_text())
     return run_pipeline(pipeline_from_plan(data, job_dir), resume=resume, log_to_file=log_to_file)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m posttrain.pipeline --spec plan.json --job-dir DIR [--resume] [--no-log-file]``: the worker's
+    command line for a plan (the worker hands a plan it is given over to this)."""
+    import sys
+
+    from posttrain.job.result import EXIT_BAD_INPUT
+    from posttrain.worker.entry import worker_arguments
+
+    args = worker_arguments("python -m posttrain.pipeline", main.__doc__).parse_args(argv)
+    try:
+        return run_plan_file(Path(args.spec), Path(args.job_dir), args.resume, not args.no_log_file).exit_code
+    except (OSError, ValueError, PosttrainError) as exc:
+        message = exc.message if isinstance(exc, PosttrainError) else f"cannot run plan {args.spec}: {exc}"
+        print(f"error: {message}", file=sys.stderr)
+        JobDir(args.job_dir).create().update_status(state="failed", error=message)
+        return EXIT_BAD_INPUT
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from posttrain.errors import PosttrainError
-from posttrain.jobdir import JobDir
+from posttrain.job.directory import JobDir
 
 # Metric keys worth a panel each, in display order, with their titles.
 PANELS = {

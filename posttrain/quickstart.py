@@ -18,7 +18,7 @@ from typing import Any
 import yaml
 
 from posttrain.errors import ConfigError, UnsupportedError
-from posttrain.spec import JobSpec, _closest, parse_override, spec_from_dict
+from posttrain.spec import JobSpec, closest_name, parse_override, spec_from_dict
 
 # ReaLHF experiment -> posttrain method.
 EXPERIMENTS = {"sft": "sft", "rw": "reward", "dpo": "dpo", "ppo": "ppo"}
@@ -206,7 +206,7 @@ def parse_keys(experiment: str, pairs: list[str]) -> dict[str, Any]:
             # A model key under another experiment's role name (actor.path in sft) means this one's role.
             role, _, rest = key.partition(".")
             same = f"{ROLES[experiment][0]}.{rest}"
-            hint = same if role in ("model", "actor", "ref", "critic", "rew") and same in known else _closest(key, known)
+            hint = same if role in ("model", "actor", "ref", "critic", "rew") and same in known else closest_name(key, known)
             message = f"unknown key '{key}' for quickstart {experiment}"
             raise ConfigError(message + (f"; did you mean '{hint}'?" if hint else f" (valid keys: {', '.join(known)})"))
         canonical = ALIASES.get(key, key)

@@ -595,7 +595,16 @@ class JobSpec(Section):
 # Loading, overrides and error messages
 
 
-def _closest(key: str, candidates: list[str]) -> str | None:
+# A spec.json holding {"pipeline": name, "stages": [...]} is a planned pipeline (posttrain.pipeline), not a JobSpec.
+PLAN_KEY = "pipeline"
+
+
+def is_plan(data: Any) -> bool:
+    return isinstance(data, dict) and PLAN_KEY in data and "stages" in data
+
+
+def closest_name(key: str, candidates: list[str]) -> str | None:
+    """The candidate closest to a misspelt ``key``, for "did you mean" hints (None when none is close)."""
     match = difflib.get_close_matches(key, candidates, n=1, cutoff=0.5)
     return match[0] if match else None
 
@@ -633,7 +642,7 @@ def _format_errors(exc: ValidationError, data: Any) -> ConfigError:
         path = ".".join(loc) or "<root>"
         first_path = first_path or path
         if err["type"] == "extra_forbidden":
-            hint = _closest(loc[-1], _section_fields(tuple(loc[:-1]), method_name))
+            hint = closest_name(loc[-1], _section_fields(tuple(loc[:-1]), method_name))
             msg = f"unknown key '{path}'" + (f"; did you mean '{'.'.join([*loc[:-1], hint])}'?" if hint else "")
             valid = _section_fields(tuple(loc[:-1]), method_name)
             if valid and not hint:

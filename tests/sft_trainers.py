@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from posttrain.data import load_training_data
-from posttrain.jobdir import JobDir
+from posttrain.job.directory import JobDir
 from posttrain.modeling import load_tokenizer, resolve_placement
 from posttrain.recipes import RecipeInputs, build_trainer
 from posttrain.spec import spec_from_dict

@@ -19,7 +19,7 @@ from waiting import wait_for
 from posttrain.distributed.checkpoint import DCP_DIR
 from posttrain.distributed.fsdp import check_parallel_sizes
 from posttrain.errors import ConfigError, UnsupportedError
-from posttrain.jobdir import JobDir
+from posttrain.job.directory import JobDir
 from posttrain.launchers.torchrun import free_port, torchrun_command
 from posttrain.spec import JobSpec, spec_from_dict
 
@@ -236,7 +236,8 @@ def test_qlora_with_fsdp_on_cpu_says_why_it_cannot_run():
 
 
 def test_a_torchrun_restart_after_a_pause_does_not_train_on(tmp_path, monkeypatch):
-    from posttrain.worker import EXIT_OK, main
+    from posttrain.job.result import EXIT_OK
+    from posttrain.worker.entry import main
 
     job = JobDir(tmp_path / "job").create()
     job.update_status(state="paused", step=7)

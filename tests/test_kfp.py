@@ -24,7 +24,7 @@ from fastapi import FastAPI, Request, Response
 from ports import free_port
 from waiting import wait_for
 
-from posttrain.jobdir import JobDir
+from posttrain.job.directory import JobDir
 from posttrain.spec import spec_from_dict
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -310,9 +310,10 @@ def test_a_missing_kfp_is_a_clear_error(monkeypatch):
 # (a service job through a real server, and its cancel: tests/service/test_kfp_jobs.py)
 
 def test_kfp_launcher_pause_checkpoints_and_resume_finishes_the_run(tmp_path, make_spec, small_data):
+    from posttrain.job.result import EXIT_PAUSED
+    from posttrain.job.signals import PAUSE_SIGNAL
     from posttrain.launchers import LaunchRequest
     from posttrain.launchers.kfp import KFPLauncher
-    from posttrain.worker import EXIT_PAUSED, PAUSE_SIGNAL
 
     spec = tiny_spec(make_spec, small_data, distributed={"launcher": "kfp"})
     spec["training"].update(max_steps=40, save_steps=1000)

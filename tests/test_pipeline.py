@@ -14,7 +14,7 @@ import yaml
 from waiting import wait_for
 
 from posttrain.errors import ConfigError
-from posttrain.jobdir import JobDir
+from posttrain.job.directory import JobDir
 from posttrain.pipeline import load_pipeline, plan_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -214,8 +214,8 @@ def test_a_pause_on_a_stage_s_last_step_pauses_before_the_next_stage(tmp_path, m
     # The worker's own pause handling is tested with real signals (tests/service/test_pipeline_jobs.py);
     # a pause landing exactly on a stage's last step cannot be timed, so run_worker reports one here.
     import posttrain.worker
+    from posttrain.job.result import JobResult
     from posttrain.pipeline import run_pipeline
-    from posttrain.worker import JobResult
 
     ran = []
 

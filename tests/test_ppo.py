@@ -17,8 +17,8 @@ from waiting import kill_process, wait_for
 
 from posttrain.data import load_training_data
 from posttrain.errors import ConfigError, DatasetError
-from posttrain.jobdir import JobDir
-from posttrain.rl import ppo_loss
+from posttrain.job.directory import JobDir
+from posttrain.rl.ppo import loss as ppo_loss
 from posttrain.spec import DataSpec, spec_from_dict
 from posttrain.worker import run_worker
 
@@ -82,8 +82,8 @@ def ppo_spec(reward_dir: Path, prompts: Path, **training) -> dict:
 
 def test_the_reward_model_learned_the_preference(reward_dir: Path):
     from posttrain.modeling import resolve_placement
-    from posttrain.rl.ppo_models import RewardModel, load_sequence_classifier
-    from posttrain.rl.ppo_rollouts import render_scored
+    from posttrain.rl.ppo.models import RewardModel, load_sequence_classifier
+    from posttrain.rl.ppo.rollouts import render_scored
 
     spec = spec_from_dict({"method": {"name": "ppo", "reward_model": str(reward_dir)}, "training": {"max_steps": 1}})
     model, tokenizer = load_sequence_classifier(spec, resolve_placement(spec.model), str(reward_dir), "reward")

@@ -8,7 +8,7 @@ import textwrap
 import pytest
 import torch
 
-from posttrain.jobdir import JobDir
+from posttrain.job.directory import JobDir
 from posttrain.spec import spec_from_dict
 from posttrain.worker import run_worker
 
@@ -71,8 +71,8 @@ def test_full_fine_tune_saves_a_full_model(tmp_path, make_spec):
 def test_qlora_trains_a_4bit_base_on_cpu(tmp_path, make_spec, source):
     import bitsandbytes as bnb
 
-    from posttrain.callbacks import StopRequest
     from posttrain.data import load_training_data
+    from posttrain.job.signals import StopRequest
     from posttrain.modeling import load_tokenizer, resolve_placement
     from posttrain.recipes import RecipeInputs, build_trainer
 

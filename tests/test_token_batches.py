@@ -77,9 +77,9 @@ def test_dpo_refuses_token_budgets_clearly():
 @pytest.fixture(scope="module")
 def sft_trainer(tmp_path_factory):
     """A real PosttrainSFTTrainer on the tiny model, with a token budget, built by the SFT recipe."""
-    from posttrain.callbacks import StopRequest
     from posttrain.data import load_training_data
-    from posttrain.jobdir import JobDir
+    from posttrain.job.directory import JobDir
+    from posttrain.job.signals import StopRequest
     from posttrain.modeling import load_tokenizer, resolve_placement
     from posttrain.recipes import RecipeInputs, build_trainer
 

@@ -14,7 +14,7 @@ import pytest
 from waiting import wait_for
 
 from posttrain.errors import ConfigError, PosttrainError
-from posttrain.jobdir import COMPLETE_MARKER, JobDir
+from posttrain.job.directory import COMPLETE_MARKER, JobDir
 from posttrain.spec import spec_from_dict
 from posttrain.worker import run_worker
 
@@ -192,7 +192,7 @@ def test_only_rank_zero_writes_the_job_directory(tmp_path, make_spec, monkeypatc
 
 
 def test_only_rank_zero_writes_final(tmp_path, monkeypatch):
-    from posttrain.worker import _save_final
+    from posttrain.job.final import save_final
 
     class Trainer:  # like transformers on a rank that should not save: called, writes nothing
         def __init__(self, writes: bool) -> None:
@@ -209,10 +209,10 @@ def test_only_rank_zero_writes_final(tmp_path, monkeypatch):
 
     job = JobDir(tmp_path / "job").create()
     monkeypatch.setenv("RANK", "1")
-    _save_final(Trainer(writes=False), Tokenizer(), job)
+    save_final(Trainer(writes=False).save_model, Tokenizer(), job)
     assert not job.final_dir.exists() and not (job.root / ".final.partial").exists()
     monkeypatch.setenv("RANK", "0")
-    _save_final(Trainer(writes=True), Tokenizer(), job)
+    save_final(Trainer(writes=True).save_model, Tokenizer(), job)
     assert sorted(p.name for p in job.final_dir.iterdir()) == ["model.safetensors", "tokenizer.json"]
 
 

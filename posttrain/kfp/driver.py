@@ -19,17 +19,11 @@ import sys
 from pathlib import Path
 
 from posttrain.errors import PosttrainError
-from posttrain.jobdir import JobDir
+from posttrain.job.directory import JobDir
+from posttrain.job.result import EXIT_BAD_INPUT, exit_code_for
+from posttrain.job.signals import PAUSE_SIGNAL
 from posttrain.spec import load_yaml, spec_from_dict
-from posttrain.worker import (
-    EXIT_BAD_INPUT,
-    EXIT_CANCELLED,
-    EXIT_FAILED,
-    EXIT_OK,
-    EXIT_PAUSED,
-    PAUSE_SIGNAL,
-    worker_arguments,
-)
+from posttrain.worker.entry import worker_arguments
 
 STEP_MODULE = "kfp.dsl.executor_main"  # what kfp.local runs for each step
 
@@ -67,15 +61,12 @@ def _install_handlers() -> None:
 
 
 def exit_code(jd: JobDir) -> int:
+    """The worker's exit code for the state the steps recorded (a cancel reaches them as SIGTERM; a
+    prepare-data failure is bad input)."""
     status = jd.read_status()
     state = status.state if status else "failed"
-    if state == "succeeded":
-        return EXIT_OK
-    if state == "paused":
-        return EXIT_PAUSED
-    if state == "cancelled":
-        return EXIT_CANCELLED["SIGTERM"]
-    return EXIT_BAD_INPUT if status and status.error and status.error.startswith("prepare-data:") else EXIT_FAILED
+    input_error = bool(status and status.error and status.error.startswith("prepare-data:"))
+    return exit_code_for(state, "SIGTERM", input_error)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from posttrain.errors import ConfigError, PosttrainError
-from posttrain.jobdir import JobDir
+from posttrain.job.directory import JobDir
 from posttrain.kfp.pipeline import build_pipeline, compile_pipeline, require_kfp
 from posttrain.spec import JobSpec
 
@@ -75,7 +75,7 @@ def run_local(spec: JobSpec, job_dir: str | Path, *, resume: bool = False, log_f
     require_kfp()
     from kfp import local
 
-    from posttrain.worker import check_fresh_job_dir
+    from posttrain.job.resume import check_fresh_job_dir
 
     jd = JobDir(Path(job_dir).resolve())
     if not resume:
@@ -109,7 +109,7 @@ def run_local_job(spec: JobSpec, job_dir: str | Path, *, resume: bool = False):
     prints the same summary as for any run)."""
     import time
 
-    from posttrain.worker import JobResult
+    from posttrain.job.result import JobResult
 
     started = time.perf_counter()
     run = run_local(spec, job_dir, resume=resume)

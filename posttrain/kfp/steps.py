@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from posttrain.errors import ConfigError, PosttrainError
-from posttrain.jobdir import JobDir, atomic_write_text
+from posttrain.job.directory import JobDir, atomic_write_text
 from posttrain.spec import JobSpec, spec_from_dict
 
 log = logging.getLogger("posttrain.kfp")

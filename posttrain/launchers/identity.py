@@ -16,7 +16,7 @@ from pathlib import Path
 
 import psutil
 
-from posttrain.jobdir import JobDir, atomic_write_json
+from posttrain.job.directory import JobDir, atomic_write_json
 
 IDENTITY_FILE = "worker-process.json"
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import psutil
 
-from posttrain.jobdir import JobDir
+from posttrain.job.directory import JobDir
 from posttrain.launchers import Launcher, LaunchRequest, WorkerExit, WorkerHandle
 from posttrain.launchers.identity import recorded_worker_identity
 

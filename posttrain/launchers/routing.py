@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from posttrain.jobdir import JobDir
+from posttrain.job.directory import JobDir
 from posttrain.launchers import Launcher, LaunchRequest, WorkerHandle
 from posttrain.launchers.kfp import KFPLauncher
 from posttrain.launchers.torchrun import TorchrunLauncher

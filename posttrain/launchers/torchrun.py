@@ -25,7 +25,7 @@ from pathlib import Path
 import psutil
 
 from posttrain.errors import ConfigError
-from posttrain.jobdir import JobDir
+from posttrain.job.directory import JobDir
 from posttrain.launchers import Launcher, LaunchRequest, WorkerExit, WorkerHandle
 from posttrain.launchers.local import job_environment, worker_arguments
 from posttrain.spec import DistributedSpec, JobSpec, spec_from_dict
@@ -241,8 +241,9 @@ def run_torchrun(spec: JobSpec, job_dir: Path, resume: bool = False):
     import tempfile
     import time
 
+    from posttrain.job.result import JobResult
+    from posttrain.job.resume import check_fresh_job_dir
     from posttrain.spec import spec_to_json
-    from posttrain.worker import JobResult, check_fresh_job_dir
 
     jd = JobDir(job_dir)
     if not resume:

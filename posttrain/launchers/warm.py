@@ -26,7 +26,7 @@ from typing import IO, TYPE_CHECKING, Any
 
 import psutil
 
-from posttrain.jobdir import JobDir
+from posttrain.job.directory import JobDir
 from posttrain.launchers import Launcher, LaunchRequest, WorkerExit, WorkerHandle
 from posttrain.launchers.local import (
     AdoptedWorker,

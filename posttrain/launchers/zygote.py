@@ -47,8 +47,8 @@ from typing import Any
 # is the whole point of this process. posttrain's own modules import torch, transformers, TRL and PEFT.
 PRELOADED_MODULES = (
     "torch", "numpy", "psutil", "datasets", "transformers", "peft", "trl", "transformers.trainer",
-    "posttrain.worker", "posttrain.callbacks", "posttrain.data", "posttrain.modeling", "posttrain.preflight",
-    "posttrain.recipes.sft", "posttrain.recipes.dpo", "posttrain.recipes.reward", "posttrain.recipes.grpo",
+    "posttrain.worker.entry", "posttrain.recipes.runner", "posttrain.recipes.callbacks", "posttrain.data",
+    "posttrain.modeling", "posttrain.preflight", "posttrain.recipes.sft", "posttrain.recipes.dpo", "posttrain.recipes.reward", "posttrain.recipes.grpo",
     "posttrain.launchers.identity",
 )
 POLL_S = 0.05  # how soon an exited worker is noticed
@@ -187,12 +187,12 @@ def run_child(request: dict[str, Any], ready_w: int, template_fds: tuple[int, ..
         import numpy
 
         numpy.random.seed()
-        from posttrain import worker
+        from posttrain.worker import entry
 
         argv = list(request["argv"])
-        sys.argv = [worker.__file__, *argv]
+        sys.argv = [entry.__file__, *argv]
         print(f"worker {os.getpid()} forked from the warm template {os.getppid()}", file=sys.stderr)
-        code = worker.main(argv)
+        code = entry.main(argv)
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else 1
     except BaseException:

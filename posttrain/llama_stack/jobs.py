@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from posttrain.errors import PosttrainError
-from posttrain.jobdir import JobDir, atomic_write_text
+from posttrain.job.directory import JobDir, atomic_write_text
 from posttrain.llama_stack.config import InlineProviderConfig, RemoteProviderConfig
 from posttrain.llama_stack.mapping import job_uuid_of
 from posttrain.service.schemas import ArtifactList, JobInfo, SubmitJobRequest

@@ -8,7 +8,7 @@ from typing import Any
 from trl.data_utils import is_conversational
 
 from posttrain.data import PreparedData
-from posttrain.jobdir import JobDir
+from posttrain.job.directory import JobDir
 from posttrain.modeling import Placement, ensure_chat_template
 from posttrain.spec import JobSpec
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from posttrain.errors import PosttrainError
-from posttrain.jobdir import JobDir
+from posttrain.job.directory import JobDir
 from posttrain.service.scheduler import Scheduler, note_status
 from posttrain.service.settings import ServiceSettings
 from posttrain.service.store import JobRecord, JobStore

@@ -24,7 +24,7 @@ from sqlalchemy.exc import IntegrityError
 
 from posttrain.embedded import EMBEDDED_MODEL_NAMES
 from posttrain.errors import ConfigError, DatasetError, ModelError, PosttrainError
-from posttrain.jobdir import JobDir, atomic_write_text
+from posttrain.job.directory import JobDir, atomic_write_text
 from posttrain.service.auth import Principal
 from posttrain.service.errors import InvalidRequest
 from posttrain.service.ids import is_id

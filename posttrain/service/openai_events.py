@@ -15,7 +15,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from posttrain.jobdir import COMPLETE_MARKER, JobDir
+from posttrain.job.directory import COMPLETE_MARKER, JobDir
 from posttrain.service.errors import InvalidRequest
 from posttrain.service.openai_schemas import (
     CheckpointMetrics,

@@ -28,11 +28,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from posttrain.jobdir import JobDir, JobStatus
+from posttrain.job.directory import JobDir, JobStatus
+from posttrain.job.signals import PAUSE_SIGNAL
 from posttrain.launchers import Launcher, LaunchRequest, WorkerExit, WorkerHandle
 from posttrain.service.settings import ServiceSettings
 from posttrain.service.store import JobRecord, JobStore
-from posttrain.worker import PAUSE_SIGNAL
 
 log = logging.getLogger("posttrain.service")
 PROGRESS_SYNC_S = 1.0

@@ -9,7 +9,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from posttrain.jobdir import JobState as JobStateName
+from posttrain.job.directory import JobState as JobStateName
 
 UPLOAD_PREFIX = "upload:"  # data.source: "upload:<file id>" refers to a file sent to POST /v1/files
 RESULTS_PREFIX = "file-results-"  # a fine-tuning job's results file (purpose fine-tune-results)

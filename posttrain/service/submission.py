@@ -18,7 +18,7 @@ from pathlib import Path
 from posttrain.data.sources import is_local_path
 from posttrain.errors import ConfigError, PosttrainError
 from posttrain.graders import runs_user_code
-from posttrain.jobdir import JobDir, JobStatus
+from posttrain.job.directory import JobDir, JobStatus
 from posttrain.pipeline import Pipeline, is_pipeline_document, plan_pipeline
 from posttrain.preflight import DataBudget, preflight
 from posttrain.rewards import is_user_reward

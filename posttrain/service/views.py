@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
-from posttrain.jobdir import TERMINAL_STATES, JobDir, JobStatus
+from posttrain.job.directory import TERMINAL_STATES, JobDir, JobStatus
 from posttrain.service.schemas import Artifact, ArtifactList, JobInfo
 from posttrain.service.store import JobRecord
 

@@ -10,7 +10,7 @@ import httpx
 import torch
 from ports import free_port
 
-from posttrain.rl.server_process import InferenceServerProcess
+from posttrain.inference.process import InferenceServerProcess
 
 # A loaded 2-core machine can take seconds to answer the first LoRA load (importing PEFT): no 5 s default.
 post = functools.partial(httpx.post, timeout=120)
@@ -43,7 +43,7 @@ def greedy(url: str, prompt: list[int], max_tokens: int = 8, model: str | None =
 
 def local_greedy(model, tokenizer, prompt: list[int], max_tokens: int = 8) -> list[int]:
     """The same greedy completion computed in this process (the trainer's view of its own weights)."""
-    from posttrain.rl.generation import SamplingParams, generate_batch
+    from posttrain.inference.generation import SamplingParams, generate_batch
 
     was_training = model.training
     model.eval()

@@ -8,8 +8,8 @@ import math
 import pytest
 import torch
 
-from posttrain.rl.grpo_loss import LossConfig, StepCounts, policy_loss, token_logprobs
-from posttrain.rl.rollouts import BadGroup, build_batch, group_advantages
+from posttrain.rl.grpo.loss import LossConfig, StepCounts, policy_loss, token_logprobs
+from posttrain.rl.grpo.rollouts import BadGroup, build_batch, group_advantages
 
 PAD = 0
 

@@ -16,9 +16,9 @@ import torch
 from inference_harness import get, greedy, post, start_server
 from transformers import AutoModelForCausalLM
 
+from posttrain.inference.generation import SamplingParams, generate_batch
+from posttrain.inference.launch import ServeOptions, load_served_model, vllm_serve_command
 from posttrain.modeling import resolve_model_path
-from posttrain.rl.generation import SamplingParams, generate_batch
-from posttrain.rl.inference_launch import ServeOptions, load_served_model, vllm_serve_command
 
 MODEL = "posttrain:tiny"
 PROMPT = [1, 17, 42, 99, 7]
@@ -271,7 +271,7 @@ def test_server_process_stop_ends_the_whole_tree(tmp_path: Path):
     import psutil
     from inference_harness import free_port
 
-    from posttrain.rl.server_process import InferenceServerProcess
+    from posttrain.inference.process import InferenceServerProcess
 
     port = free_port()
     log = tmp_path / "fake.log"
@@ -289,7 +289,7 @@ def test_server_process_stop_ends_the_whole_tree(tmp_path: Path):
 
 
 def test_server_process_that_dies_at_start_reports_its_log(tmp_path: Path):
-    from posttrain.rl.server_process import InferenceServerProcess, ServerProcessError
+    from posttrain.inference.process import InferenceServerProcess, ServerProcessError
 
     server = InferenceServerProcess([sys.executable, "-c", "import sys; print('no model here'); sys.exit(3)"],
                                     "http://127.0.0.1:9", log_path=tmp_path / "dead.log")
@@ -300,7 +300,7 @@ def test_server_process_that_dies_at_start_reports_its_log(tmp_path: Path):
 def test_one_request_that_fails_does_not_fail_the_ones_batched_with_it():
     """The engine generates requests arriving together as one batch; one that raises inside generation
     (here a seed torch refuses, sent past the HTTP models' bounds) fails alone."""
-    from posttrain.rl.inference_engine import InferenceEngine
+    from posttrain.inference.engine import InferenceEngine
 
     model, tokenizer = load_served_model(ServeOptions(model=MODEL))
     engine = InferenceEngine(model, tokenizer, MODEL, batch_wait_s=1.0)  # a long window: one batch

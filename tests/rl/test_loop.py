@@ -27,9 +27,9 @@ import yaml
 from inference_harness import free_port
 from waiting import kill_process, wait_for
 
-from posttrain.jobdir import JobDir
+from posttrain.job.directory import JobDir
 from posttrain.modeling import resolve_model_path
-from posttrain.rl.supervisor import port_in_use
+from posttrain.rl.loop.supervisor import port_in_use
 
 ROOT = Path(__file__).resolve().parents[2]
 LOOP_KEY = "loop-test-key"
@@ -123,7 +123,7 @@ def local_scores(model_dir: Path | str, prompt: list[int]) -> tuple[float, ...]:
     """The probe's scores computed here, from the trainer's final weights, with the server's own code."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from posttrain.rl.generation import SamplingParams, generate_batch
+    from posttrain.inference.generation import SamplingParams, generate_batch
 
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)

@@ -18,7 +18,7 @@ from inference_harness import free_port, greedy, local_greedy, start_server
 from waiting import stop_process, wait_for
 
 from posttrain.errors import ConfigError
-from posttrain.jobdir import JobDir
+from posttrain.job.directory import JobDir
 from posttrain.modeling import load_for_inference
 from posttrain.spec import spec_from_dict
 from posttrain.worker import run_worker
@@ -111,8 +111,8 @@ def test_server_rollouts_are_the_tensors_in_process_sampling_builds(tmp_path: Pa
     """Greedy, so both samplers must agree token for token: ids, padding, answer mask, EOS flags, texts."""
     import torch
 
-    from posttrain.rl.ppo_rollouts import inprocess_sampler, sample_rollouts
-    from posttrain.rl.server_sampler import ServerSampler
+    from posttrain.rl.ppo.rollouts import inprocess_sampler, sample_rollouts
+    from posttrain.rl.ppo.server_sampler import ServerSampler
 
     model, tokenizer = load_for_inference(tiny_model_dir)
     prompts = [[{"role": "user", "content": p}] for p in PROMPTS]
@@ -141,8 +141,8 @@ def test_an_unreachable_server_fails_the_job_with_its_address(tmp_path: Path, pr
 
 def test_a_server_without_generate_is_named_as_such(tmp_path: Path):
     """A server that lacks the route (as a plain `vllm serve`); Python's http.server stands in for one."""
-    from posttrain.rl.generation import SamplingParams
-    from posttrain.rl.server_sampler import GenerationError, ServerSampler
+    from posttrain.inference.generation import SamplingParams
+    from posttrain.rl.ppo.server_sampler import GenerationError, ServerSampler
 
     port = free_port()
     other = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1",

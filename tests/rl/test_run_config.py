@@ -13,8 +13,8 @@ import pytest
 import yaml
 
 from posttrain.errors import ConfigError
-from posttrain.rl.run_config import load_run_config, run_config_from_dict
-from posttrain.rl.run_loop import build_children
+from posttrain.rl.loop.config import load_run_config, run_config_from_dict
+from posttrain.rl.loop.runner import build_children
 
 ROOT = Path(__file__).resolve().parents[2]
 MINIMAL = {"environments": [{"name": "gsm8k"}],
@@ -100,7 +100,7 @@ def test_rl_run_refuses_a_busy_port_before_starting_anything(tmp_path):
 
 
 def test_one_api_key_per_run_reaches_the_server_trainer_and_environments(tmp_path, monkeypatch):
-    from posttrain.rl.run_loop import shared_weights_dir
+    from posttrain.rl.loop.runner import shared_weights_dir
 
     monkeypatch.delenv("POSTTRAIN_INFERENCE_API_KEY", raising=False)
     config = run_config_from_dict({**MINIMAL, "environments": [{"name": "gsm8k"}]})

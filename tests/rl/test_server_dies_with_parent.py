@@ -19,7 +19,7 @@ from waiting import kill_process, wait_for
 THROUGH_SERVER_PROCESS = """
 import sys, time
 from pathlib import Path
-from posttrain.rl.server_process import InferenceServerProcess
+from posttrain.inference.process import InferenceServerProcess
 port, log = int(sys.argv[1]), Path(sys.argv[2])
 server = InferenceServerProcess(sys.argv[3:], f"http://127.0.0.1:{port}", log_path=log, startup_timeout=180)
 server.start()
@@ -31,7 +31,7 @@ time.sleep(600)
 WATCHED_ONLY = """
 import os, subprocess, sys, time
 import httpx
-from posttrain.rl.parent_watch import PARENT_PID_ENV
+from posttrain.inference.parent_watch import PARENT_PID_ENV
 port, log = int(sys.argv[1]), open(sys.argv[2], "ab")
 child = subprocess.Popen(sys.argv[3:], stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
                          env={**os.environ, PARENT_PID_ENV: str(os.getpid())})

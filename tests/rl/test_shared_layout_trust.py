@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from posttrain.errors import ModelError
-from posttrain.rl.shared_weights import (
+from posttrain.inference.shared_weights import (
     SharedLayout,
     UpdateLock,
     map_shared_buffer,

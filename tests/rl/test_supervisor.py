@@ -20,7 +20,7 @@ import pytest
 from ports import free_port
 from waiting import kill_process, wait_for
 
-from posttrain.rl.supervisor import ChildSpec, Supervisor, port_in_use
+from posttrain.rl.loop.supervisor import ChildSpec, Supervisor, port_in_use
 
 CHILD = str(Path(__file__).with_name("supervised_child.py"))
 
@@ -137,7 +137,7 @@ def test_duplicate_names_are_refused(tmp_path):
 DRIVER = textwrap.dedent("""
     import json, sys
     from pathlib import Path
-    from posttrain.rl.supervisor import ChildSpec, Supervisor
+    from posttrain.rl.loop.supervisor import ChildSpec, Supervisor
     import httpx
 
     def health(port):

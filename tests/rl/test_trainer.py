@@ -26,7 +26,7 @@ from trainer_harness import (
 from trajectory_api import TrajectoryAPI
 from waiting import kill_process, wait_for
 
-from posttrain.jobdir import JobDir
+from posttrain.job.directory import JobDir
 
 
 def test_training_moves_the_policy_towards_high_scores(tmp_path: Path, tiny_model_dir: Path):
@@ -134,7 +134,7 @@ def test_a_pause_checkpoints_the_step_and_a_cancel_while_waiting_stops_at_once(t
 def test_an_unreachable_api_fails_the_job_with_its_address(tmp_path: Path):
     from trajectory_api import free_port
 
-    from posttrain.rl.api_client import TrajectoryAPIClient, TrajectoryAPIError
+    from posttrain.rl.grpo.trajectory_client import TrajectoryAPIClient, TrajectoryAPIError
 
     url = f"http://127.0.0.1:{free_port()}"
     with TrajectoryAPIClient(url, poll_interval=0.05) as client, pytest.raises(TrajectoryAPIError, match=url):

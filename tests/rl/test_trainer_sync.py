@@ -12,7 +12,7 @@ from trainer_harness import finish, good_and_bad_group, start_trainer, trainer_l
 from trajectory_api import TrajectoryAPI, free_port
 from waiting import kill_process, wait_for
 
-from posttrain.jobdir import JobDir
+from posttrain.job.directory import JobDir
 from posttrain.modeling import load_for_inference
 
 PROBE = [11, 12, 13, 14, 15]

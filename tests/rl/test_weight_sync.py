@@ -30,7 +30,7 @@ from waiting import wait_for
 
 from posttrain.errors import ConfigError
 from posttrain.modeling import resolve_model_path
-from posttrain.rl.weight_sync import SyncConfig, WeightSyncError, make_weight_sync
+from posttrain.weight_sync.strategies import SyncConfig, WeightSyncError, make_weight_sync
 
 PROMPT = [1, 17, 42, 99, 7]
 TARGET = "the cat sat on the mat and the dog sat on the log"

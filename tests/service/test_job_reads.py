@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from posttrain.jobdir import JobDir
+from posttrain.job.directory import JobDir
 from posttrain.service.job_reads import RecentJobs
 from posttrain.service.store import JobRecord, JobStore
 from posttrain.service.views import job_info

@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 from waiting import wait_for
 
 from posttrain.client import ServiceError
-from posttrain.jobdir import JobDir
+from posttrain.job.directory import JobDir
 from posttrain.service.commands import jobs_app
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from posttrain.jobdir import JobDir
+from posttrain.job.directory import JobDir
 from posttrain.service.errors import InvalidRequest
 from posttrain.service.openai_events import _log_lines, job_events, page
 from posttrain.service.store import JobRecord

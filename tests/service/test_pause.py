@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 from waiting import wait_for
 
 from posttrain.client import TERMINAL, Client, ServiceError
-from posttrain.jobdir import COMPLETE_MARKER, JobDir
+from posttrain.job.directory import COMPLETE_MARKER, JobDir
 from posttrain.service.commands import jobs_app
 
 # Long enough that a pause lands mid-run, short enough to finish when resumed. No periodic checkpoint:

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 from waiting import wait_for
 
 from posttrain.client import TERMINAL, ServiceError
-from posttrain.jobdir import JobDir
+from posttrain.job.directory import JobDir
 from posttrain.pipeline import plan_pipeline
 from posttrain.service.commands import jobs_app
 from posttrain.service.scheduler import spec_environment

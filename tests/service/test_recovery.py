@@ -13,7 +13,7 @@ from service_harness import train_spec, worker_processes
 from waiting import wait_for
 
 from posttrain.client import ServiceError
-from posttrain.jobdir import JobDir
+from posttrain.job.directory import JobDir
 
 # ~5 s of training on the tiny model: long enough to kill it part-way, short enough to finish.
 LONG = {"max_steps": 200, "save_steps": 10}

@@ -13,7 +13,7 @@ import psutil
 import pytest
 from waiting import wait_for
 
-from posttrain.jobdir import JobDir, JobStatus
+from posttrain.job.directory import JobDir, JobStatus
 from posttrain.launchers import Launcher, LaunchRequest, WorkerExit, WorkerHandle
 from posttrain.launchers.local import AdoptedWorker, LocalLauncher, worker_environment
 from posttrain.service.scheduler import Scheduler

@@ -17,7 +17,7 @@ from service_harness import ServerProcess, module_server, train_spec
 from waiting import wait_for
 
 from posttrain.client import TERMINAL
-from posttrain.jobdir import JobDir
+from posttrain.job.directory import JobDir
 from posttrain.launchers import LaunchRequest
 from posttrain.launchers.local import LocalLauncher
 from posttrain.launchers.routing import LauncherUnavailable, RoutingLauncher

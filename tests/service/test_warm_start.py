@@ -13,7 +13,7 @@ import pytest
 from service_harness import train_spec
 from waiting import wait_for
 
-from posttrain.jobdir import JobDir
+from posttrain.job.directory import JobDir
 from posttrain.launchers import LaunchRequest, WorkerExit
 from posttrain.launchers.local import LocalLauncher
 from posttrain.launchers.warm import WarmLauncher, WarmWorker, local_launcher

@@ -12,7 +12,7 @@ from fastapi import APIRouter, HTTPException, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, StreamingResponse
 
-from posttrain.jobdir import TERMINAL_STATES, JobDir
+from posttrain.job.directory import TERMINAL_STATES, JobDir
 from posttrain.service.ids import is_id
 from posttrain.service.lifecycle import JobConflict, cancel_job, check_run_here, pause_job, resume_job
 from posttrain.service.routes.deps import (

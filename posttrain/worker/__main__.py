@@ -1,0 +1,5 @@
+import sys
+
+from posttrain.worker.entry import main
+
+sys.exit(main())

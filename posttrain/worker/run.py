@@ -1,0 +1,109 @@
+"""One job, start to end: the job directory, logging, signals, status, then the method's own ``run``.
+
+SIGINT/SIGTERM cancel at the next step boundary (a second one stops at once); SIGUSR1 pauses there with a
+checkpoint (see :mod:`posttrain.job.signals`). Whatever happens, the last status is written in a
+``finally`` block, so the directory always ends in a terminal state (or ``paused``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import traceback
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from posttrain.errors import PosttrainError
+from posttrain.job.context import RunContext
+from posttrain.job.directory import JobDir
+from posttrain.job.ranks import is_main_process, record_status
+from posttrain.job.result import JobResult
+from posttrain.job.resume import check_fresh_job_dir
+from posttrain.job.signals import StopRequest, install_stop_handlers, restore_handlers
+from posttrain.spec import JobSpec, spec_to_json
+from posttrain.worker.logs import setup_logging
+from posttrain.worker.registry import runner_for
+
+log = logging.getLogger("posttrain.worker")
+
+
+def run_worker(spec: JobSpec, job_dir: str | Path, resume: bool = False, log_to_file: bool = True,
+               extra_callbacks: Sequence[Any] = (), recorded_spec: JobSpec | None = None) -> JobResult:
+    """Run one job to its end and record it in ``job_dir``.
+
+    ``extra_callbacks`` are ``transformers.TrainerCallback`` objects added after posttrain's own (TRL methods).
+    ``recorded_spec``: what spec.json says when it is not ``spec`` itself (a KFP train step runs the job's
+    spec on prepared data).
+
+    Never raises for job failures; raises ConfigError, touching nothing, when ``job_dir`` already
+    holds another run and ``resume`` is not set.
+    """
+    from posttrain.distributed.runtime import launcher_pid, leave_process_group, restarted_by_torchrun
+
+    jd = JobDir(job_dir)
+    resume = resume or restarted_by_torchrun()  # torchrun's elastic restart continues the run
+    if not resume:
+        check_fresh_job_dir(jd)
+    jd.create()
+    setup_logging(jd, log_to_file)
+    stop = StopRequest()
+    previous_handlers = install_stop_handlers(stop)
+    started = time.perf_counter()
+    result = JobResult(state="failed", job_dir=jd.root)
+    status = jd.read_status()
+    attempt = (status.attempt + 1) if status else 1
+    try:
+        spec = spec.model_copy(update={"output": spec.output.model_copy(update={"dir": str(jd.root)})})
+        if is_main_process():
+            recorded = recorded_spec or spec
+            jd.write_spec(spec_to_json(recorded.model_copy(update={"output": spec.output})))
+        record_status(jd, state="running", pid=launcher_pid(), attempt=attempt, error=None, finished_at=None)
+        context = _prepare(spec, jd, resume, stop, result, extra_callbacks)
+        result = runner_for(spec.method.name)(context)
+    except KeyboardInterrupt as exc:
+        result.state, result.cancelled_by = "cancelled", str(exc) or "SIGINT"
+    except PosttrainError as exc:
+        log.error("%s", exc.message)
+        result.state, result.error, result.input_error = "failed", exc.message, True
+    except Exception as exc:
+        log.error("training failed:\n%s", traceback.format_exc())
+        result.state, result.error = "failed", f"{type(exc).__name__}: {exc}"
+    finally:
+        restore_handlers(previous_handlers)
+        result.runtime_s = time.perf_counter() - started
+        # A pause is recorded by the method's run; a failure while pausing is a real failure, not a pause.
+        if stop.is_set() and not stop.pausing and result.state != "succeeded":
+            result.state, result.cancelled_by = "cancelled", stop.signal_name
+        result.pause_pending = result.state == "succeeded" and stop.is_set() and stop.pausing
+        status = jd.read_status()
+        result.step = status.step if status else result.step
+        record_status(jd, state=result.state, error=result.error, step=result.step)
+        leave_process_group()
+    return result
+
+
+def _prepare(spec: JobSpec, jd: JobDir, resume: bool, stop: StopRequest, result: JobResult,
+             extra_callbacks: Sequence[Any]) -> RunContext:
+    """What every method needs before it starts: checked options (reward modules imported here), device,
+    dtype and threads, the process group of a torchrun run, seeds."""
+    from transformers import set_seed
+
+    from posttrain.distributed.runtime import init_process_group
+    from posttrain.modeling import apply_threads, resolve_placement
+    from posttrain.preflight import check_options
+
+    check_options(spec, warnings := [], import_rewards=True)
+    for warning in warnings:
+        log.warning("%s", warning)
+    placement = resolve_placement(spec.model)
+    threads = apply_threads(spec.training.num_threads, placement.device)
+    rank_info = init_process_group(spec, placement.device) if spec.distributed.launcher == "torchrun" else None
+    os.environ["TENSORBOARD_LOGGING_DIR"] = str(jd.tensorboard_dir)
+    set_seed(spec.training.seed)
+    log.info("job %s: method=%s model=%s device=%s dtype=%s threads=%d", spec.name or jd.root.name,
+             spec.method.name, spec.model.name_or_path, placement.device, str(placement.dtype).removeprefix("torch."),
+             threads)
+    return RunContext(spec=spec, job_dir=jd, resume=resume, stop=stop, result=result, placement=placement,
+                      threads=threads, rank_info=rank_info, extra_callbacks=extra_callbacks)
