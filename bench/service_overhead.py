@@ -98,12 +98,12 @@ def service_start_latency(client: Client, data_dir: Path) -> tuple[float, float,
 
 
 class Server:
-    """``python -m posttrain.service`` on a free port with its own data dir."""
+    """``posttrain serve`` on a free port with its own data dir."""
 
     def __init__(self, data_dir: Path, *args: str) -> None:
         self.data_dir, self.port = data_dir, free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.process = subprocess.Popen([sys.executable, "-m", "posttrain.service", "--port", str(self.port),
+        self.process = subprocess.Popen([sys.executable, "-m", "posttrain.cli", "serve", "--port", str(self.port),
                                          "--data-dir", str(data_dir), "--log-level", "warning", *args],
                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         self.client = Client(self.url, timeout=60)

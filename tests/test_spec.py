@@ -92,7 +92,7 @@ def test_every_field_is_described():
 
 
 def test_docs_config_reference_is_generated_from_the_schema():
-    from posttrain.cli import config_keys_text
+    from posttrain.commands.train import config_keys_text
 
     docs = (ROOT / "docs" / "config.md").read_text()
     assert config_keys_text() in docs, "docs/config.md is stale: run `posttrain config-keys` and paste its output"

@@ -9,12 +9,8 @@ from typing import Annotated
 
 import typer
 
+from posttrain.commands.common import fail
 from posttrain.errors import PosttrainError
-
-
-def _fail(message: str) -> None:
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(2)
 
 
 def env(
@@ -33,7 +29,7 @@ def env(
     try:
         cls = environment_class(name)
     except PosttrainError as exc:
-        _fail(exc.message)
+        fail(exc.message)
     # atroposlib reads its flags from sys.argv itself (argparse for the names, its own scan for the values).
     sys.argv = [f"posttrain rl env {name}", *ctx.args]
     cls.cli()
@@ -59,7 +55,7 @@ def run(
         loaded = load_run_config(config, overrides)
         outcome = run_loop(loaded, report=lambda line: typer.echo(line, err=True), resume=resume)
     except PosttrainError as exc:
-        _fail(exc.message)
+        fail(exc.message)
     typer.echo(f"rl run {outcome.state}: {outcome.message}", err=True)
     raise typer.Exit(outcome.exit_code)
 

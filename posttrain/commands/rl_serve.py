@@ -10,10 +10,9 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from posttrain.commands.common import console, fail
 from posttrain.errors import PosttrainError
 from posttrain.inference.process import API_KEY_VARIABLE
-
-console = Console(stderr=True)
 
 
 def serve_inference(
@@ -49,8 +48,7 @@ def serve_inference(
     choices = {"dtype": (dtype, ServeDtype), "backend": (backend, Backend)}
     for flag, (value, kind) in choices.items():
         if value not in kind.__args__:
-            console.print(f"[bold red]error:[/] --{flag} {value!r}: choose one of {', '.join(kind.__args__)}")
-            raise typer.Exit(2)
+            fail(f"--{flag} {value!r}: choose one of {', '.join(kind.__args__)}")
     options = ServeOptions(model=model, port=port, host=host, served_model_name=served_model_name,
                            tokenizer=tokenizer, enable_lora=enable_lora, max_lora_rank=max_lora_rank,
                            dtype=dtype, device=device, backend=backend,  # type: ignore[arg-type]
@@ -60,8 +58,7 @@ def serve_inference(
     try:
         run_server(options)
     except PosttrainError as exc:
-        console.print(f"[bold red]error:[/] {exc.message}", highlight=False)
-        raise typer.Exit(2) from None
+        fail(exc)
 
 
 def bench_sync(
@@ -77,13 +74,11 @@ def bench_sync(
     chosen = tuple(m.strip() for m in modes.split(",") if m.strip())
     known = {"shared_vllm", "broadcast", "lora_only", "lora_inplace", "none"}
     if not chosen or set(chosen) - known:
-        console.print(f"[bold red]error:[/] --modes {modes!r}: choose from {', '.join(sorted(known))}")
-        raise typer.Exit(2)
+        fail(f"--modes {modes!r}: choose from {', '.join(sorted(known))}")
     try:
         report = run_benchmark(model, steps=steps, modes=chosen, progress=lambda m: console.print(f"measuring {m}"))
     except PosttrainError as exc:
-        console.print(f"[bold red]error:[/] {exc.message}", highlight=False)
-        raise typer.Exit(2) from None
+        fail(exc)
     table = Table(title=f"weight sync on {model} ({steps} syncs per mode)")
     for column in ("mode", "median", "min", "max", "served = trainer", "Atropos README"):
         table.add_column(column)

@@ -13,6 +13,7 @@ from typing import Annotated, Any
 import typer
 import yaml
 
+from posttrain.commands.common import fail, print_summary
 from posttrain.errors import PosttrainError
 from posttrain.spec import JobSpec, WeightBridgeMode, spec_from_dict
 
@@ -88,7 +89,6 @@ def register(app: typer.Typer) -> None:
         Example: posttrain rl train --model-name posttrain:smollm2 --weight-bridge-mode lora_only
         --training-steps 50 --batch-size 8 --lr 1e-5 --save-path runs/rl --lora-r 16 --lora-alpha 32
         """
-        from posttrain.cli import fail, print_summary
         from posttrain.worker import run_worker
 
         try:

@@ -2,24 +2,18 @@
 
 ``local`` jobs start as before (warm or cold, :mod:`posttrain.launchers.warm`), ``torchrun`` jobs through
 :class:`~posttrain.launchers.torchrun.TorchrunLauncher`, ``kfp`` jobs as a Kubeflow pipeline run by kfp.local
-(:class:`~posttrain.launchers.kfp.KFPLauncher`). A launcher missing from the mapping :func:`service_launcher`
-builds makes its jobs fail at start with a message saying so. Re-adoption after a server restart asks the same launcher that started the job.
+(:class:`~posttrain.launchers.kfp.KFPLauncher`). A launcher missing from the mapping the service builds
+(:func:`posttrain.service.assembly.service_launcher`) makes its jobs fail at start with a message saying so.
+Re-adoption after a server restart asks the same launcher that started the job.
 """
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from posttrain.job.directory import JobDir
 from posttrain.launchers import Launcher, LaunchRequest, WorkerHandle
-from posttrain.launchers.kfp import KFPLauncher
-from posttrain.launchers.torchrun import TorchrunLauncher
-from posttrain.launchers.warm import local_launcher
-
-if TYPE_CHECKING:
-    from posttrain.service.settings import ServiceSettings
 
 DEFAULT_LAUNCHER = "local"
 
@@ -72,14 +66,3 @@ class RoutingLauncher(Launcher):
     def close(self) -> None:
         for launcher in self.launchers.values():
             launcher.close()
-
-
-def service_launcher(settings: ServiceSettings) -> RoutingLauncher:
-    """Every launcher the job service runs jobs with, by ``distributed.launcher`` value."""
-    command = settings.worker_command
-    # torchrun starts `python -m posttrain.worker` itself: with the workers' Python when that is the command.
-    python = command[0] if command[1:] == ["-m", "posttrain.worker"] else sys.executable
-    launchers: dict[str, Launcher] = {"local": local_launcher(settings), "torchrun": TorchrunLauncher(python),
-                                      "kfp": KFPLauncher(python)}
-    return RoutingLauncher(launchers)
-

@@ -22,7 +22,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO, Any
 
 import psutil
 
@@ -37,9 +37,6 @@ from posttrain.launchers.local import (
     worker_arguments,
     worker_environment,
 )
-
-if TYPE_CHECKING:  # settings are a service module; this one is also used by the Llama Stack provider
-    from posttrain.service.settings import ServiceSettings
 
 log = logging.getLogger("posttrain.service")
 SPAWN_TIMEOUT_S = 60.0
@@ -281,10 +278,3 @@ class WarmLauncher(Launcher):
         if self.template is not None:
             self.template.close()
             self.template = None
-
-
-def local_launcher(settings: ServiceSettings) -> Launcher:
-    """Workers on this machine: forked from a warm template when the settings allow it, else cold."""
-    if settings.starts_workers_warm:
-        return WarmLauncher(settings.worker_command, settings.data_dir / "warm-template.log")
-    return LocalLauncher(settings.worker_command)

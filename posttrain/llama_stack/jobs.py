@@ -29,6 +29,7 @@ from posttrain.llama_stack.mapping import job_uuid_of
 from posttrain.service.schemas import ArtifactList, JobInfo, SubmitJobRequest
 
 PAGE = 500
+DATASETS_FOLDER = "llama-stack-datasets"
 
 
 class JobNotFound(PosttrainError):
@@ -100,27 +101,20 @@ class LocalJobs:
                                  "provider; use launcher: local or kfp")
         self.launcher_name = config.launcher
         # Imported here: the scheduler and store need SQLAlchemy and psutil, which the remote provider does not.
-        from posttrain.launchers.routing import service_launcher
-        from posttrain.service.app import lock_data_dir
-        from posttrain.service.scheduler import Scheduler
+        from posttrain.service.assembly import ServiceCore
         from posttrain.service.settings import ServiceSettings
-        from posttrain.service.store import JobStore
 
         worker_python = check_worker_python(config.worker_python)
-        self.settings = ServiceSettings(
+        settings = ServiceSettings(
             data_dir=config.resolved_data_dir(), slots=config.slots, cancel_grace_s=config.cancel_grace_s,
             worker_command=[worker_python, "-m", "posttrain.worker"], warm_workers=config.warm_workers)
-        for folder in (self.settings.jobs_dir, self.settings.files_dir, self.datasets_dir):
-            folder.mkdir(parents=True, exist_ok=True)
-        self._lock = lock_data_dir(self.settings.data_dir)
-        self.store = JobStore(self.settings.database_url)
-        self.launcher = service_launcher(self.settings)  # each job by its spec's distributed.launcher
-        self.scheduler = Scheduler(self.store, self.launcher, self.settings)
-        self.scheduler.start()  # re-adopts workers of jobs that ran while Llama Stack was down
+        self.core = ServiceCore.open(settings, extra_dirs=(settings.data_dir / DATASETS_FOLDER,))
+        self.settings, self.store, self.scheduler = settings, self.core.store, self.core.scheduler
+        self.core.start()  # re-adopts workers of jobs that ran while Llama Stack was down
 
     @property
     def datasets_dir(self) -> Path:
-        return self.settings.data_dir / "llama-stack-datasets"
+        return self.settings.data_dir / DATASETS_FOLDER
 
     def submit(self, spec: dict[str, Any], train_rows: list[dict[str, Any]],
                validation_rows: list[dict[str, Any]] | None) -> JobInfo:
@@ -197,10 +191,7 @@ class LocalJobs:
                 "worker_python": self.settings.worker_command[0], "job_dir": self.location(job.id, "")}
 
     def close(self) -> None:
-        self.scheduler.stop()
-        self.launcher.close()
-        self.store.close()
-        self._lock.close()
+        self.core.close()
 
 
 class RemoteJobs:

@@ -10,15 +10,11 @@ OpenAI's shape); an unexpected error is logged with a request id and answered 50
 
 from __future__ import annotations
 
-import fcntl
 import logging
-import os
 import secrets
 import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from pathlib import Path
-from typing import IO
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -28,16 +24,14 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from posttrain import __version__
 from posttrain.errors import PosttrainError
 from posttrain.launchers import Launcher
-from posttrain.launchers.routing import service_launcher
+from posttrain.service.assembly import ServiceCore
 from posttrain.service.errors import error_body
 from posttrain.service.hosts import LoopbackHostOnly
 from posttrain.service.job_reads import RecentJobs
 from posttrain.service.limits import BodySizeLimit
 from posttrain.service.routes import ROUTERS
-from posttrain.service.scheduler import Scheduler
 from posttrain.service.schemas import ErrorBody
 from posttrain.service.settings import ServiceSettings
-from posttrain.service.store import JobStore
 
 log = logging.getLogger("posttrain.service")
 ERRORS = {code: {"model": ErrorBody} for code in (400, 401, 403, 404, 409, 413, 422, 429, 500)}
@@ -45,30 +39,22 @@ OPENAI_PREFIXES = ("/v1/fine_tuning/", "/v1/files")
 
 
 def create_app(settings: ServiceSettings, launcher: Launcher | None = None) -> FastAPI:
-    settings.jobs_dir.mkdir(parents=True, exist_ok=True)
-    settings.files_dir.mkdir(parents=True, exist_ok=True)
-    lock = lock_data_dir(settings.data_dir)
-    store = JobStore(settings.database_url)
-    launcher = launcher or service_launcher(settings)  # by each job's distributed.launcher
-    scheduler = Scheduler(store, launcher, settings)
+    core = ServiceCore.open(settings, launcher)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
-        scheduler.start()
+        core.start()
         threading.Thread(target=_warm_imports, name="posttrain-warm-imports", daemon=True).start()
         try:
             yield
         finally:
-            scheduler.stop()
-            launcher.close()
-            store.close()
-            lock.close()
+            core.close()
 
     app = FastAPI(title="posttrain job service", version=__version__, lifespan=lifespan, responses=ERRORS)
     app.state.settings = settings
-    app.state.store = store
-    app.state.recent_jobs = RecentJobs(store)
-    app.state.scheduler = scheduler
+    app.state.store = core.store
+    app.state.recent_jobs = RecentJobs(core.store)
+    app.state.scheduler = core.scheduler
     app.state.log_followers = 0
     app.add_middleware(BodySizeLimit, body_limit=settings.max_body_bytes, upload_limit=settings.max_upload_bytes)
     if not settings.keyed:
@@ -77,24 +63,6 @@ def create_app(settings: ServiceSettings, launcher: Launcher | None = None) -> F
     for router in ROUTERS:
         app.include_router(router)
     return app
-
-
-def lock_data_dir(data_dir: Path) -> IO[str]:
-    """Hold an exclusive lock on the data dir for the server's lifetime: two servers recovering the same
-    jobs could each start a worker for one job. (Workers do not inherit it: Popen closes other fds.)"""
-    handle = open(data_dir / "server.lock", "a+")  # noqa: SIM115 - held until shutdown
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.seek(0)
-        owner = handle.read().strip() or "unknown"
-        handle.close()
-        raise RuntimeError(f"another posttrain server (pid {owner}) is using data dir {data_dir}") from None
-    handle.seek(0)
-    handle.truncate()
-    handle.write(f"{os.getpid()}\n")
-    handle.flush()
-    return handle
 
 
 def _warm_imports() -> None:

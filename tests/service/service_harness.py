@@ -25,7 +25,7 @@ WARM_TIMEOUT_S = 180
 
 
 class ServerProcess:
-    """`python -m posttrain.service` (= `posttrain serve`) as a subprocess; stop() or kill() it."""
+    """`python -m posttrain.cli serve` (= `posttrain serve`) as a subprocess; stop() or kill() it."""
 
     def __init__(self, data_dir: Path, *args: str, api_key: str | None = None,
                  env: dict[str, str] | None = None) -> None:
@@ -39,7 +39,7 @@ class ServerProcess:
         self.log_path = data_dir.parent / f"{data_dir.name}-server.log"
 
     def start(self) -> ServerProcess:
-        argv = [sys.executable, "-m", "posttrain.service", "--port", str(self.port), "--data-dir", str(self.data_dir),
+        argv = [sys.executable, "-m", "posttrain.cli", "serve", "--port", str(self.port), "--data-dir", str(self.data_dir),
                 *self.args]
         log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child
         env = {**os.environ, **(self.env or {})}

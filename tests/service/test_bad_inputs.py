@@ -153,7 +153,7 @@ def test_server_keeps_serving_after_bad_requests(server: ServerProcess):
 
 def test_refuses_a_public_bind_without_keys(tmp_path: Path):
     result = subprocess.run(
-        [sys.executable, "-m", "posttrain.service", "--host", "0.0.0.0", "--port", str(free_port()),
+        [sys.executable, "-m", "posttrain.cli", "serve", "--host", "0.0.0.0", "--port", str(free_port()),
          "--data-dir", str(tmp_path / "data")],
         capture_output=True, text=True, timeout=60,
     )
@@ -172,7 +172,7 @@ def test_error_bodies_are_json_with_a_message(http: httpx.Client):
 
 def test_a_second_server_on_the_same_data_dir_is_refused(server: ServerProcess):
     result = subprocess.run(
-        [sys.executable, "-m", "posttrain.service", "--port", str(free_port()), "--data-dir", str(server.data_dir)],
+        [sys.executable, "-m", "posttrain.cli", "serve", "--port", str(free_port()), "--data-dir", str(server.data_dir)],
         capture_output=True, text=True, timeout=60,
     )
     assert result.returncode == 2

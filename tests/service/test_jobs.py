@@ -16,8 +16,8 @@ from typer.testing import CliRunner
 from waiting import wait_for
 
 from posttrain.client import ServiceError
+from posttrain.commands.jobs import jobs_app
 from posttrain.job.directory import JobDir
-from posttrain.service.commands import jobs_app
 
 
 @pytest.fixture(scope="module")

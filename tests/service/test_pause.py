@@ -16,8 +16,8 @@ from typer.testing import CliRunner
 from waiting import wait_for
 
 from posttrain.client import TERMINAL, Client, ServiceError
+from posttrain.commands.jobs import jobs_app
 from posttrain.job.directory import COMPLETE_MARKER, JobDir
-from posttrain.service.commands import jobs_app
 
 # Long enough that a pause lands mid-run, short enough to finish when resumed. No periodic checkpoint:
 # the only one a paused run has is the one its pause saved.

@@ -12,9 +12,9 @@ from typer.testing import CliRunner
 from waiting import wait_for
 
 from posttrain.client import TERMINAL, ServiceError
+from posttrain.commands.jobs import jobs_app
 from posttrain.job.directory import JobDir
 from posttrain.pipeline import plan_pipeline
-from posttrain.service.commands import jobs_app
 from posttrain.service.scheduler import spec_environment
 
 ROOT = Path(__file__).resolve().parents[2]

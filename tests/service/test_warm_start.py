@@ -16,8 +16,9 @@ from waiting import wait_for
 from posttrain.job.directory import JobDir
 from posttrain.launchers import LaunchRequest, WorkerExit
 from posttrain.launchers.local import LocalLauncher
-from posttrain.launchers.warm import WarmLauncher, WarmWorker, local_launcher
+from posttrain.launchers.warm import WarmLauncher, WarmWorker
 from posttrain.launchers.zygote import fork_safety_problem
+from posttrain.service.assembly import local_launcher
 from posttrain.service.settings import ServiceSettings, default_worker_command
 
 LONG = {"max_steps": 200, "save_steps": 50}

@@ -1,4 +1,4 @@
-"""CLI of the service: ``posttrain serve`` and ``posttrain jobs ...`` (through posttrain.client)."""
+"""``posttrain serve`` (the job service) and ``posttrain jobs ...`` (a client of it, through posttrain.client)."""
 
 from __future__ import annotations
 
@@ -8,28 +8,24 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import Annotated, Any
 
 import typer
 
 from posttrain.client import TERMINAL, Client, ServiceError
+from posttrain.commands.common import EXIT_FAILED, fail, typer_group
 from posttrain.errors import PosttrainError
 from posttrain.service.hosts import is_loopback
 from posttrain.service.settings import DEFAULT_DATA_DIR, DEFAULT_PORT, MiB, ServiceSettings
 from posttrain.spec import split_config_and_overrides
 
-jobs_app = typer.Typer(help="Submit and manage jobs on a posttrain service.", no_args_is_help=True)
+jobs_app = typer_group("Submit and manage jobs on a posttrain service.")
 
 Server = Annotated[str | None, typer.Option("--server", envvar="POSTTRAIN_SERVER",
                                             help="Service URL (default http://127.0.0.1:8322).")]
 ApiKey = Annotated[str | None, typer.Option("--api-key", envvar="POSTTRAIN_API_KEY", help="API key of the service.",
                                             show_default=False)]
 AsJson = Annotated[bool, typer.Option("--json", help="Print the server's JSON.")]
-
-
-def _fail(message: str, code: int = 1) -> NoReturn:
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(code)
 
 
 @contextmanager
@@ -39,7 +35,7 @@ def _connected(server: str | None, api_key: str | None) -> Iterator[Client]:
         with Client(server, api_key) as client:
             yield client
     except ServiceError as exc:
-        _fail(exc.message)
+        fail(exc)
 
 
 def _print_json(value: Any) -> None:
@@ -90,7 +86,7 @@ def submit(
     try:
         text = config.read_text() if config is not None else ""
     except OSError as exc:
-        _fail(f"cannot read {config}: {exc.strerror}")
+        fail(f"cannot read {config}: {exc.strerror}")
     with _connected(server, api_key) as client:
         if upload:
             overrides = _upload_data_source(client, text, str(config or "<defaults>"), overrides)
@@ -109,10 +105,10 @@ def _upload_data_source(client: Client, text: str, source: str, overrides: list[
     try:
         spec = spec_from_dict(load_yaml(text, source), overrides)
     except PosttrainError as exc:
-        _fail(exc.message)
+        fail(exc)
     path = Path(spec.data.source).expanduser()
     if not path.is_file():
-        _fail(f"--upload: data.source {spec.data.source!r} is not a local file")
+        fail(f"--upload: data.source {spec.data.source!r} is not a local file")
     info = client.upload(path)
     typer.echo(f"uploaded {path} as {info.id} ({info.size} bytes)", err=True)
     return [*overrides, f"data.source={info.source}"]
@@ -274,7 +270,8 @@ def inside(folder: Path, relative: str) -> Path:
     parts = relative.replace("\\", "/").split("/")
     target = (folder / relative).resolve()
     if relative.startswith("/") or ".." in parts or not target.is_relative_to(folder.resolve()):
-        _fail(f"the server listed an artifact path {relative!r} that leads outside {folder}; nothing downloaded")
+        fail(f"the server listed an artifact path {relative!r} that leads outside {folder}; nothing downloaded",
+             EXIT_FAILED)
     return folder / relative
 
 
@@ -296,7 +293,7 @@ def upload_file(
 ) -> None:
     """Upload a dataset file; prints the data.source value that refers to it."""
     if not path.is_file():
-        _fail(f"{path} is not a file")
+        fail(f"{path} is not a file")
     with _connected(server, api_key) as client:
         info = client.upload(path)
     typer.echo(info.source)
@@ -356,10 +353,10 @@ def serve(
         try:
             api_keys = load_api_keys(api_key_file)
         except (OSError, ValueError) as exc:
-            _fail(str(exc), 2)
+            fail(str(exc))
     if not is_loopback(host) and not api_keys and not insecure:
-        _fail(f"refusing to listen on {host} without API keys: anyone who can reach it could run code on "
-              "this machine. Pass --api-key-file KEYS (or --insecure on a trusted network).", 2)
+        fail(f"refusing to listen on {host} without API keys: anyone who can reach it could run code on "
+              "this machine. Pass --api-key-file KEYS (or --insecure on a trusted network).")
     hosts = list(allow_host or [])
     if not api_keys and not is_loopback(host) and host not in ("0.0.0.0", "::", ""):
         hosts.append(host)  # an --insecure server answers requests addressed to the address it binds
@@ -377,9 +374,9 @@ def serve(
         logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         app = create_app(settings)
     except (ValueError, OSError, RuntimeError) as exc:  # bad settings, data dir in use
-        _fail(str(exc), 2)
+        fail(str(exc))
     except Exception as exc:  # e.g. an unreachable database URL
-        _fail(f"cannot start: {type(exc).__name__}: {exc}", 2)
+        fail(f"cannot start: {type(exc).__name__}: {exc}")
     owners = len({principal.owner for principal in api_keys.values()})
     auth = f"on, {owners} owner(s)" if api_keys else "off, loopback Host names only"
     code = "allowed" if settings.runs_user_code else "refused (--allow-user-code to allow)"

@@ -7,10 +7,11 @@ from typing import Annotated
 
 import typer
 
+from posttrain.commands.common import typer_group
 from posttrain.llama_stack.config import DEFAULT_SERVICE_URL
 from posttrain.llama_stack.run_config import LLAMA_STACK_PORT, run_yaml
 
-llama_stack_app = typer.Typer(no_args_is_help=True, add_completion=False)
+llama_stack_app = typer_group("Llama Stack post_training providers: print a run.yaml.")
 
 
 @llama_stack_app.command("config")

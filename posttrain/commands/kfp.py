@@ -6,29 +6,18 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 
+from posttrain.commands.common import console, default_job_dir, fail, typer_group
 from posttrain.errors import PosttrainError
 from posttrain.spec import JobSpec, load_spec, split_config_and_overrides
 
-console = Console(stderr=True)
-kfp_app = typer.Typer(
-    help="Kubeflow Pipelines: compile a config to a pipeline (prepare data -> train -> export), run it here "
-    "(kfp.local) or on a KFP host.",
-    no_args_is_help=True,
-    pretty_exceptions_enable=False,
-    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 120},
-)
+kfp_app = typer_group("Kubeflow Pipelines: compile a config to a pipeline (prepare data -> train -> export), run it "
+                      "here (kfp.local) or on a KFP host.")
 
 ConfigArg = Annotated[Path | None, typer.Argument(help="YAML config (omit to use the defaults).", show_default=False)]
 OverridesArg = Annotated[
     list[str] | None, typer.Argument(help="Dotted overrides, e.g. distributed.kfp.use_gpu=true.", show_default=False)
 ]
-
-
-def _fail(message: str, code: int = 2) -> None:
-    console.print(f"[bold red]error:[/] {message}", highlight=False)
-    raise typer.Exit(code)
 
 
 def _load(config: Path | None, overrides: list[str] | None) -> JobSpec:
@@ -49,7 +38,7 @@ def compile_command(
         spec = _load(config, overrides)
         path = compile_pipeline(spec, output)
     except PosttrainError as exc:
-        _fail(exc.message)
+        fail(exc.message)
     if warning := image_warning(spec):
         console.print(f"[yellow]warning:[/] {warning}", highlight=False)
     console.print(f"pipeline written to [bold]{path}[/]")
@@ -70,7 +59,6 @@ def run_command(
 
     Examples: posttrain kfp run my.yaml --local;  posttrain kfp run my.yaml --host https://kfp.example --s3-bucket b
     """
-    from posttrain.cli import default_job_dir
 
     try:
         spec = _load(config, overrides)
@@ -83,7 +71,7 @@ def run_command(
             raise PosttrainError("--output and --resume are for --local runs (a remote run's outputs go to S3)")
         _submit(spec, host, s3_bucket)
     except PosttrainError as exc:
-        _fail(exc.message)
+        fail(exc.message)
 
 
 def _run_local(spec: JobSpec, job_dir: Path, resume: bool) -> None:
