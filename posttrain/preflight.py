@@ -27,9 +27,6 @@ class PreflightReport:
     total_steps: int
     warnings: list[str] = field(default_factory=list)
 
-    def as_dict(self) -> dict:
-        return dict(self.__dict__)
-
 
 def _check_model(spec: JobSpec) -> str:
     from posttrain.data.sources import is_local_path

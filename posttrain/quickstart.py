@@ -18,7 +18,7 @@ from typing import Any
 import yaml
 
 from posttrain.errors import ConfigError, UnsupportedError
-from posttrain.spec import JobSpec, closest_name, parse_override, spec_from_dict
+from posttrain.spec import TINY_MODEL_NAME, JobSpec, closest_name, parse_override, spec_from_dict
 
 # ReaLHF experiment -> posttrain method.
 EXPERIMENTS = {"sft": "sft", "rw": "reward", "dpo": "dpo", "ppo": "ppo"}
@@ -266,7 +266,7 @@ def translate(experiment: str, pairs: list[str], output_root: str | Path = "runs
     role = ROLES[experiment][0]
     experiment_name, trial_name = _name(values, "experiment_name"), _name(values, "trial_name")
     job_dir = Path(output_root) / experiment_name / trial_name
-    model: dict[str, Any] = {"name_or_path": values.get(f"{role}.path", "posttrain:tiny")}
+    model: dict[str, Any] = {"name_or_path": values.get(f"{role}.path", TINY_MODEL_NAME)}
     method: dict[str, Any] = {"name": EXPERIMENTS[experiment]}
     training: dict[str, Any] = {}
     data: dict[str, Any] = {"source": values.get("dataset.train_path", DEFAULT_DATA[experiment])}

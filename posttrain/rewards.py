@@ -6,18 +6,17 @@ where extra dataset columns (such as ``answer``) arrive as keyword lists aligned
 
 from __future__ import annotations
 
-import importlib
 import re
 from collections.abc import Callable
 from typing import Any
 
 from posttrain.errors import ConfigError
+from posttrain.import_paths import ImportPathError, import_object, is_import_path
 
 RewardFunction = Callable[..., list[float | None]]
 
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
 _LEADING_NUMBER = re.compile(r"-?[\d,]*\.?\d+")
-_MODULE_FUNCTION = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*:[A-Za-z_]\w*$")
 # GSM8k's answer convention, the one place it is written: reasoning, then '#### <final answer>'.
 FINAL_ANSWER = re.compile(r"####\s*(.*?)\s*$", re.DOTALL)
 
@@ -113,7 +112,7 @@ def check_reward_name(name: str) -> None:
             "or give 'module:function'",
             "method.reward_functions",
         )
-    if not _MODULE_FUNCTION.match(name):
+    if not is_import_path(name):
         raise ConfigError(f"reward function {name!r} is not of the form 'package.module:function'",
                           "method.reward_functions")
 
@@ -130,14 +129,12 @@ def resolve_reward_function(name: str) -> RewardFunction:
     check_reward_name(name)
     if name in BUILTIN_REWARDS:
         return BUILTIN_REWARDS[name]
-    module_name, _, attr = name.partition(":")
     try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise ConfigError(f"cannot import {module_name!r} for reward {name!r}: {exc}", "method.reward_functions") from None
-    function = getattr(module, attr, None)
+        function = import_object(name)
+    except ImportPathError as exc:
+        raise ConfigError(f"reward {name!r}: {exc}", "method.reward_functions") from None
     if not callable(function):
-        raise ConfigError(f"{module_name!r} has no function {attr!r}", "method.reward_functions")
+        raise ConfigError(f"reward {name!r} is not a function", "method.reward_functions")
     return function
 
 

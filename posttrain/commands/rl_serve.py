@@ -13,6 +13,7 @@ from rich.table import Table
 from posttrain.commands.common import console, fail
 from posttrain.errors import PosttrainError
 from posttrain.inference.process import API_KEY_VARIABLE
+from posttrain.spec import SMOLLM2_MODEL_NAME
 
 
 def serve_inference(
@@ -62,7 +63,7 @@ def serve_inference(
 
 
 def bench_sync(
-    model: Annotated[str, typer.Option(help="Model to measure (folder, hub id or posttrain:smollm2).")] = "posttrain:smollm2",
+    model: Annotated[str, typer.Option(help="Model to measure (folder, hub id or posttrain:smollm2).")] = SMOLLM2_MODEL_NAME,
     steps: Annotated[int, typer.Option(help="Optimizer steps (= syncs) per mode.")] = 3,
     modes: Annotated[str, typer.Option(help="Comma-separated: shared_vllm, broadcast, lora_only, lora_inplace, "
                                             "none.")] = "shared_vllm,broadcast,lora_only,lora_inplace,none",

@@ -55,10 +55,15 @@ def read_rows(source: str, split: str = "train") -> Iterator[RawRow]:
     return _read_hub_dataset(source, split)
 
 
+def written_as_path(value: str) -> bool:
+    """Whether ``value`` is written as a path (absolute, ``./``, ``../`` or ``~``), whatever else it could be."""
+    return value.startswith(("/", "./", "../", "~", ".\\", "..\\"))
+
+
 def looks_like_local_path(source: str) -> bool:
     """True for strings that can only mean a local path, so a missing one is not tried on the hub."""
     return (
-        source.startswith(("/", "./", "../", "~", ".\\", "..\\"))
+        written_as_path(source)
         or Path(source).suffix.lower() in _LOCAL_SUFFIXES
         or source.count("/") > 1  # hub ids are "name" or "owner/name"
     )

@@ -68,7 +68,7 @@ def init_process_group(spec: JobSpec, device: str) -> RankInfo | None:
     info = torchrun_rank()
     if info is None:
         return None
-    from posttrain.distributed.fsdp import check_fsdp_support, check_parallel_sizes
+    from posttrain.distributed.layout import check_fsdp_support, check_parallel_sizes
 
     dist_spec = spec.distributed
     check_parallel_sizes(dist_spec, info.world_size, device)

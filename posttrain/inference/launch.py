@@ -14,13 +14,12 @@ import torch
 
 from posttrain.errors import ConfigError, ModelError, UnsupportedError
 from posttrain.inference.parent_watch import watch_parent
-from posttrain.modeling import resolve_device, resolve_model_path
+from posttrain.modeling import resolve_device, resolve_model_path, torch_dtype
 
 log = logging.getLogger(__name__)
 
 ServeDtype = Literal["auto", "bfloat16", "float16", "float32"]
 Backend = Literal["transformers", "vllm"]
-TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
 @dataclass
@@ -103,13 +102,13 @@ def load_served_model(options: ServeOptions):
     """Model + tokenizer through posttrain's model-name resolution, so names match the trainer's parameters."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from posttrain.embedded import quiet_transformers_bars
+    from posttrain.model_cache import quiet_transformers_bars
 
     device = resolve_device(options.device)
     if options.dtype == "auto":
         dtype = torch.bfloat16 if device == "cuda" else torch.float32
     else:
-        dtype = TORCH_DTYPES[options.dtype]
+        dtype = torch_dtype(options.dtype)
     path = resolve_model_path(options.model)
     tokenizer_path = resolve_model_path(options.tokenizer) if options.tokenizer else path
     try:

@@ -48,9 +48,10 @@ class RemoteRun:
 
 
 def is_local_file(source: str | None) -> bool:
-    from posttrain.data.sources import BUNDLED_PREFIX
+    """A data file or model folder on this machine (to make absolute, or to upload for a cluster run)."""
+    from posttrain.data.sources import is_local_path
 
-    return bool(source) and not source.startswith(BUNDLED_PREFIX) and Path(source).expanduser().exists()
+    return bool(source) and is_local_path(source) and Path(source).expanduser().exists()
 
 
 def with_absolute_paths(spec: JobSpec) -> JobSpec:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 from collections.abc import Mapping
@@ -28,17 +27,11 @@ from posttrain.errors import ConfigError
 from posttrain.job.directory import JobDir
 from posttrain.launchers import Launcher, LaunchRequest, WorkerExit, WorkerHandle
 from posttrain.launchers.local import job_environment, worker_arguments
+from posttrain.ports import LOOPBACK, free_port
 from posttrain.spec import DistributedSpec, JobSpec, spec_from_dict
 
 WORKER_MODULE = "posttrain.worker"
-LOCAL_RENDEZVOUS_HOST = "127.0.0.1"
-
-
-def free_port() -> int:
-    """A TCP port free on loopback now (the rendezvous of a single-node run binds it a moment later)."""
-    with socket.socket() as sock:
-        sock.bind((LOCAL_RENDEZVOUS_HOST, 0))
-        return sock.getsockname()[1]
+LOCAL_RENDEZVOUS_HOST = LOOPBACK
 
 
 def visible_gpu_count(env: Mapping[str, str]) -> int:
@@ -88,7 +81,7 @@ def torchrun_command(spec: JobSpec, worker_args: list[str], env: Mapping[str, st
     backend = rendezvous_backend(dist)
     if dist.nnodes == 1 and not dist.rdzv_endpoint:
         # One node: a private rendezvous on loopback, on master_port or a port free now.
-        port = dist.master_port or free_port()
+        port = dist.master_port or free_port()  # the rendezvous binds it a moment later
         argv += ["--rdzv-backend", "static", "--node-rank", "0",
                  "--master-addr", LOCAL_RENDEZVOUS_HOST, "--master-port", str(port)]
     elif backend == "static":

@@ -17,7 +17,7 @@ from posttrain.data.formats import convert_rows
 from posttrain.data.sources import RawRow
 from posttrain.errors import PosttrainError
 from posttrain.llama_stack.config import TrainingDefaults
-from posttrain.spec import spec_from_dict
+from posttrain.spec import precision_name, spec_from_dict
 
 Method = Literal["sft", "dpo"]
 
@@ -136,11 +136,12 @@ def _data(training: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _dtype(value: Any) -> str:
-    names = {None: "auto", "bf16": "bf16", "bfloat16": "bf16", "fp16": "fp16", "float16": "fp16",
-             "fp32": "fp32", "float32": "fp32"}
-    if value not in names:
+    if value is None:
+        return "auto"
+    name = precision_name(value) if isinstance(value, str) else None
+    if name is None:
         raise _unsupported("training_config.dtype", value, "use bf16, fp16 or fp32")
-    return names[value]
+    return name
 
 
 def _schedule(training: Mapping[str, Any]) -> dict[str, Any]:

@@ -89,9 +89,9 @@ def resolved_hyperparameters(request: CreateFineTuningJob) -> tuple[str, dict[st
 
 def check_model(name: str) -> None:
     """The door fine-tunes only models this server has: no hub downloads behind an OpenAI call."""
-    from posttrain.data.sources import is_local_path
+    from posttrain.data.sources import written_as_path
 
-    if name in EMBEDDED_MODEL_NAMES or (name.startswith(("/", "./", "../", "~")) and is_local_path(name)):
+    if name in EMBEDDED_MODEL_NAMES or written_as_path(name):
         return
     raise InvalidRequest(
         f"model {name!r} is not available for fine-tuning on this server; use "

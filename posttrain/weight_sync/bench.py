@@ -24,7 +24,8 @@ import torch
 
 from posttrain.inference.generation import SamplingParams, generate_batch
 from posttrain.inference.process import InferenceServerProcess
-from posttrain.launchers.torchrun import free_port
+from posttrain.ports import free_port
+from posttrain.spec import SMOLLM2_MODEL_NAME
 from posttrain.weight_sync.strategies import SyncConfig, WeightSync, make_weight_sync
 
 PROMPT_TEXT = "Question: what is 17 times 3? Answer step by step."
@@ -126,7 +127,7 @@ def measure_generation(url: str, tokenizer, max_tokens: int, batch: int) -> dict
             "largest_batch_seen": info["largest_batch"]}
 
 
-def run_benchmark(model: str = "posttrain:smollm2", steps: int = 3, generation_tokens: int = 64, batch: int = 8,
+def run_benchmark(model: str = SMOLLM2_MODEL_NAME, steps: int = 3, generation_tokens: int = 64, batch: int = 8,
                   modes: tuple[str, ...] = ("shared_vllm", "broadcast", "lora_only", "lora_inplace", "none"),
                   progress: Callable[[str], None] = print) -> dict[str, Any]:
     from transformers import AutoTokenizer

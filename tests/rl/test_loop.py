@@ -29,7 +29,7 @@ from waiting import kill_process, wait_for
 
 from posttrain.job.directory import JobDir
 from posttrain.modeling import resolve_model_path
-from posttrain.rl.loop.supervisor import port_in_use
+from posttrain.ports import port_in_use
 
 ROOT = Path(__file__).resolve().parents[2]
 LOOP_KEY = "loop-test-key"

@@ -20,7 +20,8 @@ import pytest
 from ports import free_port
 from waiting import kill_process, wait_for
 
-from posttrain.rl.loop.supervisor import ChildSpec, Supervisor, port_in_use
+from posttrain.ports import port_in_use
+from posttrain.rl.loop.supervisor import ChildSpec, Supervisor
 
 CHILD = str(Path(__file__).with_name("supervised_child.py"))
 

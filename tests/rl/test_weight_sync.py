@@ -70,7 +70,7 @@ def test_shared_vllm_trains_the_served_weights_in_place(tmp_path: Path, tokenize
         sgd_steps(model, tokenizer, TARGET, steps=1, sync=sync)  # pauses generation before the step
         seconds = sync.after_update(model, step=1)
 
-        assert seconds >= 0
+        assert seconds > 0  # a sync happened and was timed
         first = assert_serves_trainer_weights(server.url, model, tokenizer, before)
         sgd_steps(model, tokenizer, TARGET, steps=1, sync=sync)
         sync.after_update(model, step=2)
@@ -257,7 +257,7 @@ def test_bench_sync_measures_each_mode_and_checks_it_served_the_trainers_weights
     assert set(report["modes"]) == {"lora_inplace", "shared_vllm", "broadcast"}
     for mode, row in report["modes"].items():
         assert row["served_matches_trainer"] is True, mode
-        assert row["runs"] == 1 and row["median_s"] >= 0
+        assert row["runs"] == 1 and row["median_s"] > 0
     assert report["generation"]["single_request_tokens_per_s"] > 0
     assert "shared_vllm" in result.stdout
 

@@ -77,7 +77,8 @@ def test_files_are_openai_shaped_and_keep_their_posttrain_fields(client: openai.
     second = paged.get_next_page()
     assert second.data and second.data[0].id != paged.data[0].id
     assert {paged.data[0].id, second.data[0].id} >= {created.id, other.id}
-    assert all(f.purpose == "fine-tune" for f in client.files.list(purpose="fine-tune", limit=1))
+    fine_tune_files = client.files.list(purpose="fine-tune", limit=1).data
+    assert fine_tune_files and all(f.purpose == "fine-tune" for f in fine_tune_files)
     assert not client.files.list(purpose="batch").data
     with pytest.raises(openai.BadRequestError):  # OpenAI's 400, not FastAPI's 422
         client.files.list(limit=0)

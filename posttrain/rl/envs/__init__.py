@@ -7,16 +7,13 @@ Python can import). Classes are imported only when asked for: atroposlib pulls i
 
 from __future__ import annotations
 
-import importlib
-import re
-
 from posttrain.errors import ConfigError
+from posttrain.import_paths import ImportPathError, import_object, is_import_path
 
 BUILTIN_ENVIRONMENTS: dict[str, str] = {
     "gsm8k": "posttrain.rl.envs.math_env:MathEnv",
     "digits": "posttrain.rl.envs.synthetic:DigitsEnv",
 }
-_IMPORT_PATH = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*$")
 
 
 def environment_class(name: str) -> type:
@@ -24,15 +21,13 @@ def environment_class(name: str) -> type:
     from atroposlib.envs.base import BaseEnv
 
     target = BUILTIN_ENVIRONMENTS.get(name, name)
-    if not _IMPORT_PATH.match(target):
+    if not is_import_path(target):
         known = ", ".join(sorted(BUILTIN_ENVIRONMENTS))
         raise ConfigError(f"unknown environment {name!r}: use one of {known} or module:ClassName")
-    module_name, _, class_name = target.partition(":")
     try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise ConfigError(f"environment {name!r}: cannot import {module_name}: {exc}") from None
-    cls = getattr(module, class_name, None)
+        cls = import_object(target)
+    except ImportPathError as exc:
+        raise ConfigError(f"environment {name!r}: {exc}") from None
     if not (isinstance(cls, type) and issubclass(cls, BaseEnv)):
         raise ConfigError(f"environment {name!r}: {target} is not an atroposlib BaseEnv subclass")
     return cls

@@ -23,8 +23,9 @@ from atroposlib.envs.server_handling.server_baseline import ServerBaseline
 from pydantic import Field
 
 from posttrain.modeling import resolve_model_path
+from posttrain.spec import TINY_MODEL_NAME
 
-DEFAULT_MODEL = "posttrain:tiny"
+DEFAULT_MODEL = TINY_MODEL_NAME
 DEFAULT_INFERENCE_URL = "http://localhost:9001/v1"
 DEFAULT_API_URL = "http://localhost:8000"
 

@@ -28,6 +28,7 @@ from pydantic import Field, ValidationError
 
 from posttrain.errors import ConfigError
 from posttrain.spec import (
+    TINY_MODEL_NAME,
     JobSpec,
     Section,
     apply_overrides,
@@ -63,7 +64,7 @@ class EnvironmentSection(Section):
 
 class RunConfig(Section):
     name: str | None = Field(None, description="Run name (default: the config file's name).")
-    model: str = Field("posttrain:tiny", description="Model to serve and train: embedded name, folder or hub id.")
+    model: str = Field(TINY_MODEL_NAME, description="Model to serve and train: embedded name, folder or hub id.")
     run_dir: str | None = Field(None, description="Where logs and the trainer's job dir go (default runs/<name>).")
     api: APISection = Field(default_factory=APISection)
     inference: InferenceSection = Field(default_factory=InferenceSection)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import time
 from collections.abc import Callable
@@ -24,6 +23,7 @@ from typing import Literal
 import psutil
 
 from posttrain.errors import PosttrainError
+from posttrain.ports import port_in_use
 
 # What a child exiting with status 0 means: the run is complete (the trainer), nothing (an environment that
 # has produced all the data it was asked for), or a failure (a server must never stop by itself).
@@ -78,17 +78,6 @@ class Outcome:
     state: Literal["completed", "failed", "interrupted"]
     message: str
     exit_code: int
-
-
-def port_in_use(host: str, port: int) -> bool:
-    """True when something listens on host:port (or it cannot be bound)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            probe.bind((host, port))
-        except OSError:
-            return True
-    return False
 
 
 def log_tail(path: Path, lines: int = 20) -> str:
