@@ -6,6 +6,8 @@ One interface, four strategies, chosen by ``--weight-bridge-mode`` (the Atropos 
   starts and owns the server (``server_command``). Clients retry while it is away.
 - ``lora_only``: save the PEFT adapter and hot-load it (``/v1/load_lora_adapter``), a new name per version
   (the previous one is unloaded) or in place; requests for the base model name and ``/generate`` serve it.
+  A name the server already held when the trainer attached (an earlier run of the job, killed after it
+  synced that step) is reloaded in place, with a warning.
 - ``shared_vllm``: one copy of the weights; the trainer's parameters are rebound onto the server's shared
   buffer, generation is paused around ``optimizer.step()``, nothing is copied.
 - ``broadcast``: torch.distributed (gloo) from the trainer to the server, for separate machines.
@@ -14,6 +16,7 @@ One interface, four strategies, chosen by ``--weight-bridge-mode`` (the Atropos 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import shutil
 import threading
@@ -31,6 +34,8 @@ from posttrain.inference.process import API_KEY_VARIABLE, InferenceServerProcess
 from posttrain.spec import WeightBridgeMode
 
 WEIGHT_BRIDGE_MODES: tuple[str, ...] = WeightBridgeMode.__args__  # type: ignore[attr-defined]
+
+log = logging.getLogger(__name__)
 
 
 class WeightSyncError(PosttrainError):
@@ -149,12 +154,16 @@ class LoraSync(WeightSync):
         super().__init__(config)
         self.current: tuple[str, Path] | None = None
         self._saved_tensors: dict[str, torch.Tensor] | None = None  # adapter file key -> live parameter
+        self.found_loaded: set[str] = set()  # adapters the server held before this trainer loaded any
 
     def attach(self, model: torch.nn.Module) -> torch.nn.Module:
         if not _is_peft(model):
             raise ConfigError("weight bridge mode 'lora_only' trains a LoRA adapter; enable LoRA (peft) for the "
                               "trainer's model")
-        self._get("/health")
+        # A run killed after a sync left its adapter loaded, and the resumed run reaches that step's name
+        # again; the server (vLLM too) refuses to load a name it holds, so such names are reloaded in place.
+        # /v1/models lists each adapter with the base model as its parent, in vLLM as here.
+        self.found_loaded = {m["id"] for m in self._get("/v1/models").get("data", []) if m.get("parent")}
         return model
 
     def after_update(self, model: torch.nn.Module, step: int) -> float:
@@ -166,8 +175,14 @@ class LoraSync(WeightSync):
             # Write beside, then swap in, so the server never reads a half-written adapter.
             folder = folder.with_name(f"{name}-{step}")
         self._save_adapter(model, folder)
+        replacing = name in self.found_loaded
+        if replacing:
+            self.found_loaded.discard(name)
+            log.warning("adapter %r was already loaded on the inference server at %s (left by an earlier run, "
+                        "e.g. one killed after it synced this step): reloading it in place with step %d's weights",
+                        name, self.url, step)
         self._post("/v1/load_lora_adapter", json={"lora_name": name, "lora_path": str(folder),
-                                                  "load_inplace": inplace})
+                                                  "load_inplace": inplace or replacing})
         previous, self.current = self.current, (name, folder)
         if previous is not None:
             if previous[0] != name:

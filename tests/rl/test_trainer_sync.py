@@ -6,9 +6,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from inference_harness import greedy, local_greedy, start_server
+from inference_harness import get, greedy, local_greedy, start_server
 from ports import port_is_free
-from trainer_harness import finish, good_and_bad_group, start_trainer, trainer_log
+from trainer_harness import finish, good_and_bad_group, start_trainer, trainer_log, wait_for_registration
 from trajectory_api import TrajectoryAPI, free_port
 from waiting import kill_process, wait_for
 
@@ -66,38 +66,57 @@ def test_none_mode_starts_restarts_and_stops_its_own_server(tmp_path: Path):
     assert port_is_free(port)  # the trainer stopped the server it started
 
 
-def test_a_resumed_shared_run_puts_its_checkpoint_back_into_the_served_weights(tmp_path: Path,
-                                                                               tiny_model_dir: Path):
+@pytest.mark.parametrize("mode, server_flags", [
+    ("lora_only", ("--enable-lora", "--max-lora-rank", "8")),
+    ("shared_vllm", ("--shared-weights",)),
+    ("broadcast", ()),
+    ("none", None),  # the trainer starts and owns its server: the one it had goes down with it (parent_watch)
+])
+def test_a_killed_trainer_resumes_against_the_server_it_was_syncing_to(tmp_path: Path, mode: str,
+                                                                         server_flags: tuple[str, ...] | None):
+    """SIGKILL after checkpoint-2 and step 3's sync, then --resume against the same server, started once here:
+    what the killed run left there (the adapter name step 3 loads again, the shared buffer it trained, its
+    broadcast group) must not block the resumed run, which pushes checkpoint-2 at once and ends serving its
+    final weights. In none mode the server is the trainer's own, so the resumed run starts one on the same port."""
     job_dir = tmp_path / "run"
     job = JobDir(job_dir)
-    args = ("--weight-bridge-mode", "shared_vllm", "--training-steps", "3", "--lr", "1e-2",
-            "--checkpoint-interval", "2")
-    base, tokenizer = load_for_inference(tiny_model_dir)
-    base_greedy = local_greedy(base, tokenizer, PROBE)
-    server = start_server("posttrain:tiny", tmp_path, "--shared-weights")
+    server = start_server("posttrain:tiny", tmp_path, *server_flags) if server_flags is not None else None
+    port = server.url.rsplit(":", 1)[1] if server is not None else str(free_port())
+    url = f"http://127.0.0.1:{port}"
+    args = ("--weight-bridge-mode", mode, "--vllm-port", port, "--training-steps", "4", "--lr", "1e-2",
+            "--lora-r", "8", "--lora-alpha", "16", "--checkpoint-interval", "2", "--vllm-restart-interval", "2")
     try:
-        with TrajectoryAPI(tmp_path / "api1.log") as api:
-            trainer = start_trainer(job_dir, api.url, *args, "--vllm-port", server.url.rsplit(":", 1)[1], sync=True)
+        with TrajectoryAPI(tmp_path / "api.log") as api:
+            trainer = start_trainer(job_dir, api.url, *args, sync=True)
             api.wait_for_trainer()
+            for _ in range(3):
+                api.post_group(good_and_bad_group())
+            wait_for(lambda: (job.read_status().step if job.read_status() else 0) >= 3, timeout=300,
+                     what="three synced steps")
+            kill_process(trainer)  # waiting for step 4's batch: nothing gets to clean up
+            assert [p.name for p in job.checkpoints()] == ["checkpoint-2"]
+            left = greedy(url, PROBE) if server is not None else None  # the killed run's step 3
+
+            seen = len(trainer_log(job_dir))
+            trainer = start_trainer(job_dir, api.url, *args, "--resume", sync=True)
+            wait_for_registration(job_dir, after=seen)  # registering comes after the resumed weights were pushed
+            checkpoint, tokenizer = load_for_inference(job.checkpoints_dir / "checkpoint-2" / "model")
+            resumed = local_greedy(checkpoint, tokenizer, PROBE)
+            assert greedy(url, PROBE) == resumed != left
             for _ in range(2):
                 api.post_group(good_and_bad_group())
-            wait_for(lambda: job.latest_checkpoint() is not None, timeout=300, what="checkpoint-2")
-            kill_process(trainer)
-    finally:
-        server.stop()
-    # The server went down too: a new one serves the untrained model from a fresh shared buffer.
-    server = start_server("posttrain:tiny", tmp_path, "--shared-weights")
-    try:
-        assert greedy(server.url, PROBE) == base_greedy
-        with TrajectoryAPI(tmp_path / "api2.log") as api:
-            trainer = start_trainer(job_dir, api.url, *args, "--vllm-port", server.url.rsplit(":", 1)[1], "--resume",
-                                    sync=True)
-            api.wait_for_trainer()  # registering comes after the resumed weights were pushed
-            checkpoint, tokenizer = load_for_inference(job.checkpoints_dir / "checkpoint-2" / "model")
-            served = greedy(server.url, PROBE)
-            assert served == local_greedy(checkpoint, tokenizer, PROBE) != base_greedy
-            api.post_group(good_and_bad_group())
             assert finish(trainer, job_dir) == 0, trainer_log(job_dir)
+        status = job.read_status()
+        assert (status.state, status.step) == ("succeeded", 4)
+        assert [m["step"] for m in job.read_metrics()] == [1, 2, 3, 4]
+        if server is None:
+            return  # none mode: the trainer stopped its own server when it ended
+        final, tokenizer = load_for_inference(job.final_dir)
+        assert greedy(url, PROBE) == local_greedy(final, tokenizer, PROBE)
+        if mode == "lora_only":
+            # The killed run had loaded step 3's name: reloaded in place, said so, and unloaded at step 4.
+            assert "adapter 'policy-step-3' was already loaded" in trainer_log(job_dir)[seen:]
+            assert [m["id"] for m in get(f"{url}/v1/models").json()["data"]] == ["posttrain:tiny", "policy-step-4"]
     finally:
-        server.stop()
-    assert [m["step"] for m in job.read_metrics()] == [1, 2, 3]
+        if server is not None:
+            server.stop()
