@@ -86,13 +86,13 @@ class ServerProcess:
 
 def worker_processes(data_dir: Path) -> list[psutil.Process]:
     """Live worker processes of jobs under ``data_dir`` (started by this test's servers): cold-started
-    ones by their --job-dir argument, warm-started ones by the identity they recorded in their job dir."""
+    ones (and pipeline runners) by their --job-dir argument, warm-started ones by the identity they recorded in their job dir."""
     found: dict[int, psutil.Process] = {}
     prefix = str(data_dir.resolve())
     for process in psutil.process_iter():
         with contextlib.suppress(psutil.Error):
             cmdline = process.cmdline()
-            if "posttrain.worker" in cmdline and "--job-dir" in cmdline:
+            if ("posttrain.worker" in cmdline or "posttrain.pipeline" in cmdline) and "--job-dir" in cmdline:
                 job_dir = cmdline[cmdline.index("--job-dir") + 1]
                 if job_dir.startswith(prefix) and process.status() != psutil.STATUS_ZOMBIE:
                     found[process.pid] = process
