@@ -73,6 +73,10 @@ class JobResult:
     # A pause that arrived on the last step: the run just finished, and a caller with more to run (a
     # pipeline's next stage) pauses before it.
     pause_pending: bool = False
+    # A node of a multi-node run that holds no rank 0: its node rank, and HOST:JOB_DIR where rank 0 wrote
+    # the results.
+    node_rank: int | None = None
+    rank0_results: str | None = None
 
     @property
     def exit_code(self) -> int:
@@ -148,10 +152,49 @@ def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0") or 0) == 0
 
 
-def _record(jd: JobDir, **changes: Any) -> None:
-    """Update status.json, on rank 0 only."""
+def _keeps_status(jd: JobDir) -> bool:
+    """Rank 0 keeps status.json; so does the first rank of a node without rank 0 whose job directory is its
+    own (it says so in that status.json, see _record_node)."""
     if is_main_process():
+        return True
+    from posttrain.distributed.runtime import torchrun_rank
+
+    info = torchrun_rank()
+    if info is None or not info.leads_a_node_without_rank0:
+        return False
+    status = jd.read_status()
+    return status is not None and status.node_rank == info.node_rank
+
+
+def _record(jd: JobDir, **changes: Any) -> None:
+    """Update status.json, on the rank that keeps it."""
+    if _keeps_status(jd):
         jd.update_status(**changes)
+
+
+def _record_node(spec: JobSpec, jd: JobDir, rank_info) -> None:
+    """On a multi-node run, a node that holds no rank 0 has done its part when its ranks end well; when its
+    job directory is its own (not rank 0's on shared storage), its first rank records there which node it
+    is and where rank 0 writes the results, and keeps that node's state. Every rank calls this (rank 0
+    tells the others where it writes)."""
+    import socket
+
+    from posttrain.distributed.runtime import from_rank0, launcher_pid
+
+    mine = jd.read_status() if rank_info.rank == 0 else None
+    rank0 = from_rank0({"host": socket.gethostname(), "job_dir": str(jd.root.resolve()),
+                        "created_at": mine.created_at if mine is not None else None})
+    if not rank_info.leads_a_node_without_rank0:
+        return
+    own = jd.read_status()  # read after rank 0 spoke: it recorded "running" before it joined the group
+    if own is not None and own.created_at == rank0["created_at"]:
+        return  # rank 0's own status.json: the job directory is shared, rank 0 keeps it
+    jd.write_spec(spec_to_json(spec))
+    jd.update_status(state="running", pid=launcher_pid(), attempt=(own.attempt if own else 0) + 1, error=None,
+                     finished_at=None, node_rank=rank_info.node_rank, rank0_host=rank0["host"],
+                     rank0_job_dir=rank0["job_dir"])
+    log.info("node %d: rank 0 writes the run's results to %s:%s", rank_info.node_rank, rank0["host"],
+             rank0["job_dir"])
 
 
 def _save_final(trainer, tokenizer, job_dir: JobDir) -> Path:
@@ -266,6 +309,8 @@ def _train(spec: JobSpec, jd: JobDir, resume: bool, stop, result: JobResult,
     threads = apply_threads(spec.training.num_threads, placement.device)
     under_torchrun = spec.distributed.launcher == "torchrun"
     rank_info = init_process_group(spec, placement.device) if under_torchrun else None
+    if rank_info is not None:
+        _record_node(spec, jd, rank_info)
     os.environ["TENSORBOARD_LOGGING_DIR"] = str(jd.tensorboard_dir)
     set_seed(spec.training.seed)
     log.info("job %s: method=%s model=%s device=%s dtype=%s threads=%d", spec.name or jd.root.name,

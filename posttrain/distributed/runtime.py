@@ -8,11 +8,13 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
+from typing import TypeVar
 
 from posttrain.errors import UnsupportedError
 from posttrain.spec import DistributedSpec, JobSpec
 
 log = logging.getLogger("posttrain.worker")
+T = TypeVar("T")
 
 # The stop codes ranks agree on (the highest wins: a cancel replaces a pause, as on one process).
 NO_STOP, PAUSE, CANCEL = 0, 1, 2
@@ -24,6 +26,12 @@ class RankInfo:
     local_rank: int
     world_size: int
     local_world_size: int
+    node_rank: int = 0  # torchrun's GROUP_RANK: the node that holds rank 0 is node 0
+
+    @property
+    def leads_a_node_without_rank0(self) -> bool:
+        """The first rank of a node that holds no rank 0: it speaks for that node's job directory."""
+        return self.local_rank == 0 and self.rank != 0
 
 
 def torchrun_rank() -> RankInfo | None:
@@ -31,8 +39,10 @@ def torchrun_rank() -> RankInfo | None:
     if "TORCHELASTIC_RUN_ID" not in os.environ and "LOCAL_RANK" not in os.environ:
         return None
     try:
-        return RankInfo(int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"]),
-                        int(os.environ.get("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"])))
+        rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+        return RankInfo(rank, int(os.environ["LOCAL_RANK"]), world_size, local_world_size,
+                        int(os.environ.get("GROUP_RANK", rank // local_world_size)))
     except (KeyError, ValueError):
         return None
 
@@ -113,6 +123,15 @@ def agree_on_stop(local_code: int, device: str) -> int:
     flag = torch.tensor([local_code], dtype=torch.int32, device=collective_device(device))
     dist.all_reduce(flag, op=dist.ReduceOp.MAX)
     return int(flag.item())
+
+
+def from_rank0(value: T) -> T:
+    """``value`` as rank 0 holds it, on every rank (a collective: every rank calls it at the same point)."""
+    import torch.distributed as dist
+
+    holder = [value]
+    dist.broadcast_object_list(holder, src=0)
+    return holder[0]
 
 
 def barrier() -> None:
