@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from posttrain.errors import ConfigError, PosttrainError
+from posttrain.job_paths import bind_job_dir
 from posttrain.jobdir import JobDir
 from posttrain.spec import JobSpec, spec_from_dict, spec_to_json
 
@@ -261,10 +262,9 @@ def run_worker(spec: JobSpec, job_dir: str | Path, resume: bool = False, log_to_
     status = jd.read_status()
     attempt = (status.attempt + 1) if status else 1
     try:
-        spec = spec.model_copy(update={"output": spec.output.model_copy(update={"dir": str(jd.root)})})
+        spec = bind_job_dir(spec, jd.root)
         if is_main_process():
-            recorded = recorded_spec or spec
-            jd.write_spec(spec_to_json(recorded.model_copy(update={"output": spec.output})))
+            jd.write_spec(spec_to_json(bind_job_dir(recorded_spec, jd.root) if recorded_spec else spec))
         _record(jd, state="running", pid=launcher_pid(), attempt=attempt, error=None, finished_at=None)
         result = _train(spec, jd, resume, stop, result, extra_callbacks)
     except KeyboardInterrupt as exc:

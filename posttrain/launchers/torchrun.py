@@ -25,6 +25,7 @@ from pathlib import Path
 import psutil
 
 from posttrain.errors import ConfigError
+from posttrain.job_paths import bind_job_dir
 from posttrain.jobdir import JobDir
 from posttrain.launchers import Launcher, LaunchRequest, WorkerExit, WorkerHandle
 from posttrain.launchers.local import job_environment, worker_arguments
@@ -248,7 +249,7 @@ def run_torchrun(spec: JobSpec, job_dir: Path, resume: bool = False):
     if not resume:
         check_fresh_job_dir(jd)
     jd.create()
-    spec = spec.model_copy(update={"output": spec.output.model_copy(update={"dir": str(jd.root)})})
+    spec = bind_job_dir(spec, jd.root)
     # The ranks read the spec from a file of this launch (rank 0 writes spec.json as every worker does).
     with tempfile.NamedTemporaryFile("w", suffix=".json", prefix="posttrain-spec-", delete=False) as handle:
         handle.write(spec_to_json(spec))

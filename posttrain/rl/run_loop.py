@@ -26,6 +26,7 @@ from pathlib import Path
 
 import httpx
 
+from posttrain.job_paths import bind_job_dir
 from posttrain.jobdir import JobDir
 from posttrain.modeling import resolve_model_path
 from posttrain.rl.run_config import EnvironmentSection, RunConfig
@@ -119,7 +120,7 @@ def build_children(config: RunConfig, spec: JobSpec, run_dir: Path, resume: bool
     model_path = resolve_model_path(config.model)
     job_dir = run_dir / "trainer"
     job_dir.mkdir(parents=True, exist_ok=True)
-    JobDir(job_dir).write_spec(spec_to_json(spec))
+    JobDir(job_dir).write_spec(spec_to_json(bind_job_dir(spec, job_dir)))
     trainer_starts_server = spec.method.weight_bridge_mode == "none"
     # One key per run for the inference server: the server requires it, the trainer (and the server it starts
     # in mode none) and the environments send it; the user's own key wins.
