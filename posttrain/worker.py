@@ -29,12 +29,15 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from posttrain.errors import ConfigError, PosttrainError
 from posttrain.job_paths import bind_job_dir
 from posttrain.jobdir import JobDir
 from posttrain.spec import JobSpec, spec_from_dict, spec_to_json
+
+if TYPE_CHECKING:
+    from posttrain.distributed.runtime import RankInfo
 
 log = logging.getLogger("posttrain.worker")
 
@@ -173,7 +176,7 @@ def _record(jd: JobDir, **changes: Any) -> None:
         jd.update_status(**changes)
 
 
-def _record_node(spec: JobSpec, jd: JobDir, rank_info) -> None:
+def _record_node(spec: JobSpec, jd: JobDir, rank_info: RankInfo) -> None:
     """On a multi-node run, a node that holds no rank 0 has done its part when its ranks end well; when its
     job directory is its own (not rank 0's on shared storage), its first rank records there which node it
     is and where rank 0 writes the results, and keeps that node's state. Every rank calls this (rank 0
