@@ -30,6 +30,7 @@ from posttrain.errors import ConfigError, PosttrainError
 from posttrain.job.directory import TERMINAL_STATES, JobDir, atomic_write_text
 from posttrain.job.result import exit_code_for
 from posttrain.job.signals import CANCEL_SIGNALS, PAUSE_SIGNAL
+from posttrain.job_paths import absolute, bind_job_dir
 from posttrain.spec import (
     PLAN_KEY,
     JobSpec,
@@ -246,7 +247,9 @@ def plan_pipeline(data: dict[str, Any], overrides: list[str] | None = None, *, r
     pipeline_name = header.get("name") or name
     if not isinstance(pipeline_name, str) or not pipeline_name:
         raise ConfigError("name: the pipeline needs a name (set name: in the file)")
-    root_path = Path(root if root is not None else header.get("output_dir") or Path("runs") / pipeline_name)
+    # Absolute, as every path the stages' specs record: the plan is read again from anywhere (a resume from
+    # another working directory, the service's worker, `posttrain train <stage>/spec.json`).
+    root_path = Path(absolute(root if root is not None else header.get("output_dir") or Path("runs") / pipeline_name))
 
     merged: dict[str, dict[str, Any]] = {}
     needs: dict[str, list[str]] = {}
@@ -286,8 +289,7 @@ def plan_pipeline(data: dict[str, Any], overrides: list[str] | None = None, *, r
             raise ConfigError(f"stages.{stage_name}.distributed.launcher: {spec.distributed.launcher} is not "
                               "supported in a pipeline (each stage runs in one local process); remove it or "
                               "run this stage as its own job")
-        spec.output.dir = str(root_path / stage_name)
-        stages.append(Stage(stage_name, spec, needs[stage_name]))
+        stages.append(Stage(stage_name, bind_job_dir(spec, root_path / stage_name), needs[stage_name]))
     saves_final = {stage.name: stage.spec.output.save_final for stage in stages}
     for user, target in finals:
         if not saves_final[target]:

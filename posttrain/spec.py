@@ -162,7 +162,8 @@ class WeightBridgeFields(Section):
         1, gt=0, le=MAX_STEPS, description="weight_bridge_mode=none: restart the server every N steps."
     )
     sync_dir: str | None = Field(
-        None, description="Where checkpoints/adapters for the inference server go (default <job dir>/sync)."
+        None, description="Where checkpoints/adapters for the inference server go (default <job dir>/sync; a "
+        "relative folder is inside the job dir)."
     )
 
 
@@ -382,7 +383,8 @@ class TrainingSpec(Section):
 
 class OutputSpec(Section):
     dir: str | None = Field(
-        None, description="Job directory (default: runs/<config name>; the service picks its own)."
+        None, description="Job directory (default: runs/<config name>; the service picks its own). The spec.json "
+        "written there holds it and every local path absolute."
     )
     save_final: bool = Field(True, description="Write the trained adapter or model to <dir>/final.")
 

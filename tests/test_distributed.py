@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -166,21 +167,34 @@ def test_ctrl_c_stops_every_rank_after_the_same_step(tmp_path, make_spec):
     assert not [rank for rank in ranks if rank.is_running() and rank.status() != psutil.STATUS_ZOMBIE]
 
 
-def test_two_torchrun_nodes_meet_on_loopback(tmp_path, make_spec):
+def test_torchrun_nodes_meet_on_loopback_and_each_node_records_its_part(tmp_path, make_spec):
+    """Three nodes, one rank each: node 0 (rank 0) and node 1 share a job directory, as machines on shared
+    storage do; node 2 has one of its own, as a pod with a local disk (of the same name, as every node's is
+    on a c10d run: it is the rendezvous id). Every node exits 0; each job directory says what it holds."""
     config = write_config(tmp_path, make_spec, max_steps=2, per_device_train_batch_size=2)
     endpoint = f"127.0.0.1:{free_port()}"
-    job_dir = tmp_path / "job"  # shared by both nodes, as a shared filesystem is across machines
-    nodes = [posttrain_train(config, job_dir, "distributed.launcher=torchrun", "distributed.nnodes=2",
-                             "distributed.nproc_per_node=1", "distributed.rdzv_backend=c10d",
+    shared, own = tmp_path / "shared" / "job", tmp_path / "own" / "job"
+    nodes = [posttrain_train(config, job_dir, "distributed.launcher=torchrun", "distributed.nnodes=3",
+                             f"distributed.node_rank={node_rank}", "distributed.nproc_per_node=1",
                              f"distributed.rdzv_endpoint={endpoint}", "distributed.strategy=fsdp",
                              "distributed.fsdp.sharding_strategy=hybrid_shard", wait=False)
-             for _ in range(2)]
+             for node_rank, job_dir in enumerate([shared, shared, own])]
     outputs = [node.communicate(timeout=RUN_TIMEOUT_S)[0] for node in nodes]
-    assert [node.returncode for node in nodes] == [0, 0], outputs
-    status = JobDir(job_dir).read_status()
-    assert status.state == "succeeded" and status.step == 2
-    assert "over mesh (2, 1)" in JobDir(job_dir).log_path.read_text()  # replicated across the nodes
-    assert (job_dir / "worker.rank1.log").is_file()
+    assert [node.returncode for node in nodes] == [0, 0, 0], outputs
+
+    # The shared directory is rank 0's: node 1 left its status alone.
+    status = JobDir(shared).read_status()
+    assert status.state == "succeeded" and status.step == 2 and status.node_rank is None
+    assert "over mesh (3, 1)" in JobDir(shared).log_path.read_text()  # replicated across the nodes
+    assert (shared / "final").is_dir() and (shared / "worker.rank1.log").is_file()
+
+    # Node 2's own directory: which node it was, that its ranks did their part, where the results are.
+    node = JobDir(own).read_status()
+    assert node.state == "succeeded" and node.step == 2 and node.node_rank == 2
+    assert node.rank0_job_dir == str(shared.resolve()) and node.rank0_host == socket.gethostname()
+    assert spec_from_dict(JobDir(own).read_spec_dict()).distributed.nnodes == 3
+    assert (own / "worker.rank2.log").is_file() and not (own / "final").exists()
+    assert "2 of 3:" in outputs[2] and "succeeded" in outputs[2]
 
 
 # -- the command and the checks, for layouts this machine cannot start -------------------------------

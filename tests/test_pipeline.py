@@ -90,7 +90,7 @@ def test_overrides_address_one_stage_or_every_stage():
     assert (sft.spec.training.max_steps, dpo.spec.training.max_steps) == (-1, 3)
     assert sft.spec.training.learning_rate == dpo.spec.training.learning_rate == 0.01
     assert sft.spec.training.seed == dpo.spec.training.seed == 7
-    assert plan.name == "renamed" and plan.root == Path("runs/renamed")
+    assert plan.name == "renamed" and plan.root == Path("runs/renamed").resolve()
 
 
 def test_references_resolve_to_earlier_stages_job_dirs(tmp_path):
@@ -139,7 +139,7 @@ def test_sft_reward_dpo_runs_from_one_command_and_a_rerun_skips_what_succeeded(t
     assert [s["state"] for s in status["stages"]] == ["succeeded", "succeeded", "failed"]
     sft_final = (root / "sft" / "final" / "model.safetensors").stat().st_mtime_ns
     # The reward stage trained on top of sft's final/ (a full model), as its spec says.
-    assert json.loads((root / "reward" / "spec.json").read_text())["model"]["name_or_path"] == "runs/chain/sft/final"
+    assert json.loads((root / "reward" / "spec.json").read_text())["model"]["name_or_path"] == str(root / "sft" / "final")
     assert (root / "reward" / "final" / "adapter_config.json").exists()
 
     # Fixed with an override, the rerun skips sft and reward and runs dpo.
@@ -168,9 +168,17 @@ SHORT_RLHF = ["stages.sft.training.max_steps=4", "stages.reward.training.max_ste
               "stages.ppo.training.save_steps=2", "stages.ppo.method.response_length=8"]
 
 
-def test_the_rlhf_example_runs_sft_reward_ppo_and_resumes_a_killed_stage(tmp_path):
-    command = ["pipeline", str(ROOT / "examples" / "tiny-rlhf.yaml"), "--output", "rlhf", *SHORT_RLHF]
-    root = tmp_path / "rlhf"
+def test_the_rlhf_example_runs_sft_reward_ppo_and_resumes_a_killed_stage_from_another_directory(tmp_path,
+                                                                                                 monkeypatch):
+    """Started in one directory (into runs/tiny-rlhf there), resumed and re-read from another: the job
+    directories stand on their own, every path their specs hold is absolute."""
+    from posttrain.preflight import preflight
+    from posttrain.spec import spec_from_dict
+
+    command = ["pipeline", str(ROOT / "examples" / "tiny-rlhf.yaml"), *SHORT_RLHF]
+    root = tmp_path / "runs" / "tiny-rlhf"
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
     process = subprocess.Popen([*POSTTRAIN, *command], cwd=tmp_path, stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"},
                                start_new_session=True)
@@ -181,9 +189,10 @@ def test_the_rlhf_example_runs_sft_reward_ppo_and_resumes_a_killed_stage(tmp_pat
         process.wait()
     assert JobDir(root / "reward").read_status().step < 16
 
-    refused = posttrain(*command, cwd=tmp_path)
+    command += ["--output", str(root)]
+    refused = posttrain(*command, cwd=elsewhere)
     assert refused.returncode == 2 and "stages.reward:" in refused.stderr and "--resume" in refused.stderr
-    resumed = posttrain(*command, "--resume", cwd=tmp_path)
+    resumed = posttrain(*command, "--resume", cwd=elsewhere)
     assert resumed.returncode == 0, resumed.stderr
     assert "skipped (done)" in resumed.stderr and "resuming from" in resumed.stderr
     status = json.loads((root / "status.json").read_text())
@@ -194,9 +203,19 @@ def test_the_rlhf_example_runs_sft_reward_ppo_and_resumes_a_killed_stage(tmp_pat
 
     ppo = JobDir(root / "ppo")
     spec = ppo.read_spec_dict()
-    assert (spec["model"]["name_or_path"], spec["method"]["reward_model"]) == ("rlhf/sft/final", "rlhf/reward/final")
+    assert (spec["model"]["name_or_path"], spec["method"]["reward_model"], spec["output"]["dir"]) == (
+        str(root / "sft" / "final"), str(root / "reward" / "final"), str(root / "ppo"))
     assert {"reward", "kl", "policy_loss", "value_loss"} <= set(ppo.read_metrics()[-1])
     assert (ppo.final_dir / "adapter_config.json").exists()
+
+    # Every stage's spec.json, read from a third directory, names models and data that are there.
+    monkeypatch.chdir(tmp_path / "runs")
+    for stage in ("sft", "reward", "ppo"):
+        preflight(spec_from_dict(JobDir(root / stage).read_spec_dict()))
+    again = posttrain("train", str(ppo.spec_path), "--output", "ppo-again", "training.max_steps=1",
+                      cwd=elsewhere)
+    assert again.returncode == 0, again.stderr
+    assert JobDir(elsewhere / "ppo-again").read_status().state == "succeeded"
 
 
 def test_train_and_validate_point_a_pipeline_file_to_the_pipeline_command():

@@ -91,6 +91,29 @@ def test_every_field_is_described():
     assert all(description for _, _, _, description in rows)
 
 
+def test_a_spec_bound_to_its_job_dir_holds_absolute_local_paths_and_leaves_other_names(tmp_path, monkeypatch):
+    from posttrain.job_paths import bind_job_dir
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "base").mkdir()  # no slash, but it exists here: a local folder
+    spec = spec_from_dict({
+        "model": {"name_or_path": "base"}, "peft": {"type": "none"}, "training": {"max_steps": 1},
+        "method": {"name": "ppo", "reward_model": "runs/rw/final", "critic_model": "meta-llama/Llama-3.2-1B",
+                   "rollout_backend": "server", "sync_dir": "weights"},
+        "data": {"source": "data/train.jsonl", "validation": {"source": "posttrain:alpaca"}}})
+    bound = bind_job_dir(spec, "runs/job")
+    assert bound.output.dir == str(tmp_path / "runs" / "job")
+    assert bound.model.name_or_path == str(tmp_path / "base")
+    assert bound.method.reward_model == str(tmp_path / "runs" / "rw" / "final")  # need not exist yet
+    assert bound.data.source == str(tmp_path / "data" / "train.jsonl")
+    assert bound.method.sync_dir == str(tmp_path / "runs" / "job" / "weights")  # relative: in the job dir
+    # Hub ids and embedded names are not paths.
+    assert (bound.method.critic_model, bound.data.validation.source) == ("meta-llama/Llama-3.2-1B", "posttrain:alpaca")
+    assert spec.model.name_or_path == "base"  # a copy: the caller's spec is unchanged
+    monkeypatch.chdir(tmp_path / "base")
+    assert bind_job_dir(bound, bound.output.dir) == bound  # binding again, from anywhere, changes nothing
+
+
 def test_docs_config_reference_is_generated_from_the_schema():
     from posttrain.commands.train import config_keys_text
 

@@ -101,7 +101,8 @@ def test_rerunning_into_an_existing_run_needs_resume(tmp_path, make_spec):
 @pytest.mark.parametrize(
     ("sections", "message"),
     [
-        ({"model": {"name_or_path": "./no/such/model"}}, "model.name_or_path './no/such/model' does not exist"),
+        # The job's spec holds local paths absolute: the error names the folder it looked for.
+        ({"model": {"name_or_path": "./no/such/model"}}, "/no/such/model' does not exist"),
         ({"data": {"source": "./missing.jsonl"}}, "missing.jsonl"),
         ({"method": "dpo"}, "cannot train method dpo"),
         ({"method": {"name": "grpo", "reward_functions": ["nope"]}, "data": {"source": "posttrain:gsm8k"}},

@@ -90,9 +90,14 @@ def print_summary(result: JobResult, spec: JobSpec) -> None:
     if result.tokens_per_s:
         table.add_row("tokens/s", f"{result.tokens_per_s:.0f} (last logging interval)")
     table.add_row("job dir", str(result.job_dir))
+    if result.node_rank is not None:
+        done = "this node's ranks did their part; " if result.state == "succeeded" else ""
+        table.add_row("node", f"{result.node_rank} of {spec.distributed.nnodes}: {done}rank 0 runs on another node "
+                              f"and writes the results (metrics, final/) to {result.rank0_results}")
     if result.final_dir:
         table.add_row("final", f"{result.final_dir}  (adapter or model + tokenizer)")
-    table.add_row("metrics", f"{result.job_dir / 'metrics.jsonl'}  ->  posttrain plot {result.job_dir}")
+    if result.node_rank is None:
+        table.add_row("metrics", f"{result.job_dir / 'metrics.jsonl'}  ->  posttrain plot {result.job_dir}")
     if result.state in ("cancelled", "paused"):
         table.add_row("resume", f"posttrain train ... --resume  (output.dir={result.job_dir})")
     style = {"succeeded": "green", "cancelled": "yellow", "paused": "yellow"}.get(result.state, "red")

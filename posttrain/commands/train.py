@@ -47,7 +47,7 @@ def train(
 
     Example: posttrain train examples/llama3.2-3b-qlora-sft.yaml training.max_steps=50
     """
-    from posttrain.distributed.runtime import torchrun_rank
+    from posttrain.job.ranks import torchrun_rank
     from posttrain.worker import run_worker
 
     try:

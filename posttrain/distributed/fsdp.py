@@ -20,8 +20,8 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from posttrain.distributed.runtime import RankInfo
 from posttrain.errors import UnsupportedError
+from posttrain.job.ranks import RankInfo
 from posttrain.modeling import torch_dtype
 from posttrain.spec import DistributedSpec, JobSpec
 

@@ -7,34 +7,17 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+from typing import TypeVar
 
 from posttrain.errors import UnsupportedError
+from posttrain.job.ranks import RankInfo, torchrun_rank
 from posttrain.spec import DistributedSpec, JobSpec
 
 log = logging.getLogger("posttrain.worker")
+T = TypeVar("T")
 
 # The stop codes ranks agree on (the highest wins: a cancel replaces a pause, as on one process).
 NO_STOP, PAUSE, CANCEL = 0, 1, 2
-
-
-@dataclass(frozen=True)
-class RankInfo:
-    rank: int
-    local_rank: int
-    world_size: int
-    local_world_size: int
-
-
-def torchrun_rank() -> RankInfo | None:
-    """This process's place in a torchrun run, from the variables torchrun sets; None outside torchrun."""
-    if "TORCHELASTIC_RUN_ID" not in os.environ and "LOCAL_RANK" not in os.environ:
-        return None
-    try:
-        return RankInfo(int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"]),
-                        int(os.environ.get("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"])))
-    except (KeyError, ValueError):
-        return None
 
 
 def restarted_by_torchrun() -> bool:
@@ -113,6 +96,15 @@ def agree_on_stop(local_code: int, device: str) -> int:
     flag = torch.tensor([local_code], dtype=torch.int32, device=collective_device(device))
     dist.all_reduce(flag, op=dist.ReduceOp.MAX)
     return int(flag.item())
+
+
+def from_rank0(value: T) -> T:
+    """``value`` as rank 0 holds it, on every rank (a collective: every rank calls it at the same point)."""
+    import torch.distributed as dist
+
+    holder = [value]
+    dist.broadcast_object_list(holder, src=0)
+    return holder[0]
 
 
 def barrier() -> None:

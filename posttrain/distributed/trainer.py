@@ -9,7 +9,7 @@ import logging
 
 from posttrain.distributed.checkpoint import use_distributed_checkpoints
 from posttrain.distributed.fsdp import shard_model, sharded_parameter_count
-from posttrain.distributed.runtime import RankInfo
+from posttrain.job.ranks import RankInfo
 from posttrain.spec import JobSpec
 
 log = logging.getLogger("posttrain.worker")

@@ -7,12 +7,12 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from posttrain.job.directory import JobDir
+from posttrain.job.ranks import RankInfo
 from posttrain.job.result import JobResult
 from posttrain.job.signals import StopRequest
 from posttrain.spec import JobSpec
 
-if TYPE_CHECKING:  # the library layer's types, named here for readers; the job contract imports no torch
-    from posttrain.distributed.runtime import RankInfo
+if TYPE_CHECKING:  # the library layer's type, named here for readers; the job contract imports no torch
     from posttrain.modeling import Placement
 
 

@@ -53,6 +53,12 @@ class JobStatus(BaseModel):
     # A pipeline's status only (posttrain.pipeline): the stage running now, and every stage's progress.
     stage: str | None = None
     stages: list[dict[str, Any]] | None = None
+    # A node of a multi-node torchrun run that holds no rank 0, in a job directory of its own: its node rank
+    # and where rank 0 writes the run's results (spec, metrics, checkpoints, final/). Its state and step are
+    # that node's part of the run.
+    node_rank: int | None = None
+    rank0_host: str | None = None
+    rank0_job_dir: str | None = None
 
 
 def fsync_dir(path: Path) -> None:

@@ -46,6 +46,10 @@ class JobResult:
     # A pause that arrived on the last step: the run just finished, and a caller with more to run (a
     # pipeline's next stage) pauses before it.
     pause_pending: bool = False
+    # A node of a multi-node run that holds no rank 0: its node rank, and HOST:JOB_DIR where rank 0 wrote
+    # the results.
+    node_rank: int | None = None
+    rank0_results: str | None = None
 
     @property
     def exit_code(self) -> int:

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from posttrain.errors import ConfigError, PosttrainError
 from posttrain.job.directory import JobDir
+from posttrain.job_paths import bind_job_dir
 from posttrain.kfp.pipeline import build_pipeline, compile_pipeline, require_kfp
 from posttrain.spec import JobSpec
 
@@ -54,18 +55,6 @@ def is_local_file(source: str | None) -> bool:
     return bool(source) and is_local_path(source) and Path(source).expanduser().exists()
 
 
-def with_absolute_paths(spec: JobSpec) -> JobSpec:
-    """Steps run in other working directories: local paths of the spec made absolute."""
-    spec = spec.model_copy(deep=True)
-    if is_local_file(spec.data.source):
-        spec.data.source = str(Path(spec.data.source).expanduser().resolve())
-    if is_local_file(spec.data.validation.source):
-        spec.data.validation.source = str(Path(spec.data.validation.source or "").expanduser().resolve())
-    if is_local_file(spec.model.name_or_path):
-        spec.model.name_or_path = str(Path(spec.model.name_or_path).expanduser().resolve())
-    return spec
-
-
 # -- local ----------------------------------------------------------------------------------------------
 
 def run_local(spec: JobSpec, job_dir: str | Path, *, resume: bool = False, log_file: bool = True,
@@ -82,7 +71,7 @@ def run_local(spec: JobSpec, job_dir: str | Path, *, resume: bool = False, log_f
     if not resume:
         check_fresh_job_dir(jd)
     jd.create()
-    spec = with_absolute_paths(spec)
+    spec = bind_job_dir(spec, jd.root)  # the steps run in other working directories
     kfp_root = jd.root / "kfp"
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(kfp_root / "outputs"),
                workspace_root=str(kfp_root / "workspace"), raise_on_error=False)

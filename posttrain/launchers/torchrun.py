@@ -25,6 +25,7 @@ import psutil
 
 from posttrain.errors import ConfigError
 from posttrain.job.directory import JobDir
+from posttrain.job_paths import bind_job_dir
 from posttrain.launchers import Launcher, LaunchRequest, WorkerExit, WorkerHandle
 from posttrain.launchers.local import job_environment, worker_arguments
 from posttrain.ports import LOOPBACK, free_port
@@ -242,7 +243,7 @@ def run_torchrun(spec: JobSpec, job_dir: Path, resume: bool = False):
     if not resume:
         check_fresh_job_dir(jd)
     jd.create()
-    spec = spec.model_copy(update={"output": spec.output.model_copy(update={"dir": str(jd.root)})})
+    spec = bind_job_dir(spec, jd.root)
     # The ranks read the spec from a file of this launch (rank 0 writes spec.json as every worker does).
     with tempfile.NamedTemporaryFile("w", suffix=".json", prefix="posttrain-spec-", delete=False) as handle:
         handle.write(spec_to_json(spec))
@@ -261,11 +262,17 @@ def run_torchrun(spec: JobSpec, job_dir: Path, resume: bool = False):
             signal.signal(sig, previous)
         Path(handle.name).unlink(missing_ok=True)
     status = jd.read_status()
+    if status is not None and status.node_rank is not None and status.state == "succeeded" and code != 0:
+        # This node's first rank ended well, another of its ranks did not: the node failed.
+        status = jd.update_status(state="failed", error=f"torchrun exited with code {code}; see the ranks' logs "
+                                                        f"in {jd.root}")
     state = status.state if status is not None else "failed"
     result = JobResult(state=state if state != "running" else "failed", job_dir=jd.root,
                        runtime_s=time.perf_counter() - started)
     if status is not None:
         result.step, result.total_steps, result.error = status.step, status.total_steps, status.error
+        if status.node_rank is not None:
+            result.node_rank, result.rank0_results = status.node_rank, f"{status.rank0_host}:{status.rank0_job_dir}"
     if result.state == "failed" and result.error is None:
         result.error = f"torchrun exited with code {code}; see the ranks' logs in {jd.root}"
     if result.state == "cancelled":

@@ -32,14 +32,6 @@ def uses_weight_sync(spec: JobSpec) -> bool:
     return method.name == "ppo" and method.rollout_backend == "server"
 
 
-def place_sync_dir(spec: JobSpec, own_dir: Path) -> None:
-    """A relative ``method.sync_dir`` means a folder in the job's own directory: make it absolute, so the
-    worker writes exactly where it was checked, whatever its working directory."""
-    method = spec.method
-    if getattr(method, "sync_dir", None) and not Path(method.sync_dir).expanduser().is_absolute():
-        method.sync_dir = str((own_dir / method.sync_dir).resolve())
-
-
 def check_write_paths(spec: JobSpec, settings: ServiceSettings, own_dir: Path) -> None:
     """On a keyed server a job writes only inside its own directory (the trainer rmtrees sync_dir)."""
     method = spec.method
@@ -92,8 +84,8 @@ def check_process_count(spec: JobSpec, settings: ServiceSettings) -> None:
 
 
 def check_job_reach(spec: JobSpec, settings: ServiceSettings, own_dir: Path) -> None:
-    """Every rule of this module for one job (``own_dir``: the directory it runs in)."""
-    place_sync_dir(spec, own_dir)
+    """Every rule of this module for one job (``own_dir``: the directory it runs in; ``spec`` bound to it by
+    posttrain.job_paths.bind_job_dir, so a relative sync_dir already names a folder in it)."""
     check_write_paths(spec, settings, own_dir)
     check_process_count(spec, settings)
     check_network_targets(spec, settings)

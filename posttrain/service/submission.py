@@ -10,7 +10,6 @@ config.json, and the data by a bounded sample (the worker checks every row befor
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
 from pathlib import Path
@@ -19,6 +18,7 @@ from posttrain.data.sources import is_local_path
 from posttrain.errors import ConfigError, PosttrainError
 from posttrain.graders import runs_user_code
 from posttrain.job.directory import JobDir, JobStatus
+from posttrain.job_paths import bind_job_dir, path_fields
 from posttrain.pipeline import Pipeline, is_pipeline_document, plan_pipeline
 from posttrain.preflight import DataBudget, preflight
 from posttrain.rewards import is_user_reward
@@ -40,26 +40,6 @@ class UserCodeRefused(PosttrainError):
     status_code = 403
 
 
-def path_fields(spec: JobSpec) -> dict[str, str | None]:
-    """The spec's fields that may name files or folders on the server, by dotted key (the one list)."""
-    fields = {"data.source": spec.data.source, "data.validation.source": spec.data.validation.source,
-              "model.name_or_path": spec.model.name_or_path}
-    if spec.method.name == "dpo":
-        fields["method.reference_model"] = spec.method.reference_model
-    if spec.method.name == "ppo":
-        fields["method.reward_model"] = spec.method.reward_model
-        fields["method.critic_model"] = spec.method.critic_model
-    return fields
-
-
-def set_path_field(spec: JobSpec, key: str, value: str | None) -> None:
-    section, _, name = key.rpartition(".")
-    owner = spec
-    for part in section.split("."):
-        owner = getattr(owner, part)
-    setattr(owner, name, value)
-
-
 def request_document(body: SubmitJobRequest) -> dict:
     """The submitted document: a JobSpec, or a pipeline (a ``stages:`` list)."""
     return body.spec if body.spec is not None else load_yaml(body.yaml or "", "yaml")
@@ -74,14 +54,6 @@ def build_spec(body: SubmitJobRequest) -> JobSpec:
             "output.dir",
         )
     return spec
-
-
-def absolutize_local_paths(spec: JobSpec) -> None:
-    """Relative paths in a spec mean the server's working directory (where preflight reads them); the
-    worker runs in the job directory, so hand it absolute paths."""
-    for key, value in path_fields(spec).items():
-        if value and not os.path.isabs(value) and is_local_path(value) and Path(value).expanduser().exists():
-            set_path_field(spec, key, str(Path(value).expanduser().resolve()))
 
 
 def local_paths(spec: JobSpec) -> dict[str, str]:
@@ -143,10 +115,11 @@ def submit_job(body: SubmitJobRequest, store: JobStore, settings: ServiceSetting
     spec = build_spec(body)
     check_user_code(spec, settings)
     resolve_upload_references(spec, store, None if caller.admin else caller.owner)
-    absolutize_local_paths(spec)
     job_id = new_job_id()
     root = settings.jobs_dir / job_id
-    spec.output.dir = str(root)
+    # Relative paths mean the server's working directory (where preflight reads them); the worker runs in
+    # the job directory, and the spec must stand on its own there.
+    spec = bind_job_dir(spec, root)
     if spec.name is None:
         spec.name = job_id
     check_local_paths(spec, settings)
@@ -185,7 +158,6 @@ def submit_pipeline(document: dict, body: SubmitJobRequest, store: JobStore, set
         try:
             check_user_code(stage.spec, settings)
             resolve_upload_references(stage.spec, store, None if caller.admin else caller.owner)
-            absolutize_local_paths(stage.spec)
             check_local_paths(stage.spec, settings, own_dir=root)
             check_job_reach(stage.spec, settings, stage.job_dir.root)
             if check_data_and_model:

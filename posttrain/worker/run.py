@@ -18,10 +18,11 @@ from typing import Any
 from posttrain.errors import PosttrainError
 from posttrain.job.context import RunContext
 from posttrain.job.directory import JobDir
-from posttrain.job.ranks import is_main_process, record_status
+from posttrain.job.ranks import RankInfo, is_main_process, record_status
 from posttrain.job.result import JobResult
 from posttrain.job.resume import check_fresh_job_dir
 from posttrain.job.signals import StopRequest, install_stop_handlers, restore_handlers
+from posttrain.job_paths import bind_job_dir
 from posttrain.spec import JobSpec, spec_to_json
 from posttrain.worker.logs import setup_logging
 from posttrain.worker.registry import runner_for
@@ -55,10 +56,9 @@ def run_worker(spec: JobSpec, job_dir: str | Path, resume: bool = False, log_to_
     status = jd.read_status()
     attempt = (status.attempt + 1) if status else 1
     try:
-        spec = spec.model_copy(update={"output": spec.output.model_copy(update={"dir": str(jd.root)})})
+        spec = bind_job_dir(spec, jd.root)
         if is_main_process():
-            recorded = recorded_spec or spec
-            jd.write_spec(spec_to_json(recorded.model_copy(update={"output": spec.output})))
+            jd.write_spec(spec_to_json(bind_job_dir(recorded_spec, jd.root) if recorded_spec else spec))
         record_status(jd, state="running", pid=launcher_pid(), attempt=attempt, error=None, finished_at=None)
         context = _prepare(spec, jd, resume, stop, result, extra_callbacks)
         result = runner_for(spec.method.name)(context)
@@ -100,6 +100,8 @@ def _prepare(spec: JobSpec, jd: JobDir, resume: bool, stop: StopRequest, result:
     placement = resolve_placement(spec.model)
     threads = apply_threads(spec.training.num_threads, placement.device)
     rank_info = init_process_group(spec, placement.device) if spec.distributed.launcher == "torchrun" else None
+    if rank_info is not None:
+        record_node(spec, jd, rank_info)
     os.environ["TENSORBOARD_LOGGING_DIR"] = str(jd.tensorboard_dir)
     set_seed(spec.training.seed)
     log.info("job %s: method=%s model=%s device=%s dtype=%s threads=%d", spec.name or jd.root.name,
@@ -107,3 +109,28 @@ def _prepare(spec: JobSpec, jd: JobDir, resume: bool, stop: StopRequest, result:
              threads)
     return RunContext(spec=spec, job_dir=jd, resume=resume, stop=stop, result=result, placement=placement,
                       threads=threads, rank_info=rank_info, extra_callbacks=extra_callbacks)
+
+
+def record_node(spec: JobSpec, jd: JobDir, rank_info: RankInfo) -> None:
+    """On a multi-node run, a node that holds no rank 0 has done its part when its ranks end well; when its
+    job directory is its own (not rank 0's on shared storage), its first rank records there which node it
+    is and where rank 0 writes the results, and keeps that node's state. Every rank calls this (rank 0
+    tells the others where it writes)."""
+    import socket
+
+    from posttrain.distributed.runtime import from_rank0, launcher_pid
+
+    mine = jd.read_status() if rank_info.rank == 0 else None
+    rank0 = from_rank0({"host": socket.gethostname(), "job_dir": str(jd.root.resolve()),
+                        "created_at": mine.created_at if mine is not None else None})
+    if not rank_info.leads_a_node_without_rank0:
+        return
+    own = jd.read_status()  # read after rank 0 spoke: it recorded "running" before it joined the group
+    if own is not None and own.created_at == rank0["created_at"]:
+        return  # rank 0's own status.json: the job directory is shared, rank 0 keeps it
+    jd.write_spec(spec_to_json(spec))
+    jd.update_status(state="running", pid=launcher_pid(), attempt=(own.attempt if own else 0) + 1, error=None,
+                     finished_at=None, node_rank=rank_info.node_rank, rank0_host=rank0["host"],
+                     rank0_job_dir=rank0["job_dir"])
+    log.info("node %d: rank 0 writes the run's results to %s:%s", rank_info.node_rank, rank0["host"],
+             rank0["job_dir"])

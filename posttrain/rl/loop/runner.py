@@ -28,6 +28,7 @@ import httpx
 
 from posttrain.inference.process import API_KEY_VARIABLE
 from posttrain.job.directory import JobDir
+from posttrain.job_paths import bind_job_dir
 from posttrain.modeling import resolve_model_path
 from posttrain.rl.loop.config import EnvironmentSection, RunConfig
 from posttrain.rl.loop.supervisor import ChildSpec, Outcome, Report, Supervisor
@@ -121,7 +122,7 @@ def build_children(config: RunConfig, spec: JobSpec, run_dir: Path, resume: bool
     model_path = resolve_model_path(config.model)
     job_dir = run_dir / "trainer"
     job_dir.mkdir(parents=True, exist_ok=True)
-    JobDir(job_dir).write_spec(spec_to_json(spec))
+    JobDir(job_dir).write_spec(spec_to_json(bind_job_dir(spec, job_dir)))
     trainer_starts_server = spec.method.weight_bridge_mode == "none"
     # One key per run for the inference server: the server requires it, the trainer (and the server it starts
     # in mode none) and the environments send it; the user's own key wins.
