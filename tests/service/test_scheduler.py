@@ -15,6 +15,7 @@ from waiting import wait_for
 
 from posttrain.jobdir import JobDir, JobStatus
 from posttrain.launchers import Launcher, LaunchRequest, WorkerExit, WorkerHandle
+from posttrain.launchers.identity import recorded_worker_identity
 from posttrain.launchers.local import AdoptedWorker, LocalLauncher, worker_environment
 from posttrain.service.scheduler import Scheduler
 from posttrain.service.settings import ServiceSettings
@@ -222,6 +223,31 @@ def test_a_cancel_wins_over_a_pause_at_every_point(setup):
     assert store.pause("job-2") == "paused"  # queued: at once
     assert store.cancel("job-2") == "cancelled"
     assert store.resume("job-2") is False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="start times from /proc")
+def test_a_worker_is_still_recognised_after_the_wall_clock_steps(tmp_path: Path, monkeypatch):
+    job_dir = tmp_path / "job"
+    job_dir.mkdir()
+    # Records its identity as a warm-started worker does (its command line does not name the job dir).
+    script = ("import sys, time; from pathlib import Path; from posttrain.launchers.identity import "
+              "record_worker_identity; record_worker_identity(Path(sys.argv[1])); time.sleep(120)")
+    process = subprocess.Popen([sys.executable, "-c", script, str(job_dir)], start_new_session=True)
+    try:
+        recorded = wait_for(lambda: recorded_worker_identity(job_dir), 60, "the worker to record its identity")
+        # The wall clock steps by a second (NTP, a virtual machine resumed): the boot time psutil adds to
+        # every start time moves with it. A real step needs root and would disturb the whole machine.
+        real_boot_time = psutil._pslinux.boot_time
+        monkeypatch.setattr(psutil._pslinux, "boot_time", lambda: real_boot_time() + 1.0)
+        assert psutil.Process(process.pid).create_time() != recorded.create_time  # the step is seen
+        assert recorded.matches(psutil.Process(process.pid))
+        adopted = LocalLauncher([]).adopt(job_dir, process.pid)
+        assert isinstance(adopted, AdoptedWorker) and adopted.poll() is None
+        adopted.signal(signal.SIGTERM)
+        assert process.wait(30) == -signal.SIGTERM
+    finally:
+        process.kill()
+        process.wait()
 
 
 def _sleeper(job_dir: Path) -> subprocess.Popen[bytes]:
