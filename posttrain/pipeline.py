@@ -471,7 +471,7 @@ class _BetweenStages:
         self.signal_name: str | None = None
 
     def install(self) -> dict[int, Any]:
-        from posttrain.worker import PAUSE_SIGNAL
+        from posttrain.worker import PAUSE_SIGNAL, acknowledge_stop
 
         if threading.current_thread() is not threading.main_thread():
             return {}
@@ -479,6 +479,7 @@ class _BetweenStages:
         def handle(signum, _frame):
             name = signal.Signals(signum).name
             if self.signal_name is None or signum != PAUSE_SIGNAL:  # a cancel replaces a pause
+                acknowledge_stop("pause" if signum == PAUSE_SIGNAL else "cancel", name)
                 self.signal_name = name
 
         return {signum: signal.signal(signum, handle) for signum in (signal.SIGINT, signal.SIGTERM, PAUSE_SIGNAL)}
@@ -513,12 +514,14 @@ def run_pipeline(pipeline: Pipeline, resume: bool = False, log_to_file: bool = T
     setup_logging(root, log_to_file)
     root.write_spec(pipeline.plan_json())
     previous = root.read_status()
+    between = _BetweenStages()
+    # Before "running" with our pid is recorded: that tells the service it may send a pause, and SIGUSR1's
+    # default action would kill this process.
+    handlers = between.install()
     root.update_status(state="running", pid=os.getpid(), attempt=(previous.attempt + 1) if previous else 1,
                        error=None, finished_at=None)
     result = PipelineResult(state="running", root=root.root)
     mirror = StageMirror(pipeline, root)
-    between = _BetweenStages()
-    handlers = between.install()
     mirror.start()
     try:
         for stage in pipeline.stages:

@@ -8,7 +8,9 @@ and metrics.jsonl current, marks complete checkpoints, writes final/ atomically.
 Signals: SIGINT/SIGTERM cancel at the next step boundary (a second one stops at once); SIGUSR1 pauses:
 at the next step boundary it saves a complete checkpoint, records ``paused`` and exits, and ``--resume``
 continues from that checkpoint. A pause never interrupts anything (a repeated SIGUSR1 changes nothing);
-a cancel replaces a pending pause.
+a cancel replaces a pending pause. Started by a launcher (this module's ``main``), the worker acknowledges
+each first cancel or pause in ``stop-received.json`` as it receives it: the service re-sends a signal
+only while it is unacknowledged, so its re-sends never count as the second, "at once" cancel.
 
 Exit codes: 0 succeeded, 1 failed, 2 rejected input (status says why), 130/143 cancelled by
 SIGINT/SIGTERM, 75 paused (EX_TEMPFAIL: "continue later").
@@ -32,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from posttrain.errors import ConfigError, PosttrainError
-from posttrain.jobdir import JobDir
+from posttrain.jobdir import JobDir, StopReceived
 from posttrain.spec import JobSpec, spec_from_dict, spec_to_json
 
 log = logging.getLogger("posttrain.worker")
@@ -110,6 +112,31 @@ def setup_logging(job_dir: JobDir | None, to_file: bool) -> None:
         transformers_logging.disable_progress_bar()
 
 
+_acknowledgements: tuple[JobDir, int] | None = None  # set by acknowledge_stops
+
+
+def acknowledge_stops(job_dir: JobDir, pid: int) -> None:
+    """From now on, record each stop request this process receives in ``job_dir`` (the one the service
+    watches) for ``pid`` (the process the service signals for the job). Called once by the programs a
+    launcher starts (this module's main, the KFP driver): a signal belongs to the process, not to one run,
+    so a pipeline's stages acknowledge into the pipeline's directory. Run in-process (the CLI, the Python
+    API, a KFP step), nothing is recorded: nobody there re-sends signals."""
+    global _acknowledgements
+    _acknowledgements = (job_dir, pid)
+
+
+def acknowledge_stop(request: str, signal_name: str) -> None:
+    """Called by signal handlers, before they act on a first cancel or pause: after it, the service does not
+    re-send that signal. Best effort (an unwritable job dir only means a re-send)."""
+    if _acknowledgements is None or not is_main_process():
+        return
+    job_dir, pid = _acknowledgements
+    try:
+        job_dir.record_stop_received(StopReceived(pid=pid, request=request, signal=signal_name))
+    except OSError as exc:
+        log.warning("could not record the %s request in %s: %s", request, job_dir.stop_received_path, exc)
+
+
 def _install_signal_handlers(stop) -> dict[int, Any]:
     if threading.current_thread() is not threading.main_thread():
         return {}
@@ -118,15 +145,18 @@ def _install_signal_handlers(stop) -> dict[int, Any]:
     def handle(signum, _frame):
         name = signal.Signals(signum).name
         if signum == PAUSE_SIGNAL:
-            # A pause must not lose work: it never interrupts, and a repeat (a re-adopting server sends it
-            # again) or one after a cancel changes nothing.
+            # A pause must not lose work: it never interrupts, and a repeat (the service re-sends it until it
+            # sees it acknowledged) or one after a cancel changes nothing.
             if not stop.is_set():
+                acknowledge_stop("pause", name)
                 log.warning("%s received: pausing after the current step, with a checkpoint", name)
                 stop.set(name)
             return
         if stop.is_set() and not stop.pausing:
             # A second signal means "now": unwind immediately; the finally-block still records the state.
             raise KeyboardInterrupt(name)
+        # Acknowledged first: a signal arriving while this runs is still taken for the first one.
+        acknowledge_stop("cancel", name)
         log.warning("%s received: stopping after the current step (send again to stop at once)", name)
         stop.set(name)  # a cancel replaces a pending pause
 
@@ -135,9 +165,10 @@ def _install_signal_handlers(stop) -> dict[int, Any]:
     return previous
 
 
-def _restore_signal_handlers(previous: dict[int, Any]) -> None:
-    for signum, handler in previous.items():
-        signal.signal(signum, handler)
+def _restore_signal_handlers(previous: dict[int, Any], signums: tuple[int, ...]) -> None:
+    for signum in signums:
+        if signum in previous:
+            signal.signal(signum, previous[signum])
 
 
 def is_main_process() -> bool:
@@ -233,15 +264,21 @@ def run_worker(spec: JobSpec, job_dir: str | Path, resume: bool = False, log_to_
         log.error("training failed:\n%s", traceback.format_exc())
         result.state, result.error = "failed", f"{type(exc).__name__}: {exc}"
     finally:
-        _restore_signal_handlers(previous_handlers)
+        _restore_signal_handlers(previous_handlers, (signal.SIGINT, signal.SIGTERM))
         result.runtime_s = time.perf_counter() - started
         # A pause is recorded by _train; a failure while pausing is a real failure, not a pause.
         if stop.is_set() and not stop.pausing and result.state != "succeeded":
             result.state, result.cancelled_by = "cancelled", stop.signal_name
+        try:
+            status = jd.read_status()
+            result.step = status.step if status else result.step
+            _record(jd, state=result.state, error=result.error, step=result.step)
+        finally:
+            # Only now: until the end is recorded, status.json says "running" with this pid, which tells the
+            # service it may send a pause, and SIGUSR1's default action would kill the process.
+            _restore_signal_handlers(previous_handlers, (PAUSE_SIGNAL,))
+        # After the restore: a pause arriving later reaches the previous handler (a pipeline's) instead.
         result.pause_pending = result.state == "succeeded" and stop.is_set() and stop.pausing
-        status = jd.read_status()
-        result.step = status.step if status else result.step
-        _record(jd, state=result.state, error=result.error, step=result.step)
         leave_process_group()
     return result
 
@@ -360,6 +397,9 @@ def worker_arguments(prog: str, description: str | None) -> argparse.ArgumentPar
 def main(argv: list[str] | None = None) -> int:
     args = worker_arguments("python -m posttrain.worker", __doc__).parse_args(argv)
     jd = JobDir(args.job_dir).create()
+    from posttrain.distributed.runtime import launcher_pid
+
+    acknowledge_stops(jd, launcher_pid())
     stopped = _stopped_before_restart(jd)
     if stopped is not None:
         print(f"the run was {stopped}: torchrun's restart of its ranks ends here", file=sys.stderr)
