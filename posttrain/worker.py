@@ -119,8 +119,8 @@ def acknowledge_stops(job_dir: JobDir, pid: int) -> None:
     """From now on, record each stop request this process receives in ``job_dir`` (the one the service
     watches) for ``pid`` (the process the service signals for the job). Called once by the programs a
     launcher starts (this module's main, the KFP driver): a signal belongs to the process, not to one run,
-    so a pipeline's stages acknowledge into the pipeline's directory. Run in-process (the CLI, the Python
-    API, a KFP step), nothing is recorded: nobody there re-sends signals."""
+    so a pipeline's stages acknowledge into the pipeline's directory. Through run_worker alone (`posttrain
+    train` on one process, the Python API, a KFP step), nothing is recorded: nobody re-sends signals there."""
     global _acknowledgements
     _acknowledgements = (job_dir, pid)
 
