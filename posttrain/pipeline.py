@@ -29,7 +29,7 @@ from typing import Any
 from posttrain.errors import ConfigError, PosttrainError
 from posttrain.job.directory import TERMINAL_STATES, JobDir, atomic_write_text
 from posttrain.job.result import exit_code_for
-from posttrain.job.signals import CANCEL_SIGNALS, PAUSE_SIGNAL
+from posttrain.job.signals import CANCEL_SIGNALS, PAUSE_SIGNAL, acknowledge_stop, acknowledge_stops
 from posttrain.job_paths import absolute, bind_job_dir
 from posttrain.spec import (
     PLAN_KEY,
@@ -475,6 +475,7 @@ class _BetweenStages:
         def handle(signum, _frame):
             name = signal.Signals(signum).name
             if self.signal_name is None or signum != PAUSE_SIGNAL:  # a cancel replaces a pause
+                acknowledge_stop("pause" if signum == PAUSE_SIGNAL else "cancel", name)
                 self.signal_name = name
 
         return {signum: signal.signal(signum, handle) for signum in (*CANCEL_SIGNALS, PAUSE_SIGNAL)}
@@ -508,12 +509,14 @@ def run_pipeline(pipeline: Pipeline, resume: bool = False, log_to_file: bool = T
     setup_logging(root, log_to_file)
     root.write_spec(pipeline.plan_json())
     previous = root.read_status()
+    between = _BetweenStages()
+    # Before "running" with our pid is recorded: that tells the service it may send a pause, and SIGUSR1's
+    # default action would kill this process.
+    handlers = between.install()
     root.update_status(state="running", pid=os.getpid(), attempt=(previous.attempt + 1) if previous else 1,
                        error=None, finished_at=None)
     result = PipelineResult(state="running", root=root.root)
     mirror = StageMirror(pipeline, root)
-    between = _BetweenStages()
-    handlers = between.install()
     mirror.start()
     try:
         for stage in pipeline.stages:
@@ -572,6 +575,7 @@ def main(argv: list[str] | None = None) -> int:
     from posttrain.worker.entry import worker_arguments
 
     args = worker_arguments("python -m posttrain.pipeline", main.__doc__).parse_args(argv)
+    acknowledge_stops(JobDir(args.job_dir).create(), os.getpid())  # the service signals this process
     try:
         return run_plan_file(Path(args.spec), Path(args.job_dir), args.resume, not args.no_log_file).exit_code
     except (OSError, ValueError, PosttrainError) as exc:

@@ -46,6 +46,9 @@ def test_sigterm_cancels_cleanly_and_resume_continues_step_and_schedule(tmp_path
     assert proc.returncode == 143, output
     status = job.read_status()
     assert status.state == "cancelled"
+    # Acknowledged as it arrived, for the process the service signals: what keeps it from sending it again.
+    received = job.read_stop_received()
+    assert (received.pid, received.request, received.signal) == (proc.pid, "cancel", "SIGTERM")
     assert not job.final_dir.exists()
     stopped_at = status.step
     checkpoint_step = int(job.latest_checkpoint().name.split("-")[1])
@@ -247,6 +250,7 @@ def test_sigusr1_pauses_with_a_checkpoint_and_resume_continues(tmp_path, make_sp
 
     paused = run_worker(spec, job.root, extra_callbacks=[pause_at(2)])
     assert (paused.state, paused.exit_code) == ("paused", 75), paused.error
+    assert job.read_stop_received() is None  # run in-process: nobody re-sends signals, nothing to acknowledge
     status = job.read_status()
     # The pause was seen at the next step boundary, and that step was saved (save_steps alone never would).
     assert status.state == "paused" and status.step == 3 and status.finished_at is None

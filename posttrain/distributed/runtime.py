@@ -25,12 +25,6 @@ def restarted_by_torchrun() -> bool:
     return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) > 0
 
 
-def launcher_pid() -> int:
-    """The process that stands for the job: torchrun's agent (the ranks' parent) under torchrun, else this
-    one. Status records it, so whoever stops the job signals torchrun, which reaches every rank."""
-    return os.getppid() if torchrun_rank() is not None else os.getpid()
-
-
 def is_distributed() -> bool:
     import torch.distributed as dist
 

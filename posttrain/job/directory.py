@@ -9,6 +9,8 @@ Layout::
     checkpoints/checkpoint-N/   complete only once it holds COMPLETE_MARKER
     final/               adapter or full model + tokenizer, loadable by transformers / PEFT
     tensorboard/         TensorBoard event files
+    stop-received.json   written by the worker's signal handler: the cancel or pause it received (so the
+                         service re-sends only a signal that did not arrive); absent until one does
 
 Writers replace files by rename, so a reader sees the old or the new content, never a torn one.
 """
@@ -30,6 +32,7 @@ from pydantic import BaseModel, Field
 JobState = Literal["queued", "running", "paused", "succeeded", "failed", "cancelled"]
 TERMINAL_STATES: frozenset[str] = frozenset({"succeeded", "failed", "cancelled"})
 COMPLETE_MARKER = "posttrain-complete.json"
+STOP_RECEIVED_FILE = "stop-received.json"
 CHECKPOINT_PREFIX = "checkpoint-"
 _CHECKPOINT_RE = re.compile(rf"^{CHECKPOINT_PREFIX}(\d+)$")
 
@@ -59,6 +62,17 @@ class JobStatus(BaseModel):
     node_rank: int | None = None
     rank0_host: str | None = None
     rank0_job_dir: str | None = None
+
+
+class StopReceived(BaseModel):
+    """A worker's acknowledgement of a stop request. ``pid`` is the process the service signals for the job
+    (the worker itself, or torchrun's agent for a torchrun job), so an acknowledgement left by an earlier
+    attempt's worker never counts for the next one."""
+
+    pid: int
+    request: Literal["cancel", "pause"]
+    signal: str
+    received_at: float = Field(default_factory=time.time)
 
 
 def fsync_dir(path: Path) -> None:
@@ -105,6 +119,7 @@ class JobDir:
     checkpoints_dir = property(lambda self: self.root / "checkpoints")
     final_dir = property(lambda self: self.root / "final")
     tensorboard_dir = property(lambda self: self.root / "tensorboard")
+    stop_received_path = property(lambda self: self.root / STOP_RECEIVED_FILE)
 
     def create(self) -> JobDir:
         self.root.mkdir(parents=True, exist_ok=True)
@@ -139,6 +154,21 @@ class JobDir:
         if changes.get("state") in TERMINAL_STATES:
             updated.finished_at = time.time()
         return self.write_status(updated)
+
+    # -- stop requests ------------------------------------------------------------------------------
+    def record_stop_received(self, received: StopReceived) -> None:
+        """Its own file, not a field of status.json: the signal handler that writes it runs between any two
+        lines of the worker, possibly between a read and a write of status.json, which would then drop it."""
+        atomic_write_text(self.stop_received_path, received.model_dump_json() + "\n")
+
+    def read_stop_received(self) -> StopReceived | None:
+        try:
+            return StopReceived.model_validate_json(self.stop_received_path.read_text())
+        except (OSError, ValueError):
+            return None
+
+    def clear_stop_received(self) -> None:
+        self.stop_received_path.unlink(missing_ok=True)
 
     # -- metrics ------------------------------------------------------------------------------------
     def append_metrics(self, record: dict[str, Any]) -> None:

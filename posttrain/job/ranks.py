@@ -42,6 +42,12 @@ def torchrun_rank() -> RankInfo | None:
         return None
 
 
+def launcher_pid() -> int:
+    """The process that stands for the job: torchrun's agent (the ranks' parent) under torchrun, else this
+    one. Status records it, so whoever stops the job signals torchrun, which reaches every rank."""
+    return os.getppid() if torchrun_rank() is not None else os.getpid()
+
+
 def is_main_process() -> bool:
     """Rank 0 writes the job directory; other ranks of a distributed run (torchrun sets RANK) only train."""
     dist = sys.modules.get("torch.distributed")  # not imported: no process group can have been set up

@@ -21,7 +21,7 @@ from pathlib import Path
 from posttrain.errors import PosttrainError
 from posttrain.job.directory import JobDir
 from posttrain.job.result import EXIT_BAD_INPUT, exit_code_for
-from posttrain.job.signals import PAUSE_SIGNAL
+from posttrain.job.signals import PAUSE_SIGNAL, acknowledge_stop, acknowledge_stops
 from posttrain.spec import load_yaml, spec_from_dict
 from posttrain.worker.entry import worker_arguments
 
@@ -44,13 +44,18 @@ class _Cancel:
 
 
 def _install_handlers() -> None:
-    def pass_pause_on(_signum, _frame) -> None:
-        for process in _step_processes():
+    def pass_pause_on(signum, _frame) -> None:
+        steps = _step_processes()
+        for process in steps:
             with contextlib.suppress(Exception):
                 process.send_signal(PAUSE_SIGNAL)
+        if steps:  # else unacknowledged: the service sends it again, when a step may be there to take it
+            acknowledge_stop("pause", signal.Signals(signum).name)
 
     def wait_for_steps(signum, _frame) -> None:
         # The group's signal reached the steps too; their worker records the cancel, we wait for it.
+        if _Cancel.signal_name is None:
+            acknowledge_stop("cancel", signal.Signals(signum).name)
         _Cancel.signal_name = signal.Signals(signum).name
         print(f"posttrain.kfp.driver: {signal.Signals(signum).name} received, waiting for the steps to stop",
               file=sys.stderr, flush=True)
@@ -72,6 +77,7 @@ def exit_code(jd: JobDir) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = worker_arguments("python -m posttrain.kfp.driver", __doc__).parse_args(argv)
     jd = JobDir(Path(args.job_dir).resolve()).create()
+    acknowledge_stops(jd, os.getpid())  # the service signals this process, not the steps
     try:
         spec = spec_from_dict(load_yaml(Path(args.spec).read_text(), args.spec))
     except (OSError, PosttrainError) as exc:

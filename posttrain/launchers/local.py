@@ -22,7 +22,7 @@ import psutil
 
 from posttrain.job.directory import JobDir
 from posttrain.launchers import Launcher, LaunchRequest, WorkerExit, WorkerHandle
-from posttrain.launchers.identity import recorded_worker_identity
+from posttrain.launchers.identity import process_start, recorded_worker_identity
 
 # Variables a worker inherits from the server, by name or by prefix; everything else is dropped.
 PASSED_VARIABLES = frozenset({
@@ -97,18 +97,19 @@ class LocalWorker(WorkerHandle):
 class AdoptedWorker(WorkerHandle):
     """A worker started by an earlier server process: watched through psutil, exit code unknown.
 
-    psutil identifies the process by pid and start time, so a pid reused after the worker ended is
-    never mistaken for it: it is neither reported running nor signalled."""
+    It is identified by pid and start time (identity.process_start: counted from boot, so a step of the
+    wall clock changes nothing), so a pid reused after the worker ended is never mistaken for it: it is
+    neither reported running nor signalled."""
 
     def __init__(self, process: psutil.Process, job_dir: Path) -> None:
         self.process = process
         self.pid = process.pid
         self.job_dir = job_dir
-        self.started = process.create_time()
+        self.started = process_start(process.pid)
 
     def is_same_process(self) -> bool:
         try:
-            return (self.process.is_running() and self.process.create_time() == self.started
+            return (self.process.is_running() and process_start(self.pid) == self.started
                     and _is_worker_of(self.process, self.job_dir))
         except psutil.Error:
             return False
@@ -131,7 +132,7 @@ class AdoptedWorker(WorkerHandle):
         """Processes still in the worker's group, started after it (so not a group that reuses its id)."""
         for process in psutil.process_iter():
             with contextlib.suppress(psutil.Error, ProcessLookupError, PermissionError):
-                if os.getpgid(process.pid) == self.pid and process.create_time() >= self.started:
+                if os.getpgid(process.pid) == self.pid and process_start(process.pid) >= self.started:
                     process.kill()
 
 

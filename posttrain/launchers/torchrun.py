@@ -127,6 +127,7 @@ class TorchrunWorker(WorkerHandle):
         self.popen = popen
         self.pid = process.pid
         self._known: dict[int, psutil.Process] = {}
+        self._stopping = False  # torchrun got its SIGTERM/SIGINT
 
     def _alive(self) -> bool:
         if self.popen is not None:
@@ -166,9 +167,12 @@ class TorchrunWorker(WorkerHandle):
             return
         if sig == signal.SIGKILL:
             _signal_processes(self._processes(), sig)
-        else:
-            # torchrun forwards SIGTERM/SIGINT to every rank's session and kills them after its timeout.
+        elif not self._stopping:
+            # torchrun forwards SIGTERM/SIGINT to every rank's session and kills them after its timeout. It
+            # acts on the first only: a second would cut that shutdown short, so a repeat (the scheduler's,
+            # while rank 0 has not acknowledged the cancel yet) is not sent on.
             _signal_processes([self.agent], sig)
+            self._stopping = sig in (signal.SIGTERM, signal.SIGINT)
 
     def signal_main(self, sig: int) -> None:
         """A pause: SIGUSR1 to the ranks (they agree on the step to stop at); torchrun would die of it."""

@@ -28,6 +28,7 @@ import psutil
 
 from posttrain.job.directory import JobDir
 from posttrain.launchers import Launcher, LaunchRequest, WorkerExit, WorkerHandle
+from posttrain.launchers.identity import process_start
 from posttrain.launchers.local import (
     AdoptedWorker,
     LocalLauncher,
@@ -113,7 +114,8 @@ class WarmTemplate:
         return True
 
     def spawn(self, request: dict[str, Any]) -> tuple[int, float]:
-        """Have the template fork a worker; (pid, start time) once the worker has recorded its identity."""
+        """Have the template fork a worker; (pid, start time: identity.process_start) once the worker has
+        recorded its identity."""
         with self._lock:
             self._next_id += 1
             request_id = self._next_id
@@ -129,7 +131,7 @@ class WarmTemplate:
             reply = self._replies.pop(request_id)
         if "error" in reply:
             raise TemplateError(reply["error"])
-        return int(reply["pid"]), float(reply["create_time"])
+        return int(reply["pid"]), float(reply["started"])
 
     def close(self) -> None:
         """Stop the template (its end of stdin closes; it exits). Workers it started keep running."""
@@ -153,10 +155,10 @@ class WarmWorker(WorkerHandle):
     """A worker forked by the template. The template reports its exit code; once the template is gone,
     the worker is watched like a re-adopted one (by pid and start time; exit code unknown)."""
 
-    def __init__(self, template: WarmTemplate, pid: int, create_time: float, job_dir: Path) -> None:
+    def __init__(self, template: WarmTemplate, pid: int, started: float, job_dir: Path) -> None:
         self.template = template
         self.pid = pid
-        self.create_time = create_time
+        self.started = started  # identity.process_start(pid), as the worker recorded it
         self.job_dir = job_dir
         self._orphan: AdoptedWorker | None = None
 
@@ -173,7 +175,7 @@ class WarmWorker(WorkerHandle):
                 self._orphan = AdoptedWorker(psutil.Process(self.pid), self.job_dir)
             except psutil.NoSuchProcess:
                 return WorkerExit(None)
-            self._orphan.started = self.create_time  # never taken for a later process with the same pid
+            self._orphan.started = self.started  # never taken for a later process with the same pid
         return self._orphan.poll()
 
     def _still_ours(self) -> bool:
@@ -181,7 +183,7 @@ class WarmWorker(WorkerHandle):
         if self.pid in self.template.exits:
             return False
         try:
-            return psutil.Process(self.pid).create_time() == self.create_time
+            return process_start(self.pid) == self.started
         except psutil.Error:
             return False
 
@@ -234,11 +236,11 @@ class WarmLauncher(Launcher):
             return self.cold.launch(request)
         job_dir = JobDir(request.job_dir)
         try:
-            pid, create_time = template.spawn({
+            pid, started = template.spawn({
                 "argv": worker_arguments(request), "env": job_environment(request),
                 "job_dir": str(job_dir.root), "log": str(job_dir.log_path),
             })
-            return WarmWorker(template, pid, create_time, job_dir.root)
+            return WarmWorker(template, pid, started, job_dir.root)
         except (TemplateError, OSError, ValueError) as exc:
             log.warning("job %s: warm start failed (%s); starting it cold and restarting the warm template",
                         request.job_id, exc)

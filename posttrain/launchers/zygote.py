@@ -7,7 +7,7 @@ datasets) before the job does anything. This process pays them once, then waits 
 stdin and answers on its stdout, one JSON object a line:
 
     -> {"id": 1, "argv": [...worker arguments...], "env": {...}, "job_dir": "...", "log": "..."}
-    <- {"id": 1, "pid": 1234, "create_time": 1700000000.5}   or   {"id": 1, "error": "..."}
+    <- {"id": 1, "pid": 1234, "started": 5123.47}   or   {"id": 1, "error": "..."}
     <- {"exit": 1234, "code": 0}                             (whenever a worker ends; -N: killed by signal N)
     <- {"ready": true, "pid": ..., "threads": 1}             (once, when the imports are done)
 
@@ -108,11 +108,11 @@ class Template:
             problem = fork_safety_problem()
             if problem is not None:
                 raise RuntimeError(problem)
-            pid, create_time = self.spawn(request)
+            pid, started = self.spawn(request)
         except Exception as exc:
             self.send({"id": request.get("id"), "error": f"{type(exc).__name__}: {exc}"})
             return
-        self.send({"id": request["id"], "pid": pid, "create_time": create_time})
+        self.send({"id": request["id"], "pid": pid, "started": started})
 
     def spawn(self, request: dict[str, Any]) -> tuple[int, float]:
         ready_r, ready_w = os.pipe()
@@ -163,7 +163,7 @@ def run_child(request: dict[str, Any], ready_w: int, template_fds: tuple[int, ..
         from posttrain.launchers.identity import record_worker_identity
 
         identity = record_worker_identity(Path(request["job_dir"]))
-        os.write(ready_w, repr(identity.create_time).encode())
+        os.write(ready_w, repr(identity.started).encode())
         for fd in (ready_w, *template_fds):
             os.close(fd)
         devnull = os.open(os.devnull, os.O_RDONLY)

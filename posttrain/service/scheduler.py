@@ -8,10 +8,18 @@ per job: one job that cannot be polled, synced or recorded never stops the tick,
 calls running without a worker here is settled on the next tick, so no job stays running for ever.
 A cancel always wins over a retry (the requeue is conditional on no cancel having been requested).
 
-A pause (``pause_requested``) sends the worker's main process SIGUSR1 once; the worker saves a complete
+A cancel (``cancel_requested``) sends the worker's process group SIGTERM; the worker stops at the next
+step boundary and records ``cancelled``. A pause (``pause_requested``) sends the worker's main process
+SIGUSR1 once the worker says it runs (before, SIGUSR1 would kill it); the worker saves a complete
 checkpoint at the next step boundary, records ``paused`` and exits, and the job becomes ``paused`` with
 its slot freed. A worker that dies while a pause is pending is paused too (never retried), to resume
 from its newest complete checkpoint. A pause is never escalated to a kill, and a cancel wins over it.
+
+No stop request is signalled only once: the worker acknowledges the one it received (``stop-received.json``,
+see :mod:`posttrain.worker`), and every tick sends the signal again, at most every ``SIGNAL_RESEND_S``,
+while the live worker has not acknowledged it. An acknowledged cancel is never sent again (the worker
+takes a second SIGTERM for "stop at once"); ``cancel_grace_s`` after the first attempt the group gets
+SIGKILL, and again on every tick until the worker is gone.
 
 A server only runs and recovers jobs whose directory is under its own data dir, so several servers
 (each with its own data dir) can share one PostgreSQL database without touching each other's jobs.
@@ -19,6 +27,7 @@ A server only runs and recovers jobs whose directory is under its own data dir, 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -36,15 +45,20 @@ from posttrain.service.store import JobRecord, JobStore
 
 log = logging.getLogger("posttrain.service")
 PROGRESS_SYNC_S = 1.0
+# How long an unacknowledged stop signal waits before it is sent again. Not every tick: a worker busy in
+# one long native call runs its handler (and acknowledges) only when that call returns; a signal sent
+# again meanwhile merges with the pending one, but one sent just as the handler ran would be a second.
+SIGNAL_RESEND_S = 2.0
 
 
 @dataclass
 class _Running:
     handle: WorkerHandle
     slot: int
-    term_sent_at: float | None = None
+    cancel_since: float | None = None  # first attempt to stop it (the grace period counts from here)
+    term_sent_at: float | None = None  # last SIGTERM
     kill_sent: bool = False
-    pause_sent: bool = False
+    pause_sent_at: float | None = None  # last SIGUSR1
 
 
 class Scheduler:
@@ -238,44 +252,64 @@ class Scheduler:
         log.info("job %s paused at step %s%s", record.id, values.get("step"), f": {reason}" if reason else "")
 
     def _pause_requested(self, records: dict[str, JobRecord]) -> None:
+        now = time.monotonic()
         for job_id, running in list(self._running.items()):
             record = records.get(job_id)
-            if record is None or not record.pause_requested or record.cancel_requested or running.pause_sent:
+            if record is None or not record.pause_requested or record.cancel_requested:
                 continue
             self._each("pausing it", job_id, lambda job_id=job_id, running=running, record=record:
-                       self._signal_pause(job_id, running, record))
+                       self._signal_pause(job_id, running, record, now))
 
-    def _signal_pause(self, job_id: str, running: _Running, record: JobRecord) -> None:
+    def _signal_pause(self, job_id: str, running: _Running, record: JobRecord, now: float) -> None:
         # Not before the worker handles the signal: it installs its handler before it records 'running'
         # with its pid, and until then SIGUSR1's default action would kill it. The pause stays pending.
-        status = JobDir(record.job_dir).read_status()
+        job_dir = JobDir(record.job_dir)
+        status = job_dir.read_status()
         if status is None or status.state != "running" or status.pid != running.handle.pid:
+            return
+        if _acknowledged(job_dir, running, ("pause", "cancel")) or not _due(running.pause_sent_at, now):
             return
         # The main process only: the worker handles the signal, its helper processes might not (and die of it).
         running.handle.signal_main(PAUSE_SIGNAL)
-        running.pause_sent = True
-        log.info("job %s: %s sent to worker %s", job_id, PAUSE_SIGNAL.name, running.handle.pid)
+        again = running.pause_sent_at is not None
+        running.pause_sent_at = now
+        if again:
+            log.warning("job %s: %s sent again to worker %s (not acknowledged)", job_id, PAUSE_SIGNAL.name,
+                        running.handle.pid)
+        else:
+            log.info("job %s: %s sent to worker %s", job_id, PAUSE_SIGNAL.name, running.handle.pid)
 
     def _stop_cancelled(self, records: dict[str, JobRecord]) -> None:
-        now = time.time()
+        now = time.monotonic()
         for job_id, running in list(self._running.items()):
             record = records.get(job_id)
             if record is None or not record.cancel_requested:
                 continue
-            self._each("stopping it", job_id, lambda job_id=job_id, running=running:
-                       self._signal_cancel(job_id, running, now))
+            self._each("stopping it", job_id, lambda job_id=job_id, running=running, record=record:
+                       self._signal_cancel(job_id, running, record, now))
 
-    def _signal_cancel(self, job_id: str, running: _Running, now: float) -> None:
-        if running.term_sent_at is None:
-            # The worker stops at the next step boundary and records "cancelled" itself.
-            running.handle.signal(signal.SIGTERM)
-            running.term_sent_at = now
-            log.info("job %s: SIGTERM sent to worker group %s", job_id, running.handle.pid)
-        elif not running.kill_sent and now - running.term_sent_at >= self.settings.cancel_grace_s:
+    def _signal_cancel(self, job_id: str, running: _Running, record: JobRecord, now: float) -> None:
+        if running.cancel_since is None:
+            running.cancel_since = now
+        if now - running.cancel_since >= self.settings.cancel_grace_s:
+            # Every tick until the worker is gone: a kill that did not land is never the last word.
             running.handle.signal(signal.SIGKILL)
-            running.kill_sent = True
-            log.warning("job %s: worker ignored SIGTERM for %.0fs; SIGKILL sent", job_id,
-                        self.settings.cancel_grace_s)
+            if not running.kill_sent:
+                running.kill_sent = True
+                log.warning("job %s: worker did not stop within %.0fs of the cancel; SIGKILL sent", job_id,
+                            self.settings.cancel_grace_s)
+            return
+        if _acknowledged(JobDir(record.job_dir), running, ("cancel",)) or not _due(running.term_sent_at, now):
+            return
+        # The worker stops at the next step boundary and records "cancelled" itself.
+        running.handle.signal(signal.SIGTERM)
+        again = running.term_sent_at is not None
+        running.term_sent_at = now
+        if again:
+            log.warning("job %s: SIGTERM sent again to worker group %s (not acknowledged)", job_id,
+                        running.handle.pid)
+        else:
+            log.info("job %s: SIGTERM sent to worker group %s", job_id, running.handle.pid)
 
     def _sync_progress(self, records: dict[str, JobRecord]) -> None:
         now = time.time()
@@ -311,6 +345,8 @@ class Scheduler:
         resume = record.resume
         if not self.store.claim(record.id, slot):
             return  # cancelled (or claimed elsewhere) since we listed it
+        with contextlib.suppress(OSError):  # an earlier attempt's; this worker acknowledges its own
+            job_dir.clear_stop_received()
         env = {"CUDA_VISIBLE_DEVICES": self.settings.devices[slot]} if self.settings.devices else {}
         env.update(spec_environment(record.spec_json))
         try:
@@ -324,6 +360,16 @@ class Scheduler:
         self.store.update_job(record.id, pid=handle.pid)
         log.info("job %s started in slot %d (pid %d%s)", record.id, slot, handle.pid,
                  ", resuming" if resume else "")
+
+
+def _acknowledged(job_dir: JobDir, running: _Running, requests: tuple[str, ...]) -> bool:
+    """Whether the worker of ``running`` recorded that one of ``requests`` reached it."""
+    received = job_dir.read_stop_received()
+    return received is not None and received.pid == running.handle.pid and received.request in requests
+
+
+def _due(last_sent: float | None, now: float) -> bool:
+    return last_sent is None or now - last_sent >= SIGNAL_RESEND_S
 
 
 def note_status(job_dir: JobDir, job_id: str, **changes: object) -> JobStatus | None:

@@ -14,8 +14,9 @@ from pathlib import Path
 
 from posttrain.errors import PosttrainError
 from posttrain.job.directory import JobDir
-from posttrain.job.ranks import record_status
+from posttrain.job.ranks import launcher_pid, record_status
 from posttrain.job.result import EXIT_BAD_INPUT, EXIT_OK
+from posttrain.job.signals import acknowledge_stops
 from posttrain.spec import is_plan, load_yaml, spec_from_dict
 from posttrain.worker.run import run_worker
 
@@ -48,6 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = worker_arguments("python -m posttrain.worker", __doc__).parse_args(argv)
     jd = JobDir(args.job_dir).create()
+    acknowledge_stops(jd, launcher_pid())
     stopped = stopped_before_restart(jd)
     if stopped is not None:
         print(f"the run was {stopped}: torchrun's restart of its ranks ends here", file=sys.stderr)

@@ -18,10 +18,16 @@ from typing import Any
 from posttrain.errors import PosttrainError
 from posttrain.job.context import RunContext
 from posttrain.job.directory import JobDir
-from posttrain.job.ranks import RankInfo, is_main_process, record_status
+from posttrain.job.ranks import RankInfo, is_main_process, launcher_pid, record_status
 from posttrain.job.result import JobResult
 from posttrain.job.resume import check_fresh_job_dir
-from posttrain.job.signals import StopRequest, install_stop_handlers, restore_handlers
+from posttrain.job.signals import (
+    CANCEL_SIGNALS,
+    PAUSE_SIGNAL,
+    StopRequest,
+    install_stop_handlers,
+    restore_handlers,
+)
 from posttrain.job_paths import bind_job_dir
 from posttrain.spec import JobSpec, spec_to_json
 from posttrain.worker.logs import setup_logging
@@ -41,7 +47,7 @@ def run_worker(spec: JobSpec, job_dir: str | Path, resume: bool = False, log_to_
     Never raises for job failures; raises ConfigError, touching nothing, when ``job_dir`` already
     holds another run and ``resume`` is not set.
     """
-    from posttrain.distributed.runtime import launcher_pid, leave_process_group, restarted_by_torchrun
+    from posttrain.distributed.runtime import leave_process_group, restarted_by_torchrun
 
     jd = JobDir(job_dir)
     resume = resume or restarted_by_torchrun()  # torchrun's elastic restart continues the run
@@ -71,15 +77,21 @@ def run_worker(spec: JobSpec, job_dir: str | Path, resume: bool = False, log_to_
         log.error("training failed:\n%s", traceback.format_exc())
         result.state, result.error = "failed", f"{type(exc).__name__}: {exc}"
     finally:
-        restore_handlers(previous_handlers)
+        restore_handlers(previous_handlers, CANCEL_SIGNALS)
         result.runtime_s = time.perf_counter() - started
         # A pause is recorded by the method's run; a failure while pausing is a real failure, not a pause.
         if stop.is_set() and not stop.pausing and result.state != "succeeded":
             result.state, result.cancelled_by = "cancelled", stop.signal_name
+        try:
+            status = jd.read_status()
+            result.step = status.step if status else result.step
+            record_status(jd, state=result.state, error=result.error, step=result.step)
+        finally:
+            # Only now: until the end is recorded, status.json says "running" with this pid, which tells the
+            # service it may send a pause, and SIGUSR1's default action would kill the process.
+            restore_handlers(previous_handlers, (PAUSE_SIGNAL,))
+        # After the restore: a pause arriving later reaches the previous handler (a pipeline's) instead.
         result.pause_pending = result.state == "succeeded" and stop.is_set() and stop.pausing
-        status = jd.read_status()
-        result.step = status.step if status else result.step
-        record_status(jd, state=result.state, error=result.error, step=result.step)
         leave_process_group()
     return result
 
@@ -118,7 +130,7 @@ def record_node(spec: JobSpec, jd: JobDir, rank_info: RankInfo) -> None:
     tells the others where it writes)."""
     import socket
 
-    from posttrain.distributed.runtime import from_rank0, launcher_pid
+    from posttrain.distributed.runtime import from_rank0
 
     mine = jd.read_status() if rank_info.rank == 0 else None
     rank0 = from_rank0({"host": socket.gethostname(), "job_dir": str(jd.root.resolve()),

@@ -4,6 +4,7 @@ environment built by `make llama-stack-venv`) on a free loopback port, driven by
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -11,6 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import psutil
+from clock_step import ClockStep
 from waiting import kill_process, stop_process, wait_for
 
 from posttrain.llama_stack.run_config import run_yaml
@@ -36,9 +39,12 @@ class LlamaStackServer:
     test's interpreter (the posttrain venv), the server under Llama Stack's own."""
 
     def __init__(self, data_dir: Path, provider: str, *, url: str | None = None, api_key: str | None = None,
-                 providers_d: bool = False) -> None:
+                 providers_d: bool = False, clock_step: bool = False) -> None:
         self.data_dir = data_dir
         self.provider = provider
+        # clock_step.stepped() makes the server see the wall clock stepped (only with clock_step=True).
+        self.clock_step = ClockStep(data_dir.parent / f"{data_dir.name}-clock-step")
+        self.env = {**os.environ, **(self.clock_step.environment() if clock_step else {})}
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = data_dir / "llama-stack-server.log"
@@ -56,7 +62,7 @@ class LlamaStackServer:
         # --port: 0.6.1 ignores server.port without it.
         self.process = subprocess.Popen([str(VENV / "bin" / "llama"), "stack", "run", str(self.run_yaml),
                                          "--port", str(self.port)], cwd=self.data_dir, stdout=log,
-                                        stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+                                        stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=self.env)
         log.close()
         deadline = time.monotonic() + STARTUP_TIMEOUT_S
         while time.monotonic() < deadline:
@@ -81,6 +87,13 @@ class LlamaStackServer:
         """How many warm templates of the inline provider have finished importing (its log is appended)."""
         path = self.data_dir / "posttrain" / "warm-template.log"
         return path.read_text(errors="replace").count("imports took") if path.exists() else 0
+
+    def warm_template_pid(self) -> int:
+        """The inline provider's warm template: the process of `llama stack run` that forks the workers."""
+        for process in psutil.Process(self.process.pid).children(recursive=True):
+            if "posttrain.launchers.zygote" in process.cmdline():
+                return process.pid
+        raise AssertionError("the inline provider runs no warm template")
 
     def alive(self) -> bool:
         return self.process is not None and self.process.poll() is None and \

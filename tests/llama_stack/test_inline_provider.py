@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 from llama_stack_harness import LlamaStackServer, messages_rows, preference_rows, sft_request, training_config
-from service_harness import kill_workers, worker_processes
+from service_harness import HeldLog, frozen, kill_workers, worker_processes
 from waiting import wait_for
 
 from posttrain.launchers.identity import recorded_worker_identity
@@ -31,7 +31,7 @@ def workers_of(data_dir: Path, job_dir: Path) -> list:
 
 @pytest.fixture(scope="module")
 def server(llama_stack_venv, tmp_path_factory):
-    server = LlamaStackServer(tmp_path_factory.mktemp("inline") / "data", "inline").start()
+    server = LlamaStackServer(tmp_path_factory.mktemp("inline") / "data", "inline", clock_step=True).start()
     yield server
     server.stop()
     kill_workers(server.data_dir / "posttrain")
@@ -151,6 +151,53 @@ def test_cancel_stops_a_running_worker(server):
     status = server.wait_finished("to-cancel", timeout=120)
     assert status["status"] == "cancelled" and status["completed_at"]
     assert not workers_of(server.data_dir, job_dir)
+
+
+def test_a_cancel_at_any_point_of_a_start_ends_the_job_and_the_next_one_starts(server):
+    """Through Llama Stack's cancel route: queued, launching (claimed, its worker not forked yet), just
+    forked (no signal handler yet) and running, each job ends cancelled with no worker left, and the next
+    job starts. Llama Stack sees the wall clock stepped since the workers started: the inline provider
+    used to lose every such cancel then (the job trained on with cancel_requested set, in the only slot)."""
+    server.call("register", purpose="post-training/messages", dataset_id="start-up",
+                source={"type": "rows", "rows": messages_rows(16)})
+
+    def submit(job_uuid: str, steps: int = 100_000) -> Path:
+        assert server.call("sft", **sft_request(job_uuid, "start-up", steps=steps)) == {"job_uuid": job_uuid}
+        return Path(server.status(job_uuid)["resources_allocated"]["job_dir"])
+
+    def ends_cancelled(job_uuid: str, job_dir: Path) -> None:
+        status = server.wait_finished(job_uuid, timeout=90)
+        assert status["status"] == "cancelled", server.log()[-3000:]
+        assert not workers_of(server.data_dir, job_dir)
+
+    with server.clock_step.stepped():
+        with frozen(server.warm_template_pid()):  # the scheduler claims a job, then waits for its fork
+            launching = submit("start-launching")
+            wait_for(lambda: server.status("start-launching")["status"] == "in_progress", 60, "the job to be claimed")
+            queued = submit("start-queued")
+            assert server.status("start-queued")["status"] == "scheduled"
+            assert server.cancel("start-queued").status_code == 200
+            forked = submit("start-forked")
+            held = HeldLog(forked)
+            assert server.cancel("start-launching").status_code == 200
+            assert not (launching / "worker-process.json").exists()  # not forked yet
+        ends_cancelled("start-queued", queued)
+        ends_cancelled("start-launching", launching)
+
+        # The next job started: its worker is held at its first instant, before it handles any signal.
+        wait_for(held.held_worker, 60, "the next job's worker to be forked")
+        running = submit("start-running")
+        assert server.cancel("start-forked").status_code == 200
+        ends_cancelled("start-forked", forked)
+        held.close()
+
+        wait_for(lambda: json.loads((running / "status.json").read_text()).get("step", 0) > 0, 120, "a step")
+        assert workers_of(server.data_dir, running)  # what ends_cancelled sees gone
+        submit("start-last", steps=2)
+        assert server.cancel("start-running").status_code == 200
+        ends_cancelled("start-running", running)
+        assert server.wait_finished("start-last")["status"] == "completed", server.log()[-3000:]
+    assert not (queued / "worker-process.json").exists()  # never started
 
 
 def _set(section: str, **values):

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,6 +15,7 @@ from typing import Any
 
 import httpx
 import psutil
+from clock_step import ClockStep
 from ports import free_port
 from waiting import kill_process, stop_process
 
@@ -28,11 +30,15 @@ class ServerProcess:
     """`python -m posttrain.cli serve` (= `posttrain serve`) as a subprocess; stop() or kill() it."""
 
     def __init__(self, data_dir: Path, *args: str, api_key: str | None = None,
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None, clock_step: bool = False) -> None:
         self.data_dir = data_dir
         self.args = list(args)
         self.api_key = api_key
         self.env = env  # added to (or, with None values, removed from) the test's environment
+        # clock_step.stepped() makes the server see the wall clock stepped (only with clock_step=True).
+        self.clock_step = ClockStep(data_dir.parent / f"{data_dir.name}-clock-step")
+        if clock_step:
+            self.env = {**self.clock_step.environment(), **(env or {})}
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.process: subprocess.Popen[bytes] | None = None
@@ -84,25 +90,69 @@ class ServerProcess:
         kill_process(self.process)
 
 
-def worker_processes(data_dir: Path) -> list[psutil.Process]:
-    """Live worker processes of jobs under ``data_dir`` (started by this test's servers): cold-started
-    ones (and pipeline runners) by their --job-dir argument, warm-started ones by the identity they recorded in their job dir."""
+def worker_processes(data_dir: Path, job_dir: Path | None = None) -> list[psutil.Process]:
+    """Live worker processes of jobs under ``data_dir`` (started by this test's servers), or of the one
+    job in ``job_dir``: cold-started ones by their --job-dir argument, warm-started ones by the identity
+    they recorded in their job dir."""
     found: dict[int, psutil.Process] = {}
-    prefix = str(data_dir.resolve())
+    prefix = str((job_dir or data_dir).resolve())
     for process in psutil.process_iter():
         with contextlib.suppress(psutil.Error):
             cmdline = process.cmdline()
             if ("posttrain.worker" in cmdline or "posttrain.pipeline" in cmdline) and "--job-dir" in cmdline:
-                job_dir = cmdline[cmdline.index("--job-dir") + 1]
-                if job_dir.startswith(prefix) and process.status() != psutil.STATUS_ZOMBIE:
+                its_job_dir = cmdline[cmdline.index("--job-dir") + 1]
+                if its_job_dir.startswith(prefix) and process.status() != psutil.STATUS_ZOMBIE:
                     found[process.pid] = process
-    for job_dir in (data_dir / "jobs").glob("*"):
-        recorded = recorded_worker_identity(job_dir)
+    for one_dir in [job_dir] if job_dir is not None else (data_dir / "jobs").glob("*"):
+        recorded = recorded_worker_identity(one_dir)
         with contextlib.suppress(psutil.Error):
             process = psutil.Process(recorded.pid) if recorded is not None else None
             if process is not None and recorded.matches(process) and process.status() != psutil.STATUS_ZOMBIE:
                 found[process.pid] = process
     return list(found.values())
+
+
+@contextlib.contextmanager
+def frozen(pid: int) -> Iterator[None]:
+    """SIGSTOP a process for the block (the warm template: no worker can be forked meanwhile)."""
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(pid, signal.SIGCONT)
+
+
+class HeldLog:
+    """Holds a job's warm-started worker at its first instant: its worker.log made a FIFO nobody reads yet.
+    A worker forked from the warm template opens its log right after it has recorded who it is (the server
+    knows it from then on) and before it handles any signal; the open blocks until :meth:`release`."""
+
+    def __init__(self, job_dir: Path) -> None:
+        self.job_dir = job_dir
+        self.fifo = job_dir / "worker.log"
+        os.mkfifo(self.fifo)
+        self._reader: threading.Thread | None = None
+
+    def held_worker(self) -> psutil.Process | None:
+        """The worker, once it was forked and waits at its log (it can go no further)."""
+        return next(iter(worker_processes(self.job_dir.parent.parent, self.job_dir)), None)
+
+    def release(self) -> None:
+        """Read (and drop) the log until the worker ends: it goes on."""
+        def drain() -> None:
+            with open(self.fifo, "rb") as log:
+                while log.read(1 << 16):
+                    pass
+
+        self._reader = threading.Thread(target=drain, daemon=True)
+        self._reader.start()
+
+    def close(self) -> None:
+        """Once the worker is gone: an ordinary (empty) log again, which the server's log routes can read."""
+        if self._reader is not None:
+            self._reader.join(timeout=30)
+        self.fifo.unlink(missing_ok=True)
+        self.fifo.touch()
 
 
 def kill_workers(data_dir: Path) -> None:
@@ -112,10 +162,10 @@ def kill_workers(data_dir: Path) -> None:
 
 
 def module_server(request: Any, tmp_path_factory: Any, *args: str, api_key: str | None = None,
-                  env: dict[str, str] | None = None) -> Iterator[ServerProcess]:
+                  env: dict[str, str] | None = None, clock_step: bool = False) -> Iterator[ServerProcess]:
     """Body of a module-scoped server fixture (one server shared by a module's tests)."""
     server = ServerProcess(tmp_path_factory.mktemp(request.module.__name__.rsplit(".", 1)[-1]) / "data", *args,
-                           api_key=api_key, env=env)
+                           api_key=api_key, env=env, clock_step=clock_step)
     server.start()
     yield server
     server.stop()

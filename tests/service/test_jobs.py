@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 import typer
-from service_harness import ServerProcess, module_server, train_spec
+from service_harness import HeldLog, ServerProcess, frozen, module_server, train_spec, worker_processes
 from typer.testing import CliRunner
 from waiting import wait_for
 
@@ -24,7 +24,7 @@ from posttrain.job.directory import JobDir
 def server(request, tmp_path_factory):
     # One slot, a short cancel grace period; shared by this module's tests (each waits for its jobs).
     yield from module_server(request, tmp_path_factory, "--slots", "1", "--cancel-grace", "5",
-                             "--max-log-followers", "1")
+                             "--max-log-followers", "1", clock_step=True)
 
 
 def test_submit_uploaded_dataset_runs_to_success_with_artifacts(server: ServerProcess, tmp_path: Path):
@@ -116,6 +116,54 @@ def test_one_slot_queues_by_priority_then_fifo_and_cancel_stops_the_worker(serve
     # One slot: each job started only after the one before it ended; the higher priority went first.
     assert blocker.finished_at <= high.launched_at and high.finished_at <= low.launched_at
     assert dropped.state == "cancelled" and dropped.attempt == 0 and dropped.launched_at is None
+
+
+def test_a_cancel_at_any_point_of_a_start_ends_the_job_and_the_next_one_starts(server: ServerProcess):
+    """Queued, launching (claimed, its worker not forked yet), just forked (no signal handler yet) and
+    running: each cancelled job ends cancelled with no worker left, and the next job starts. The server
+    sees the wall clock stepped since its workers started: it used to take its own warm-started workers for
+    strangers then (it compared wall-clock start times), so every cancel of a started job was lost, its
+    SIGKILL too, and the job trained on with cancel_requested, holding the only slot."""
+    jobs_dir = server.data_dir / "jobs"
+    long = train_spec(max_steps=100_000, save_steps=100_000)
+
+    def ends_cancelled(client, job_id: str) -> None:
+        job = client.wait(job_id, timeout=60)
+        assert (job.state, job.error) == ("cancelled", None), job.error
+        assert JobDir(jobs_dir / job_id).read_status().state == "cancelled"
+        assert not worker_processes(server.data_dir, jobs_dir / job_id)
+
+    with server.client() as client, server.clock_step.stepped():
+        with frozen(server.readiness()["warm_template_pid"]):  # the scheduler claims a job, then waits for its fork
+            launching = client.submit(long)
+            wait_for(lambda: client.get_job(launching.id).state == "running", 60, "the job to be claimed")
+            queued = client.submit(long)
+            assert client.cancel(queued.id).state == "cancelled"  # queued: at once
+            forked = client.submit(long)
+            held = HeldLog(jobs_dir / forked.id)
+            assert client.cancel(launching.id).cancel_requested
+            assert not (jobs_dir / launching.id / "worker-process.json").exists()  # not forked yet
+        ends_cancelled(client, launching.id)
+
+        # The next job started: its worker is held at its first instant, before it handles any signal.
+        worker = wait_for(held.held_worker, 60, "the next job's worker to be forked")
+        assert JobDir(jobs_dir / forked.id).read_status().state == "queued"  # it has not said it runs
+        running = client.submit(long)
+        assert client.cancel(forked.id).cancel_requested
+        ends_cancelled(client, forked.id)
+        assert not worker.is_running()
+        held.close()
+
+        wait_for(lambda: client.get_job(running.id).step >= 2, 120, "the next job to train")
+        assert worker_processes(server.data_dir, jobs_dir / running.id)  # what ends_cancelled sees gone
+        last = client.submit(train_spec(max_steps=2))
+        assert client.cancel(running.id).cancel_requested
+        ends_cancelled(client, running.id)
+        received = JobDir(jobs_dir / running.id).read_stop_received()
+        assert (received.request, received.signal) == ("cancel", "SIGTERM")  # acknowledged by the worker
+        assert client.wait(last.id, timeout=180).state == "succeeded"
+        queued = client.get_job(queued.id)
+    assert queued.attempt == 0 and queued.launched_at is None
 
 
 def test_cli_jobs_commands(server: ServerProcess, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 
 import psutil
 import pytest
-from service_harness import ServerProcess, module_server, train_spec, worker_processes
+from service_harness import HeldLog, ServerProcess, frozen, module_server, train_spec, worker_processes
 from typer.testing import CliRunner
 from waiting import wait_for
 
@@ -27,7 +28,7 @@ STOPPED = {"paused", *TERMINAL}
 
 @pytest.fixture(scope="module")
 def server(request, tmp_path_factory):
-    yield from module_server(request, tmp_path_factory, "--slots", "1", "--cancel-grace", "30")
+    yield from module_server(request, tmp_path_factory, "--slots", "1", "--cancel-grace", "30", clock_step=True)
 
 
 def job_dir_of(server: ServerProcess, job_id: str) -> JobDir:
@@ -82,6 +83,52 @@ def test_a_paused_job_keeps_a_checkpoint_of_its_step_and_resume_continues_from_i
         # The step count continued from the pause: every step logged once, 1..400, none twice.
         assert loss_steps(client, job.id) == list(range(1, 401))
         assert job_dir.read_status().state == "succeeded" and job_dir.final_dir.is_dir()
+
+
+def test_a_pause_at_any_point_of_a_start_pauses_the_job_and_the_next_one_starts(server: ServerProcess):
+    """Queued, launching (claimed, its worker not forked yet), just forked (no signal handler yet: SIGUSR1
+    would kill it) and running: each paused job ends paused with no worker left and no error, and the next
+    job starts. The server sees the wall clock stepped since its workers started (it used to lose the pause
+    signal then: it took its own warm-started workers for strangers by their wall-clock start time)."""
+    jobs_dir = server.data_dir / "jobs"
+
+    def ends_paused(client: Client, job_id: str) -> None:
+        job = client.wait(job_id, timeout=120, states=STOPPED)
+        assert (job.state, job.error) == ("paused", None), job.error
+        assert JobDir(jobs_dir / job_id).read_status().state == "paused"
+        assert not worker_processes(server.data_dir, jobs_dir / job_id)
+
+    with server.client() as client, server.clock_step.stepped():
+        with frozen(server.readiness()["warm_template_pid"]):  # the scheduler claims a job, then waits for its fork
+            launching = client.submit(train_spec(**LONG))
+            wait_for(lambda: client.get_job(launching.id).state == "running", 60, "the job to be claimed")
+            queued = client.submit(train_spec(**LONG))
+            assert client.pause(queued.id).state == "paused"  # queued: at once
+            forked = client.submit(train_spec(**LONG))
+            held = HeldLog(jobs_dir / forked.id)
+            assert client.pause(launching.id).pause_requested
+            assert not (jobs_dir / launching.id / "worker-process.json").exists()  # not forked yet
+        ends_paused(client, launching.id)
+
+        # The next job started: its worker is held at its first instant, before it handles any signal.
+        worker = wait_for(held.held_worker, 60, "the next job's worker to be forked")
+        running = client.submit(train_spec(**LONG))
+        assert client.pause(forked.id).pause_requested
+        time.sleep(1)  # ticks of the scheduler: none may send SIGUSR1 yet (it would kill the worker)
+        assert worker.is_running() and JobDir(jobs_dir / forked.id).read_status().state == "queued"
+        held.release()
+        ends_paused(client, forked.id)
+        received = JobDir(jobs_dir / forked.id).read_stop_received()
+        assert (received.pid, received.request, received.signal) == (worker.pid, "pause", "SIGUSR1")
+        held.close()
+
+        wait_for(lambda: worker_processes(server.data_dir, jobs_dir / running.id), 60, "the next job's worker")
+        assert 3 <= pause_running(client, running.id) < 400
+        assert not worker_processes(server.data_dir, jobs_dir / running.id)
+        last = client.submit(train_spec(max_steps=2))
+        assert client.wait(last.id, timeout=180).state == "succeeded"
+        for job in (launching, queued, forked, running):
+            assert client.cancel(job.id).state == "cancelled"
 
 
 def test_pausing_a_queued_job_and_the_transitions_that_make_no_sense(server: ServerProcess):

@@ -13,9 +13,11 @@ import psutil
 import pytest
 from waiting import wait_for
 
-from posttrain.job.directory import JobDir, JobStatus
+from posttrain.job.directory import JobDir, JobStatus, StopReceived
 from posttrain.launchers import Launcher, LaunchRequest, WorkerExit, WorkerHandle
+from posttrain.launchers.identity import recorded_worker_identity
 from posttrain.launchers.local import AdoptedWorker, LocalLauncher, worker_environment
+from posttrain.service import scheduler as scheduler_module
 from posttrain.service.scheduler import Scheduler
 from posttrain.service.settings import ServiceSettings
 from posttrain.service.store import JobRecord, JobStore
@@ -222,6 +224,81 @@ def test_a_cancel_wins_over_a_pause_at_every_point(setup):
     assert store.pause("job-2") == "paused"  # queued: at once
     assert store.cancel("job-2") == "cancelled"
     assert store.resume("job-2") is False
+
+
+def test_a_stop_signal_is_sent_again_until_the_worker_acknowledges_it(setup, monkeypatch):
+    store, launcher, scheduler, settings = setup
+    monkeypatch.setattr(scheduler_module, "SIGNAL_RESEND_S", 0.0)  # again on every tick, not after 2 s
+    add_job(store, settings)
+    add_job(store, settings, "job-2")
+    scheduler.tick()
+    [worker] = launcher.launched
+    job_dir = JobDir(settings.jobs_dir / "job-1")
+
+    def acknowledge(request: str, pid: int = worker.pid) -> None:
+        job_dir.record_stop_received(StopReceived(pid=pid, request=request, signal="SIGTERM"))
+
+    # A pause: never before the worker says it runs; then on every tick until it is acknowledged.
+    assert store.pause("job-1") == "running"
+    scheduler.tick()
+    assert worker.signals == []
+    job_dir.update_status(state="running", pid=worker.pid)
+    scheduler.tick()
+    scheduler.tick()
+    acknowledge("pause", pid=worker.pid + 1)  # another process's (an earlier worker's) does not count
+    scheduler.tick()
+    assert worker.signals == [-signal.SIGUSR1] * 3
+    acknowledge("pause")
+    scheduler.tick()
+    assert worker.signals == [-signal.SIGUSR1] * 3
+
+    # A cancel: the same, and an acknowledged one is never sent again (a second SIGTERM means "at once").
+    worker.signals.clear()
+    assert store.cancel("job-1") == "running"
+    scheduler.tick()
+    scheduler.tick()
+    assert worker.signals == [signal.SIGTERM] * 2  # the pause's acknowledgement does not cover a cancel
+    acknowledge("cancel")
+    scheduler.tick()
+    assert worker.signals == [signal.SIGTERM] * 2
+    # The grace period is over: SIGKILL, on every tick until the worker is gone.
+    settings.cancel_grace_s = 0.0
+    scheduler.tick()
+    scheduler.tick()
+    assert worker.signals == [signal.SIGTERM] * 2 + [signal.SIGKILL] * 2
+
+    # The next worker starts without the acknowledgement an earlier attempt left.
+    JobDir(settings.jobs_dir / "job-2").record_stop_received(StopReceived(pid=1, request="cancel", signal="SIGTERM"))
+    worker.exit = WorkerExit(-signal.SIGKILL)
+    scheduler.tick()
+    assert store.get_job("job-1").state == "cancelled"
+    assert store.get_job("job-2").state == "running"
+    assert JobDir(settings.jobs_dir / "job-2").read_stop_received() is None
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="start times from /proc")
+def test_a_worker_is_still_recognised_after_the_wall_clock_steps(tmp_path: Path, monkeypatch):
+    job_dir = tmp_path / "job"
+    job_dir.mkdir()
+    # Records its identity as a warm-started worker does (its command line does not name the job dir).
+    script = ("import sys, time; from pathlib import Path; from posttrain.launchers.identity import "
+              "record_worker_identity; record_worker_identity(Path(sys.argv[1])); time.sleep(120)")
+    process = subprocess.Popen([sys.executable, "-c", script, str(job_dir)], start_new_session=True)
+    try:
+        recorded = wait_for(lambda: recorded_worker_identity(job_dir), 60, "the worker to record its identity")
+        # The wall clock steps by a second (NTP, a virtual machine resumed): the boot time psutil adds to
+        # every start time moves with it. A real step needs root and would disturb the whole machine.
+        real_boot_time = psutil._pslinux.boot_time
+        monkeypatch.setattr(psutil._pslinux, "boot_time", lambda: real_boot_time() + 1.0)
+        assert psutil.Process(process.pid).create_time() != recorded.create_time  # the step is seen
+        assert recorded.matches(psutil.Process(process.pid))
+        adopted = LocalLauncher([]).adopt(job_dir, process.pid)
+        assert isinstance(adopted, AdoptedWorker) and adopted.poll() is None
+        adopted.signal(signal.SIGTERM)
+        assert process.wait(30) == -signal.SIGTERM
+    finally:
+        process.kill()
+        process.wait()
 
 
 def _sleeper(job_dir: Path) -> subprocess.Popen[bytes]:

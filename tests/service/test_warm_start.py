@@ -69,6 +69,11 @@ def test_the_template_forks_single_threaded_and_reports_each_exit_code(tmp_path:
         wait_for(lambda: launcher.state()["warm_workers"] == "ready", 180, "the template's imports")
         # Fork copies only the calling thread; the kernel's count includes native threads (OpenMP, allocators).
         assert len(os.listdir(f"/proc/{template.pid}/task")) == 1
+        # It catches no SIGTERM: a forked worker dies of a cancel until it has installed its own handler. A
+        # handler inherited from here (an import's) would swallow one: the child resets it, and Python drops
+        # a signal whose handler was reset before it ran.
+        caught = Path(f"/proc/{template.pid}/status").read_text().split("SigCgt:")[1].split()[0]
+        assert not int(caught, 16) & (1 << (signal.SIGTERM - 1))
 
         job_dir = JobDir(tmp_path / "job").create()
         job_dir.spec_path.write_text("training: {no_such_option: 1}\n")  # rejected input: exit code 2
