@@ -16,7 +16,7 @@ its slot freed. A worker that dies while a pause is pending is paused too (never
 from its newest complete checkpoint. A pause is never escalated to a kill, and a cancel wins over it.
 
 No stop request is signalled only once: the worker acknowledges the one it received (``stop-received.json``,
-see :mod:`posttrain.worker`), and every tick sends the signal again, at most every ``SIGNAL_RESEND_S``,
+see :mod:`posttrain.job.signals`), and every tick sends the signal again, at most every ``SIGNAL_RESEND_S``,
 while the live worker has not acknowledged it. An acknowledged cancel is never sent again (the worker
 takes a second SIGTERM for "stop at once"); ``cancel_grace_s`` after the first attempt the group gets
 SIGKILL, and again on every tick until the worker is gone.
