@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import json
 from collections import OrderedDict
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -73,17 +71,9 @@ class AdapterSlots:
         return [(name.replace(".base_layer.", ".").replace(".original_module.", "."), param)
                 for name, param in self.base_model.named_parameters() if not any(m in name for m in markers)]
 
-    @contextmanager
-    def activate(self, name: str | None) -> Iterator[Any]:
-        """The model to generate with: adapter ``name``'s slot, or the plain base model for None."""
-        if name is not None:
-            self.model.set_adapter(self.slot_of[name])
-            yield self.model
-        elif self.model is self.base_model:
-            yield self.model
-        else:
-            with self.model.disable_adapter():
-                yield self.model
+    def nbytes(self, name: str) -> int:
+        """Memory the weights of adapter ``name`` take (its slot's tensors)."""
+        return sum(t.numel() * t.element_size() for t in self._tensors[self.slot_of[name]].values())
 
     def _inject(self, folder: Path, signature: str) -> str:
         from peft import PeftModel
