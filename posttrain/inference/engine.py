@@ -30,7 +30,6 @@ from typing import Any
 
 import torch
 
-from posttrain.errors import PosttrainError
 from posttrain.inference.adapters import AdapterSlots
 from posttrain.inference.generation import (
     DecodeBatch,
@@ -39,23 +38,14 @@ from posttrain.inference.generation import (
     Sequence,
     new_sequences,
 )
+from posttrain.inference.openai_protocol import RequestError
 from posttrain.inference.shared_weights import UpdateLock
 
 ADAPTER_WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")  # what PEFT saves and loads
 MAX_PREFILL_TOKENS = 4096  # prompt tokens prefilled between two decode steps (bounds the stall of the others)
 
 log = logging.getLogger(__name__)
-
-
-class RequestError(PosttrainError):
-    """A request the server refuses (answered with a 4xx status); ``param`` names the field at fault and
-    ``code`` is OpenAI's error code, when there is one."""
-
-    def __init__(self, message: str, status: int = 400, param: str | None = None, code: str | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.param = param
-        self.code = code
+__all__ = ["InferenceEngine", "RequestError", "RequestFuture", "TokenEvent", "WeightsLock"]
 
 
 @dataclass
