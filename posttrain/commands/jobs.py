@@ -299,6 +299,19 @@ def upload_file(
     typer.echo(info.source)
 
 
+@jobs_app.command()
+def models(server: Server = None, api_key: ApiKey = None, as_json: AsJson = False) -> None:
+    """List the models the server serves you: its base models, your fine-tuned models and checkpoints
+    (call them with OpenAI's SDK at <server>/v1, or `posttrain chat MODEL --server <server>`)."""
+    with _connected(server, api_key) as client:
+        listed = client.list_models()
+    if as_json:
+        _print_json(listed)
+        return
+    for model in listed:
+        typer.echo(f"{model['id']}  ({model.get('kind', 'model')}, owned by {model['owned_by']})")
+
+
 def serve(
     host: Annotated[str, typer.Option(help="Address to bind; non-loopback needs --api-key-file or --insecure.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to listen on.")] = DEFAULT_PORT,

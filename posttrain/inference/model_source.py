@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from posttrain.data.sources import written_as_path
 from posttrain.errors import ModelError
 from posttrain.job.directory import JobDir
 
@@ -111,6 +112,8 @@ def local_source(path: str) -> ModelSource:
     folder; anything else (an embedded name, a hub id) is a base model served whole."""
     folder = Path(path).expanduser()
     if not folder.is_dir():
+        if folder.exists() or written_as_path(path):
+            raise ModelError(f"{path} is not a model folder, a job directory or a model name")
         return ModelSource(base=path)
     folder = folder.resolve()
     if JobDir(folder).spec_path.is_file() and not is_model_folder(folder):

@@ -58,8 +58,9 @@ def load_model(source: ModelSource, options: PoolOptions):
     pipeline stage trained on the previous stage's adapter) is merged into its own base first."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from posttrain.model_cache import quiet_transformers_bars
+    from posttrain.model_cache import quiet_library_warnings, quiet_transformers_bars
 
+    quiet_library_warnings()
     device = resolve_device(options.device)
     dtype = (torch.bfloat16 if device == "cuda" else torch.float32) if options.dtype == "auto" \
         else torch_dtype(options.dtype)
