@@ -23,7 +23,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from concurrent.futures import Future
+from concurrent.futures import CancelledError, Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -70,9 +70,11 @@ class RequestFuture(Future):
         self.sequences: list[Sequence] = []
 
     def cancel(self) -> bool:
+        """Stop the request: at once if it is still waiting; if it is generating, its rows leave the batch
+        at the next step and the future ends with CancelledError. False once it has finished."""
         for sequence in self.sequences:
             sequence.cancelled = True
-        return super().cancel()
+        return super().cancel() or not self.done()
 
 
 @dataclass(eq=False)
@@ -203,6 +205,7 @@ class InferenceEngine:
         self._queue: queue.Queue[_Request | _Call | None] = queue.Queue()
         self._waiting: list[_Request] = []
         self._batch = DecodeBatch(self.lora.model, tokenizer)
+        self._most_adapters = 0  # of batches dropped after a failed step
         self._thread = threading.Thread(target=self._run, name=f"inference-engine {model_name}", daemon=True)
         self._thread.start()
 
@@ -210,6 +213,11 @@ class InferenceEngine:
     def adapters(self) -> OrderedDict[str, str]:
         """Loaded adapters, name -> folder, oldest first (the newest serves unnamed requests)."""
         return self.lora.loaded
+
+    @property
+    def most_adapters_together(self) -> int:
+        """Most different adapters (the base model counted as one) that shared one decode step so far."""
+        return max(self._most_adapters, self._batch.most_adapters)
 
     @property
     def busy(self) -> bool:
@@ -393,15 +401,19 @@ class InferenceEngine:
     def _step(self) -> None:
         if not self._batch.sequences:
             return
+        cancelled = {s.owner for s in self._batch.sequences if s.cancelled}
         try:
             stepped = self._batch.step()
         except Exception as exc:
             log.exception("a decode step failed; failing the %d requests in the batch", len(self._batch.sequences))
             owners = {s.owner for s in self._batch.sequences}
+            self._most_adapters = max(self._most_adapters, self._batch.most_adapters)
             self._batch = DecodeBatch(self.lora.model, self.tokenizer, self.lora.model is not self.base_model)
             for request in owners:
                 self._fail(request, exc)
             return
+        for request in cancelled:
+            self._fail(request, CancelledError())
         self._deliver(stepped)
 
     def _deliver(self, sequences: list[Sequence]) -> None:

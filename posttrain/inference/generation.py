@@ -157,6 +157,7 @@ class DecodeBatch:
         self.eos_ids = eos_token_ids(model, tokenizer)
         self.window = KVWindow(self.device)
         self.sequences: list[Sequence] = []  # running, in the order they joined (sampling order)
+        self.most_adapters = 0  # most different adapters (the base counted as one) in one decode step
 
     def __len__(self) -> int:
         return len(self.sequences)
@@ -219,6 +220,8 @@ class DecodeBatch:
             tokens[sequence.row] = sequence.tokens[-1]
             positions[sequence.row] = len(sequence.prompt) + len(sequence.tokens) - 1
         mask = window.step_mask(self.dtype, active)
+        if self.mixed_adapters:
+            self.most_adapters = max(self.most_adapters, len({s.adapter for s in self.sequences}))
         out = self.model(input_ids=torch.tensor(tokens, device=self.device)[:, None], attention_mask=mask,
                          position_ids=torch.tensor(positions, device=self.device)[:, None],
                          past_key_values=window, use_cache=True, logits_to_keep=1,
