@@ -39,6 +39,7 @@ class AdapterSlots:
         self._tensors: dict[str, dict[str, torch.Tensor]] = {}  # slot -> saved key -> live parameter
         self._free: list[str] = []
         self._created = 0
+        self.version = 0  # bumped by every change of the adapters' weights (what per-row LoRA rebuilds from)
 
     def load(self, name: str, folder: Path, config: dict[str, Any]) -> None:
         from peft.utils import load_peft_weights
@@ -60,10 +61,12 @@ class AdapterSlots:
         self.slot_of[name] = slot
         self.loaded.pop(name, None)
         self.loaded[name] = str(folder)
+        self.version += 1
 
     def unload(self, name: str) -> None:
         del self.loaded[name]
         self._release(self.slot_of.pop(name))
+        self.version += 1
 
     def base_parameters(self) -> list[tuple[str, torch.Tensor]]:
         """The base model's own parameters under their plain transformers names, adapter slots left out."""

@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 
+from posttrain.inference import row_lora
 from posttrain.inference.adapters import AdapterSlots
 from posttrain.inference.generation import (
     DecodeBatch,
@@ -206,6 +207,8 @@ class InferenceEngine:
         self._waiting: list[_Request] = []
         self._batch = DecodeBatch(self.lora.model, tokenizer)
         self._most_adapters = 0  # of batches dropped after a failed step
+        self._row_lora: row_lora.RowLora | None = None
+        self._lora_version = 0  # the adapters' version the batch generates with
         self._thread = threading.Thread(target=self._run, name=f"inference-engine {model_name}", daemon=True)
         self._thread.start()
 
@@ -300,6 +303,7 @@ class InferenceEngine:
                     time.sleep(0.001)
                 self._acquire()
                 holding = True
+            self._follow_adapters()
             self._admit()
             self._step()
             if holding and not self._batch.sequences:
@@ -315,8 +319,6 @@ class InferenceEngine:
                 item.future.set_result(item.function())
             except BaseException as exc:  # handed to the caller, never the end of the engine thread
                 item.future.set_exception(exc)
-            self._batch.model = self.lora.model
-            self._batch.mixed_adapters = self.lora.model is not self.base_model
             return True
         self._waiting.append(item)
         return True
@@ -325,14 +327,31 @@ class InferenceEngine:
         self.weights_lock.acquire_for_generation()
         if self.update_lock is not None:
             self.update_lock.begin_serving()
-        # The model may have become a PEFT model (an adapter loaded) while the lock was free.
-        self._batch.model = self.lora.model
-        self._batch.mixed_adapters = self.lora.model is not self.base_model
 
     def _release(self) -> None:
         if self.update_lock is not None:
             self.update_lock.end_serving()
         self.weights_lock.release_for_generation()
+
+    def _follow_adapters(self) -> None:
+        """After adapters were loaded, replaced or unloaded: generate with the model as it is now (a PEFT
+        model once the first adapter came), its adapters per row through RowLora where it can."""
+        if self.lora.version == self._lora_version:
+            return
+        batch = self._batch
+        batch.model = self.lora.model
+        batch.mixed_adapters = self.lora.model is not self.base_model
+        if batch.mixed_adapters and row_lora.supports(self.lora.model):
+            if self._row_lora is None:
+                self._row_lora = row_lora.RowLora(self.lora.model)
+            self._row_lora.rebuild(sorted(set(self.lora.slot_of.values())), self.lora.version)
+        elif self._row_lora is not None:  # an adapter RowLora cannot apply: PEFT's own path for all
+            self._row_lora.close()
+            self._row_lora = None
+            for layer in row_lora.lora_layers(self.lora.model):
+                layer.enable_adapters(True)
+        batch.row_lora = self._row_lora
+        self._lora_version = self.lora.version
 
     def _update_waiting(self) -> bool:
         return self.weights_lock.update_waiting or (self.update_lock is not None and self.update_lock.update_waiting())
@@ -408,7 +427,8 @@ class InferenceEngine:
             log.exception("a decode step failed; failing the %d requests in the batch", len(self._batch.sequences))
             owners = {s.owner for s in self._batch.sequences}
             self._most_adapters = max(self._most_adapters, self._batch.most_adapters)
-            self._batch = DecodeBatch(self.lora.model, self.tokenizer, self.lora.model is not self.base_model)
+            self._batch = DecodeBatch(self.lora.model, self.tokenizer)
+            self._lora_version = -1
             for request in owners:
                 self._fail(request, exc)
             return

@@ -13,7 +13,8 @@ default and as a trainer recomputes them, so the PPO ratio compares like with li
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,6 +23,7 @@ from transformers.cache_utils import DynamicCache
 
 from posttrain.inference.detokenize import CompletionText
 from posttrain.inference.kv_window import KVWindow
+from posttrain.inference.row_lora import RowLora
 
 MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed takes a uint64; the request models bound seeds by it
 BASE_ADAPTER = "__base__"  # PEFT's adapter name for "no adapter" in a mixed batch
@@ -147,10 +149,11 @@ class DecodeBatch:
     Not thread-safe: one thread drives a batch (the engine's, or generate_batch's caller).
     """
 
-    def __init__(self, model, tokenizer, mixed_adapters: bool = False) -> None:
+    def __init__(self, model, tokenizer, mixed_adapters: bool = False, row_lora: RowLora | None = None) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.mixed_adapters = mixed_adapters
+        self.row_lora = row_lora  # applies the rows' adapters when set (else PEFT's adapter_names do)
         self.device = next(model.parameters()).device
         self.dtype = model.get_input_embeddings().weight.dtype
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -179,9 +182,10 @@ class DecodeBatch:
         mask = torch.zeros(visible.shape, dtype=self.dtype, device=self.device)
         mask.masked_fill_(~visible, torch.finfo(self.dtype).min)
         cache = DynamicCache()
-        out = self.model(input_ids=input_ids, attention_mask=mask[:, None], position_ids=positions,
-                         past_key_values=cache, use_cache=True, logits_to_keep=0 if want_prompt_logprobs else 1,
-                         **self._adapter_kwargs([group[0] for group in groups]))
+        with self._adapters([group[0] for group in groups]) as adapter_kwargs:
+            out = self.model(input_ids=input_ids, attention_mask=mask[:, None], position_ids=positions,
+                             past_key_values=cache, use_cache=True,
+                             logits_to_keep=0 if want_prompt_logprobs else 1, **adapter_kwargs)
         last = out.logits[:, -1, :].float()
         layers = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
         joined: list[Sequence] = []
@@ -222,10 +226,10 @@ class DecodeBatch:
         mask = window.step_mask(self.dtype, active)
         if self.mixed_adapters:
             self.most_adapters = max(self.most_adapters, len({s.adapter for s in self.sequences}))
-        out = self.model(input_ids=torch.tensor(tokens, device=self.device)[:, None], attention_mask=mask,
-                         position_ids=torch.tensor(positions, device=self.device)[:, None],
-                         past_key_values=window, use_cache=True, logits_to_keep=1,
-                         **self._adapter_kwargs(self._row_sequences(rows)))
+        with self._adapters(self._row_sequences(rows)) as adapter_kwargs:
+            out = self.model(input_ids=torch.tensor(tokens, device=self.device)[:, None], attention_mask=mask,
+                             position_ids=torch.tensor(positions, device=self.device)[:, None],
+                             past_key_values=window, use_cache=True, logits_to_keep=1, **adapter_kwargs)
         window.advance(active)
         logits = out.logits[:, -1, :].float()
         stepped = list(self.sequences)
@@ -239,10 +243,17 @@ class DecodeBatch:
             by_row[sequence.row] = sequence
         return by_row
 
-    def _adapter_kwargs(self, rows: Iterable[Sequence | None]) -> dict[str, Any]:
+    @contextmanager
+    def _adapters(self, rows: list[Sequence | None]) -> Iterator[dict[str, Any]]:
+        """Around a forward over ``rows``: each row's adapter applied, by RowLora or by PEFT's adapter_names
+        (the extra arguments of the forward)."""
         if not self.mixed_adapters:
-            return {}
-        return {"adapter_names": [(s.adapter if s is not None and s.adapter else BASE_ADAPTER) for s in rows]}
+            yield {}
+        elif self.row_lora is not None:
+            with self.row_lora.rows([s.adapter if s is not None else None for s in rows]):
+                yield {}
+        else:
+            yield {"adapter_names": [(s.adapter if s is not None and s.adapter else BASE_ADAPTER) for s in rows]}
 
     def _take_tokens(self, logits: torch.Tensor, sequences: list[Sequence]) -> None:
         """Sample one token per sequence from its row of ``logits`` (in the order given, so the n

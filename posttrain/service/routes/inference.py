@@ -17,9 +17,12 @@ from fastapi.responses import Response
 from posttrain.inference.openai_protocol import ChatCompletionRequest, CompletionRequest
 from posttrain.service.inference_worker import InferenceWorker
 from posttrain.service.routes.deps import AUTH, Caller, settings_of, store_of
+from posttrain.service.schemas import ErrorBody
 from posttrain.service.served_models import ModelCatalog
 
 router = APIRouter(prefix="/v1", tags=["inference"], dependencies=AUTH)
+# A generation answers JSON, or with stream=true server-sent events; 503 while the inference worker (re)starts.
+GENERATION = {200: {"content": {"application/json": {}, "text/event-stream": {}}}, 503: {"model": ErrorBody}}
 
 
 def catalog_of(request: Request) -> ModelCatalog:
@@ -41,7 +44,7 @@ def retrieve_model(model_id: str, request: Request, caller: Caller) -> dict[str,
     return catalog_of(request).find(model_id, caller).as_openai()
 
 
-@router.delete("/models/{model_id:path}")
+@router.delete("/models/{model_id:path}", responses={503: {"model": ErrorBody}})
 async def delete_model(model_id: str, request: Request, caller: Caller) -> dict[str, Any]:
     """Stops serving the model and deletes its weights (final/ or the checkpoint's folder); the job stays."""
     catalog = catalog_of(request)
@@ -51,14 +54,14 @@ async def delete_model(model_id: str, request: Request, caller: Caller) -> dict[
     return {"id": model.id, "object": "model", "deleted": True}
 
 
-@router.post("/chat/completions", response_model=None)
+@router.post("/chat/completions", response_model=None, responses=GENERATION)
 async def chat_completions(body: ChatCompletionRequest, request: Request, caller: Caller) -> Response:
     body.check()
     model = catalog_of(request).find(body.model, caller)
     return await worker_of(request).forward("/v1/chat/completions", await request.body(), model.source, body.stream)
 
 
-@router.post("/completions", response_model=None)
+@router.post("/completions", response_model=None, responses=GENERATION)
 async def completions(body: CompletionRequest, request: Request, caller: Caller) -> Response:
     body.check()
     model = catalog_of(request).find(body.model, caller)
