@@ -360,6 +360,9 @@ def serve(
     inference_memory_mb: Annotated[int, typer.Option(
         help="Memory the inference worker's loaded models may take; the least recently used model or adapter "
              "is unloaded to make room.")] = 4096,
+    inference_dtype: Annotated[str, typer.Option(
+        help="auto (bfloat16 on a GPU or a CPU with native bf16 such as AMX, else float32), float32, bfloat16 "
+             "or float16.")] = "auto",
     log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
 ) -> None:
     """Run the job service (REST API on port 8322, OpenAPI at /openapi.json; OpenAI fine-tuning and
@@ -394,6 +397,7 @@ def serve(
             allowed_network_hosts=list(allow_network_host or []), max_processes_per_job=max_processes_per_job,
             max_restarts_per_job=max_restarts_per_job, inference_threads=inference_threads,
             inference_device=inference_device, inference_memory_mb=inference_memory_mb,
+            inference_dtype=inference_dtype,
         )
         logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         app = create_app(settings)

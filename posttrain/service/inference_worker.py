@@ -50,6 +50,7 @@ def worker_command(settings: ServiceSettings, port: int) -> list[str]:
         return [*settings.inference_command, "--port", str(port)]
     command = [sys.executable, "-m", "posttrain.inference.serving", "--port", str(port),
                "--memory-mb", str(settings.inference_memory_mb), "--device", settings.inference_device_kind,
+               "--dtype", settings.inference_dtype,
                "--max-batch-size", str(settings.inference_max_batch_size)]
     if settings.inference_threads:
         command += ["--threads", str(settings.inference_threads)]

@@ -58,6 +58,7 @@ class ServiceSettings:
     inference_threads: int | None = None  # None: 1 on CPU
     inference_device: str = "auto"
     inference_memory_mb: int = 4096
+    inference_dtype: str = "auto"  # auto: bfloat16 on GPUs and CPUs with native bf16 (AMX), else float32
     inference_max_batch_size: int = 64
     inference_startup_timeout_s: float = 180.0
     inference_command: list[str] | None = None  # instead of posttrain's worker (gets --port PORT appended)
@@ -76,6 +77,8 @@ class ServiceSettings:
             raise ValueError("inference_memory_mb must be at least 1")
         if self.inference_threads is not None and self.inference_threads < 1:
             raise ValueError("inference_threads must be at least 1")
+        if self.inference_dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ValueError(f"inference dtype {self.inference_dtype!r}: use auto, float32, bfloat16 or float16")
         if self.inference_device_kind not in ("auto", "cpu", "cuda", "mps"):
             raise ValueError(f"inference device {self.inference_device!r}: use auto, cpu, cuda, cuda:N or mps")
         if self.devices is not None and len(self.devices) != self.slots:
