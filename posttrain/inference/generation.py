@@ -183,9 +183,12 @@ class DecodeBatch:
         mask.masked_fill_(~visible, torch.finfo(self.dtype).min)
         cache = DynamicCache()
         with self._adapters([group[0] for group in groups]) as adapter_kwargs:
+            # The last position as an index tensor, not logits_to_keep=1: transformers would slice the hidden
+            # states to a non-contiguous [rows, 1, hidden] view, which torch multiplies by the LM head through
+            # a batched matmul that first copies the head once per row (gigabytes for a batch of prompts).
+            keep = 0 if want_prompt_logprobs else torch.tensor([width - 1], device=self.device)
             out = self.model(input_ids=input_ids, attention_mask=mask[:, None], position_ids=positions,
-                             past_key_values=cache, use_cache=True,
-                             logits_to_keep=0 if want_prompt_logprobs else 1, **adapter_kwargs)
+                             past_key_values=cache, use_cache=True, logits_to_keep=keep, **adapter_kwargs)
         last = out.logits[:, -1, :].float()
         layers = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
         joined: list[Sequence] = []

@@ -169,9 +169,19 @@ class KVWindow(Cache):
         uses; an empty window starts again at column 0."""
         if not active:
             self.rows, self.start, self.end = 0, 0, 0
+            if self.row_capacity > MIN_ROWS or self.column_capacity > MIN_COLUMNS:
+                self._release_memory()
             return
         self.rows = max(active) + 1
         self.start = min(self.row_start[r] for r in active)
+
+    def _release_memory(self) -> None:
+        """An empty window gives back what a burst made it grow to (the next prompt allocates again)."""
+        for layer in self.layers:
+            layer.key_buffer = layer.value_buffer = layer.keys = layer.values = None
+        self.row_capacity, self.column_capacity = MIN_ROWS, MIN_COLUMNS
+        self.valid = torch.zeros((MIN_ROWS, MIN_COLUMNS), dtype=torch.bool, device=self.device)
+        self.row_start = [0] * MIN_ROWS
 
     def move(self, source: int, target: int) -> None:
         """Copy row ``source`` into the free row ``target`` (to close a hole); call :meth:`trim` after."""

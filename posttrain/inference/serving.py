@@ -20,8 +20,10 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import Depends, FastAPI, Request
+from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
+from posttrain.errors import PosttrainError
 from posttrain.inference.engine import InferenceEngine
 from posttrain.inference.model_source import SOURCE_HEADER, ModelSource
 from posttrain.inference.openai_protocol import RequestError
@@ -82,6 +84,13 @@ def create_serving_app(pool: ModelPool, api_key: str | None = None) -> FastAPI:
         return {"evicted": pool_of(request).evict(ModelSource(base=body.base, adapter=body.adapter))}
 
     add_request_error_handler(app)
+
+    @app.exception_handler(PosttrainError)
+    async def model_error(_request: Request, exc: PosttrainError) -> JSONResponse:
+        # A model that cannot be loaded (its folder gone since the service resolved it, a broken file).
+        return JSONResponse({"error": {"message": exc.message, "type": "invalid_request_error", "param": "model",
+                                       "code": None}, "detail": exc.message}, status_code=400)
+
     return app
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import Response
 
 from posttrain.inference.openai_protocol import ChatCompletionRequest, CompletionRequest
@@ -48,8 +49,8 @@ def retrieve_model(model_id: str, request: Request, caller: Caller) -> dict[str,
 async def delete_model(model_id: str, request: Request, caller: Caller) -> dict[str, Any]:
     """Stops serving the model and deletes its weights (final/ or the checkpoint's folder); the job stays."""
     catalog = catalog_of(request)
-    model = catalog.find(model_id, caller)
-    catalog.delete(model, caller)
+    model = await run_in_threadpool(catalog.find, model_id, caller)
+    await run_in_threadpool(catalog.delete, model, caller)
     await worker_of(request).evict(model.source)
     return {"id": model.id, "object": "model", "deleted": True}
 
@@ -57,12 +58,12 @@ async def delete_model(model_id: str, request: Request, caller: Caller) -> dict[
 @router.post("/chat/completions", response_model=None, responses=GENERATION)
 async def chat_completions(body: ChatCompletionRequest, request: Request, caller: Caller) -> Response:
     body.check()
-    model = catalog_of(request).find(body.model, caller)
+    model = await run_in_threadpool(catalog_of(request).find, body.model, caller)
     return await worker_of(request).forward("/v1/chat/completions", await request.body(), model.source, body.stream)
 
 
 @router.post("/completions", response_model=None, responses=GENERATION)
 async def completions(body: CompletionRequest, request: Request, caller: Caller) -> Response:
     body.check()
-    model = catalog_of(request).find(body.model, caller)
+    model = await run_in_threadpool(catalog_of(request).find, body.model, caller)
     return await worker_of(request).forward("/v1/completions", await request.body(), model.source, body.stream)
