@@ -53,7 +53,7 @@ async def resolve_model(request: Request, model: str | None) -> tuple[InferenceE
 
 def sampling(body: SamplingFields, max_tokens: int, logprobs: int | None) -> SamplingParams:
     return SamplingParams(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
-                          n=body.n, stop=body.stops, logprobs=logprobs, seed=body.seed)
+                          n=body.n, stop=body.stops, logprobs=logprobs, seed=body.seed, ignore_eos=body.ignore_eos)
 
 
 def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
