@@ -67,16 +67,15 @@ def serving_dtype(requested: str, device: str) -> torch.dtype:
     return torch.bfloat16 if device == "cuda" or (device == "cpu" and cpu_has_bf16_matmul()) else torch.float32
 
 
-def load_model(source: ModelSource, options: PoolOptions):
-    """(model, tokenizer) for ``source.base`` served whole. A base that is itself an adapter folder (a
-    pipeline stage trained on the previous stage's adapter) is merged into its own base first."""
+def load_model(source: ModelSource, device: str, dtype: torch.dtype):
+    """(model, tokenizer) for ``source.base`` served whole, ready to generate (KV cache on, a pad token, a chat
+    template). A base that is itself an adapter folder (a pipeline stage trained on the previous stage's
+    adapter) is merged into its own base first. The one loader of both servers."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from posttrain.model_cache import quiet_library_warnings, quiet_transformers_bars
 
     quiet_library_warnings()
-    device = resolve_device(options.device)
-    dtype = serving_dtype(options.dtype, device)
     path = resolve_model_path(source.base)
     try:
         with quiet_transformers_bars():
@@ -151,7 +150,8 @@ class ModelPool:
             return self._models[key]
         self._make_room(weight_bytes(path), f"model {source.base!r}")
         started = time.perf_counter()
-        model, tokenizer = load_model(source, self.options)
+        device = resolve_device(self.options.device)
+        model, tokenizer = load_model(source, device, serving_dtype(self.options.dtype, device))
         nbytes = sum(p.numel() * p.element_size() for p in model.parameters())
         engine = InferenceEngine(model, tokenizer, source.base, max_batch_size=self.options.max_batch_size,
                                  max_model_len=self.options.max_model_len, enable_lora=True,
