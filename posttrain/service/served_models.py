@@ -37,6 +37,7 @@ from posttrain.service.lifecycle import JobConflict, check_run_here
 from posttrain.service.openai_door import fine_tuned_model
 from posttrain.service.settings import ServiceSettings
 from posttrain.service.store import JobRecord, JobStore
+from posttrain.service.views import model_name
 
 BASE_OWNER = "posttrain"
 CHECKPOINT_SUFFIX = re.compile(r"^ckpt-step-(\d+)$")
@@ -56,8 +57,9 @@ class ServedModel:
 
     def as_openai(self) -> dict[str, Any]:
         """OpenAI's model object, with where it comes from beside it."""
+        # A checkpoint's parent is its job's model; a fine-tuned model's, the model its job started from.
         parent = None if self.job is None else (fine_tuned_model(self.job) if self.step is not None
-                                                else self.source.base)
+                                                else model_name(self.job.spec_json))
         return {"id": self.id, "object": "model", "created": self.created, "owned_by": self.owned_by,
                 "root": self.source.base, "parent": parent, "job_id": self.job.id if self.job else None,
                 "kind": "base" if self.job is None else "checkpoint" if self.step is not None else "fine-tune",
