@@ -28,7 +28,7 @@ from posttrain.launchers import Launcher
 from posttrain.service.assembly import ServiceCore
 from posttrain.service.errors import error_body
 from posttrain.service.hosts import LoopbackHostOnly
-from posttrain.service.inference_worker import InferenceWorker
+from posttrain.service.inference_worker import InferenceBackend, InferenceWorker
 from posttrain.service.job_reads import RecentJobs
 from posttrain.service.limits import BodySizeLimit
 from posttrain.service.routes import ROUTERS
@@ -42,7 +42,7 @@ OPENAI_PREFIXES = ("/v1/fine_tuning/", "/v1/files", "/v1/models", "/v1/chat/", "
 
 def create_app(settings: ServiceSettings, launcher: Launcher | None = None) -> FastAPI:
     core = ServiceCore.open(settings, launcher)
-    inference_worker = InferenceWorker(settings)
+    inference_worker: InferenceBackend = InferenceWorker(settings)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:

@@ -22,7 +22,7 @@ import sys
 import threading
 import time
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, Protocol
 
 import httpx
 from fastapi.responses import Response, StreamingResponse
@@ -38,6 +38,21 @@ log = logging.getLogger("posttrain.service")
 logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per forwarded request is noise in the log
 QUICK_DEATH_S = 60.0  # a worker that dies sooner than this after starting counts towards backing off
 MAX_BACKOFF_S = 30.0
+
+
+class InferenceBackend(Protocol):
+    """What the inference routes need from whatever generates: this module's worker, or another engine
+    (``vllm serve`` on a GPU) behind the same methods."""
+
+    async def forward(self, path: str, body: bytes, source: ModelSource, stream: bool) -> Response: ...
+
+    async def evict(self, source: ModelSource) -> None: ...
+
+    def state(self) -> dict[str, Any]: ...
+
+    def close(self) -> None: ...
+
+    async def aclose(self) -> None: ...
 
 
 class InferenceUnavailable(InvalidRequest):

@@ -16,7 +16,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import Response
 
 from posttrain.inference.openai_protocol import ChatCompletionRequest, CompletionRequest
-from posttrain.service.inference_worker import InferenceWorker
+from posttrain.service.inference_worker import InferenceBackend
 from posttrain.service.routes.deps import AUTH, Caller, settings_of, store_of
 from posttrain.service.schemas import ErrorBody
 from posttrain.service.served_models import ModelCatalog
@@ -30,7 +30,7 @@ def catalog_of(request: Request) -> ModelCatalog:
     return ModelCatalog(store_of(request), settings_of(request))
 
 
-def worker_of(request: Request) -> InferenceWorker:
+def worker_of(request: Request) -> InferenceBackend:
     return request.app.state.inference_worker
 
 
