@@ -230,11 +230,8 @@ def _stream(engine: InferenceEngine, prompts: list[list[int]], params: SamplingP
     async def chunks() -> AsyncIterator[str]:
         remaining = len(prompts) * params.n
         generated = 0
+        opened: set[int] = set()  # choices whose role chunk went out (with their first token, as vLLM does)
         try:
-            if first_delta is not None:
-                for index in range(remaining):
-                    yield _sse({**head, "choices": [{"index": index, "delta": first_delta, "logprobs": None,
-                                                     "finish_reason": None}]})
             while remaining:
                 item = await events.get()
                 if isinstance(item, BaseException):
@@ -246,8 +243,12 @@ def _stream(engine: InferenceEngine, prompts: list[list[int]], params: SamplingP
                 prompt_index, batch = item
                 for event in batch:
                     generated += 1
+                    index = prompt_index * params.n + event.index
+                    if first_delta is not None and index not in opened:
+                        opened.add(index)
+                        yield _sse({**head, "choices": [{"index": index, "delta": first_delta, "logprobs": None,
+                                                         "finish_reason": None}]})
                     if event.text or event.finish_reason or logprobs is not None:
-                        index = prompt_index * params.n + event.index
                         yield _sse({**head, "choices": [choice(index, event, logprobs(event) if logprobs else None)]})
                     if event.finish_reason:
                         remaining -= 1
