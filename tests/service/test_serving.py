@@ -81,7 +81,7 @@ def test_a_fine_tuned_lora_model_is_listed_and_answers_what_it_was_taught(server
                                                 stream_options={"include_usage": True})
         chunks = list(stream)
         assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == ANSWER
-        assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 12
+        assert chunks[-1].usage is not None and 1 <= chunks[-1].usage.completion_tokens <= 12
         # The same model by the names the other doors use.
         for name in (taught["job"], f"{taught['job']}/final", str(server.data_dir / "jobs" / taught["job"] / "final")):
             assert ask(client, name) == ANSWER, name
