@@ -1,14 +1,14 @@
 """The `posttrain` command line: assembles the command groups of :mod:`posttrain.commands`.
 
 train, validate, merge, plot, demo, quickstart, pipeline, config-keys (``commands.train``); serve and jobs
-(``commands.jobs``); kfp; rl; llama-stack.
+(``commands.jobs``); chat; kfp; rl; llama-stack.
 """
 
 from __future__ import annotations
 
 import sys
 
-from posttrain.commands import jobs, kfp, llama_stack, rl, train
+from posttrain.commands import chat, jobs, kfp, llama_stack, rl, train
 from posttrain.commands.common import EXIT_USAGE, console, typer_group
 from posttrain.errors import PosttrainError
 
@@ -22,6 +22,7 @@ app.add_typer(kfp.kfp_app, name="kfp",
               help="Kubeflow Pipelines: compile a config to a pipeline, run it here or on a cluster.")
 app.add_typer(rl.rl_app, name="rl", help="Online RL: trajectory API, environments, inference server, trainer.")
 app.command("serve")(jobs.serve)
+app.command("chat")(chat.chat)
 
 
 def main() -> None:

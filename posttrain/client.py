@@ -217,6 +217,44 @@ class Client:
     def delete_file(self, file_id: str) -> None:
         self._request("DELETE", f"/v1/files/{_seg(file_id)}")
 
+    # -- served models (OpenAI's inference API) -----------------------------------------------------
+    def list_models(self) -> list[dict[str, Any]]:
+        """The base models and the caller's fine-tuned models and checkpoints the server serves."""
+        return self._request("GET", "/v1/models").json()["data"]
+
+    def get_model(self, model_id: str) -> dict[str, Any]:
+        return self._request("GET", f"/v1/models/{quote(model_id, safe='/')}").json()
+
+    def delete_model(self, model_id: str) -> None:
+        """Stop serving a fine-tuned model or checkpoint and delete its weights (the job stays)."""
+        self._request("DELETE", f"/v1/models/{quote(model_id, safe='/')}")
+
+    def chat(self, model: str, messages: list[dict[str, str]], **sampling: Any) -> Iterator[str]:
+        """Stream the answer to ``messages`` (OpenAI chat messages) from ``model``, piece by piece.
+        ``sampling``: more fields of the request (max_tokens, temperature, seed, ...)."""
+        body = {"model": model, "messages": messages, "stream": True,
+                **{key: value for key, value in sampling.items() if value is not None}}
+        try:
+            with self._http.stream("POST", "/v1/chat/completions", json=body,
+                                   timeout=httpx.Timeout(self._http.timeout.connect, read=None)) as response:
+                if response.is_error:
+                    response.read()
+                    _raise_for_error(response)
+                for line in response.iter_lines():
+                    data = line.removeprefix("data:").strip() if line.startswith("data:") else None
+                    if not data:
+                        continue
+                    if data == "[DONE]":
+                        return
+                    chunk = json.loads(data)
+                    if "error" in chunk:
+                        raise ServiceError(500, chunk["error"].get("message", "generation failed"))
+                    for choice in chunk.get("choices", []):
+                        if choice.get("delta", {}).get("content"):
+                            yield choice["delta"]["content"]
+        except httpx.TransportError as exc:
+            raise ServiceError(0, f"lost the answer stream from {self.server}: {exc}") from None
+
 
 def _seg(value: str) -> str:
     return quote(value, safe="")

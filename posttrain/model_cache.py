@@ -28,6 +28,18 @@ def quiet_transformers_bars() -> Iterator[None]:
             transformers_logging.enable_progress_bar()
 
 
+def quiet_library_warnings() -> None:
+    """Silence two warnings every process that loads models would print, neither actionable by a user."""
+    import logging
+    import warnings
+
+    # bitsandbytes warns on every import that an optional hub-downloaded CPU kernel is absent; the
+    # built-in kernel it falls back to is what we test with, so the warning is noise to users.
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    # TRL 1.16 and PEFT 0.21 still call the renamed transformers 5 API; nothing a user can do about it.
+    warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.* is deprecated", category=FutureWarning)
+
+
 def default_cache_dir() -> Path:
     """``$POSTTRAIN_CACHE``, else ``~/.cache/posttrain``."""
     configured = os.environ.get("POSTTRAIN_CACHE")

@@ -62,6 +62,16 @@ def resolve_device(requested: str) -> str:
     return requested
 
 
+def cpu_has_bf16_matmul() -> bool:
+    """Whether this CPU multiplies bfloat16 natively (AMX or AVX512-BF16, from /proc/cpuinfo's flags): there
+    batched bf16 matmuls run several times faster than float32 ones; elsewhere bf16 is emulated and slower."""
+    try:
+        flags = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "")
+    except OSError:
+        return False
+    return bool({"amx_bf16", "avx512_bf16"} & set(flags.split()))
+
+
 def resolve_placement(spec: ModelSpec) -> Placement:
     device = resolve_device(spec.device)
     if spec.dtype != "auto":

@@ -299,6 +299,19 @@ def upload_file(
     typer.echo(info.source)
 
 
+@jobs_app.command()
+def models(server: Server = None, api_key: ApiKey = None, as_json: AsJson = False) -> None:
+    """List the models the server serves you: its base models, your fine-tuned models and checkpoints
+    (call them with OpenAI's SDK at <server>/v1, or `posttrain chat MODEL --server <server>`)."""
+    with _connected(server, api_key) as client:
+        listed = client.list_models()
+    if as_json:
+        _print_json(listed)
+        return
+    for model in listed:
+        typer.echo(f"{model['id']}  ({model.get('kind', 'model')}, owned by {model['owned_by']})")
+
+
 def serve(
     host: Annotated[str, typer.Option(help="Address to bind; non-loopback needs --api-key-file or --insecure.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to listen on.")] = DEFAULT_PORT,
@@ -338,9 +351,22 @@ def serve(
     warm_workers: Annotated[bool, typer.Option(
         "--warm-workers/--no-warm-workers", help="Fork workers from a process that has already imported "
         "torch/transformers/TRL (start in well under a second); off: each worker starts a fresh Python.")] = True,
+    inference_threads: Annotated[int | None, typer.Option(
+        help="torch threads of the inference worker (OpenAI chat/completions; default 1 on CPU). Training jobs "
+             "use their own (training.num_threads): on a CPU machine keep the two within its cores.")] = None,
+    inference_device: Annotated[str, typer.Option(
+        help="Device of the inference worker: auto, cpu, cuda, cuda:N (only GPU N) or mps. Give it a GPU no "
+             "training slot uses (--devices).")] = "auto",
+    inference_memory_mb: Annotated[int, typer.Option(
+        help="Memory the inference worker's loaded models may take; the least recently used model or adapter "
+             "is unloaded to make room.")] = 4096,
+    inference_dtype: Annotated[str, typer.Option(
+        help="auto (bfloat16 on a GPU or a CPU with native bf16 such as AMX, else float32), float32, bfloat16 "
+             "or float16.")] = "auto",
     log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
 ) -> None:
-    """Run the job service (REST API on port 8322, OpenAPI at /openapi.json)."""
+    """Run the job service (REST API on port 8322, OpenAPI at /openapi.json; OpenAI fine-tuning and
+    inference under /v1)."""
     import logging
 
     import uvicorn
@@ -369,7 +395,9 @@ def serve(
             allowed_paths=list(allow_path or []), allow_user_code=allow_user_code, allowed_hosts=hosts,
             max_log_followers=max_log_followers, warm_workers=warm_workers,
             allowed_network_hosts=list(allow_network_host or []), max_processes_per_job=max_processes_per_job,
-            max_restarts_per_job=max_restarts_per_job,
+            max_restarts_per_job=max_restarts_per_job, inference_threads=inference_threads,
+            inference_device=inference_device, inference_memory_mb=inference_memory_mb,
+            inference_dtype=inference_dtype,
         )
         logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         app = create_app(settings)

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import json
 from collections import OrderedDict
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +39,7 @@ class AdapterSlots:
         self._tensors: dict[str, dict[str, torch.Tensor]] = {}  # slot -> saved key -> live parameter
         self._free: list[str] = []
         self._created = 0
+        self.version = 0  # bumped by every change of the adapters' weights (what per-row LoRA rebuilds from)
 
     def load(self, name: str, folder: Path, config: dict[str, Any]) -> None:
         from peft.utils import load_peft_weights
@@ -62,10 +61,12 @@ class AdapterSlots:
         self.slot_of[name] = slot
         self.loaded.pop(name, None)
         self.loaded[name] = str(folder)
+        self.version += 1
 
     def unload(self, name: str) -> None:
         del self.loaded[name]
         self._release(self.slot_of.pop(name))
+        self.version += 1
 
     def base_parameters(self) -> list[tuple[str, torch.Tensor]]:
         """The base model's own parameters under their plain transformers names, adapter slots left out."""
@@ -73,17 +74,9 @@ class AdapterSlots:
         return [(name.replace(".base_layer.", ".").replace(".original_module.", "."), param)
                 for name, param in self.base_model.named_parameters() if not any(m in name for m in markers)]
 
-    @contextmanager
-    def activate(self, name: str | None) -> Iterator[Any]:
-        """The model to generate with: adapter ``name``'s slot, or the plain base model for None."""
-        if name is not None:
-            self.model.set_adapter(self.slot_of[name])
-            yield self.model
-        elif self.model is self.base_model:
-            yield self.model
-        else:
-            with self.model.disable_adapter():
-                yield self.model
+    def nbytes(self, name: str) -> int:
+        """Memory the weights of adapter ``name`` take (its slot's tensors)."""
+        return sum(t.numel() * t.element_size() for t in self._tensors[self.slot_of[name]].values())
 
     def _inject(self, folder: Path, signature: str) -> str:
         from peft import PeftModel

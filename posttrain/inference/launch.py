@@ -12,7 +12,7 @@ from typing import Literal
 
 import torch
 
-from posttrain.errors import ConfigError, ModelError, UnsupportedError
+from posttrain.errors import ConfigError, UnsupportedError
 from posttrain.inference.parent_watch import watch_parent
 from posttrain.modeling import resolve_device, resolve_model_path, torch_dtype
 
@@ -99,28 +99,18 @@ def exec_vllm(options: ServeOptions) -> None:
 
 
 def load_served_model(options: ServeOptions):
-    """Model + tokenizer through posttrain's model-name resolution, so names match the trainer's parameters."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from posttrain.model_cache import quiet_transformers_bars
+    """Model + tokenizer through posttrain's model-name resolution, so names match the trainer's parameters.
+    ``auto`` is float32 on CPU: the trainer recomputes the sampled tokens' log-probabilities in its own
+    precision, and the PPO ratio must compare like with like."""
+    from posttrain.inference.model_source import ModelSource
+    from posttrain.inference.pool import load_model
 
     device = resolve_device(options.device)
     if options.dtype == "auto":
         dtype = torch.bfloat16 if device == "cuda" else torch.float32
     else:
         dtype = torch_dtype(options.dtype)
-    path = resolve_model_path(options.model)
-    tokenizer_path = resolve_model_path(options.tokenizer) if options.tokenizer else path
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
-        with quiet_transformers_bars():
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-    except (OSError, ValueError) as exc:
-        raise ModelError(f"cannot load model {options.model!r} for serving: {exc}") from None
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    model.config.use_cache = True
-    return model.to(device).eval(), tokenizer
+    return load_model(ModelSource(base=options.model, tokenizer=options.tokenizer), device, dtype)
 
 
 def build_app(options: ServeOptions):

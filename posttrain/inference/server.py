@@ -281,6 +281,16 @@ def broadcast_close(request: Request) -> dict[str, bool]:
     return {"closed": closed}
 
 
+def add_request_error_handler(app: FastAPI) -> None:
+    """RequestError -> its status with OpenAI's error body (and ``detail``, as FastAPI's own errors have)."""
+
+    @app.exception_handler(RequestError)
+    async def request_error(_request: Request, exc: RequestError) -> JSONResponse:
+        kind = {401: "authentication_error", 404: "not_found_error"}.get(exc.status, "invalid_request_error")
+        return JSONResponse({"error": {"message": exc.message, "type": kind, "param": exc.param, "code": exc.code},
+                             "detail": exc.message}, status_code=exc.status)
+
+
 def create_app(engine: InferenceEngine, weights: WeightState | None = None, api_key: str | None = None) -> FastAPI:
     """``api_key``: required as a Bearer token on every route but /health (None: no authentication)."""
     weights = weights or WeightState()
@@ -298,15 +308,13 @@ def create_app(engine: InferenceEngine, weights: WeightState | None = None, api_
 
     app = FastAPI(title="posttrain inference server", lifespan=lifespan)
     app.state.engine = engine
+    app.state.resolve_model = lambda _request, model: (engine, resolve_adapter(engine, model))
     app.state.weights = weights
     app.state.api_key = api_key or None
     app.include_router(health_router)
     app.include_router(router, dependencies=[Depends(require_api_key)])
     app.include_router(openai_router, dependencies=[Depends(require_api_key)])
 
-    @app.exception_handler(RequestError)
-    async def request_error(_request: Request, exc: RequestError) -> JSONResponse:
-        return JSONResponse({"error": {"message": exc.message, "type": "invalid_request_error", "code": exc.status},
-                             "detail": exc.message}, status_code=exc.status)
+    add_request_error_handler(app)
 
     return app

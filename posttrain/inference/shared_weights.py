@@ -22,8 +22,6 @@ import logging
 import math
 import os
 import re
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -92,16 +90,23 @@ class UpdateLock:
             os.close(self._intent)
             raise
 
-    @contextmanager
-    def serving(self) -> Iterator[None]:
-        """Server side, around one batch: wait while a trainer is updating or waiting to update."""
+    def begin_serving(self) -> None:
+        """Server side, while its batch is not empty: waits while a trainer is updating or waiting to."""
         fcntl.flock(self._intent, fcntl.LOCK_SH)
         fcntl.flock(self._intent, fcntl.LOCK_UN)
         fcntl.flock(self._weights, fcntl.LOCK_EX)
+
+    def end_serving(self) -> None:
+        fcntl.flock(self._weights, fcntl.LOCK_UN)
+
+    def update_waiting(self) -> bool:
+        """Server side: whether a trainer waits to update (it holds ``intent``); no new request joins then."""
         try:
-            yield
-        finally:
-            fcntl.flock(self._weights, fcntl.LOCK_UN)
+            fcntl.flock(self._intent, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(self._intent, fcntl.LOCK_UN)
+        return False
 
     def acquire_update(self) -> None:
         """Trainer side, before optimizer.step(): returns once no batch is being generated."""

@@ -3,7 +3,8 @@
 Paths (``posttrain/client.py`` and the dashboard's ``api.js`` are the only other places that know them):
 ``/v1/jobs`` (POST submit, GET list), ``/v1/jobs/{id}`` (GET, DELETE), ``/v1/jobs/{id}/cancel|pause|resume``,
 ``/v1/jobs/{id}/logs``, ``/v1/jobs/{id}/metrics``, ``/v1/jobs/{id}/artifacts[/{path}]``, ``/v1/files``,
-``/v1/fine_tuning/jobs...`` (the OpenAI door), ``/healthz``, ``/readyz``, ``/`` (the dashboard). Every error body is JSON
+``/v1/fine_tuning/jobs...`` (the OpenAI door), ``/v1/models``, ``/v1/chat/completions``, ``/v1/completions``
+(OpenAI inference, routes/inference.py), ``/healthz``, ``/readyz``, ``/`` (the dashboard). Every error body is JSON
 ``{"detail": "<message>", "type": ..., "error": {"message", "type", "param", "code"}}`` (the last in
 OpenAI's shape); an unexpected error is logged with a request id and answered 500 with only that id.
 """
@@ -27,6 +28,7 @@ from posttrain.launchers import Launcher
 from posttrain.service.assembly import ServiceCore
 from posttrain.service.errors import error_body
 from posttrain.service.hosts import LoopbackHostOnly
+from posttrain.service.inference_worker import InferenceBackend, InferenceWorker
 from posttrain.service.job_reads import RecentJobs
 from posttrain.service.limits import BodySizeLimit
 from posttrain.service.routes import ROUTERS
@@ -35,11 +37,12 @@ from posttrain.service.settings import ServiceSettings
 
 log = logging.getLogger("posttrain.service")
 ERRORS = {code: {"model": ErrorBody} for code in (400, 401, 403, 404, 409, 413, 422, 429, 500)}
-OPENAI_PREFIXES = ("/v1/fine_tuning/", "/v1/files")
+OPENAI_PREFIXES = ("/v1/fine_tuning/", "/v1/files", "/v1/models", "/v1/chat/", "/v1/completions")
 
 
 def create_app(settings: ServiceSettings, launcher: Launcher | None = None) -> FastAPI:
     core = ServiceCore.open(settings, launcher)
+    inference_worker: InferenceBackend = InferenceWorker(settings)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -48,6 +51,8 @@ def create_app(settings: ServiceSettings, launcher: Launcher | None = None) -> F
         try:
             yield
         finally:
+            await inference_worker.aclose()
+            inference_worker.close()
             core.close()
 
     app = FastAPI(title="posttrain job service", version=__version__, lifespan=lifespan, responses=ERRORS)
@@ -55,6 +60,7 @@ def create_app(settings: ServiceSettings, launcher: Launcher | None = None) -> F
     app.state.store = core.store
     app.state.recent_jobs = RecentJobs(core.store)
     app.state.scheduler = core.scheduler
+    app.state.inference_worker = inference_worker
     app.state.log_followers = 0
     app.add_middleware(BodySizeLimit, body_limit=settings.max_body_bytes, upload_limit=settings.max_upload_bytes)
     if not settings.keyed:
@@ -82,7 +88,9 @@ def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(PosttrainError)
     async def user_error(_request: Request, exc: PosttrainError) -> JSONResponse:
         status = getattr(exc, "status_code", 422)
-        return JSONResponse(error_body(status, exc.message, type(exc).__name__, getattr(exc, "path", None)), status)
+        param = getattr(exc, "param", None) or getattr(exc, "path", None)
+        return JSONResponse(error_body(status, exc.message, type(exc).__name__, param, getattr(exc, "code", None)),
+                            status)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:

@@ -40,7 +40,7 @@ from posttrain.service.schemas import RESULTS_PREFIX, UPLOAD_PREFIX, SubmitJobRe
 from posttrain.service.settings import ServiceSettings
 from posttrain.service.store import FileRecord, JobRecord, JobStore
 from posttrain.service.submission import submit_job
-from posttrain.service.views import last_metrics
+from posttrain.service.views import last_metrics, model_name
 from posttrain.spec import GRPOMethod, TrainingSpec
 
 METHODS = {"supervised": "sft", "dpo": "dpo", "reinforcement": "grpo"}
@@ -186,9 +186,17 @@ def door_fields(record: JobRecord) -> dict[str, Any]:
     return json.loads(record.openai_json or "{}")
 
 
-def fine_tuned_model(record: JobRecord, door: dict[str, Any]) -> str:
-    """OpenAI's naming, ``ft:<base>:<organization>:<suffix>:<job id>``; the weights are the job's final/."""
-    return f"ft:{door['model']}:{record.owner or 'posttrain'}:{door.get('suffix') or ''}:{record.id}"
+def fine_tuned_model(record: JobRecord, door: dict[str, Any] | None = None) -> str:
+    """OpenAI's naming, ``ft:<base>:<organization>:<suffix>:<job id>``; the weights are the job's final/.
+    Every job is named so (a job submitted otherwise: its model and, as the suffix, its name), which is how
+    ``/v1/models`` lists and serves it."""
+    door = door_fields(record) if door is None else door
+    if record.openai_json is not None:
+        base, suffix = door.get("model") or "", door.get("suffix")
+    else:
+        # A job submitted without a name is named after its id: no need to say it twice.
+        base, suffix = model_name(record.spec_json) or "", record.name if record.name != record.id else None
+    return f"ft:{base}:{record.owner or 'posttrain'}:{suffix or ''}:{record.id}"
 
 
 def result_file(record: JobRecord, store: JobStore, files_dir: Path) -> str | None:

@@ -52,6 +52,16 @@ class ServiceSettings:
     max_processes_per_job: int | None = None
     max_restarts_per_job: int = 3
     max_log_followers: int = 32  # log streams open at once; more get 429
+    # The inference worker (OpenAI /v1/chat/completions, /v1/completions), beside the training slots: what
+    # it may use (torch threads; a device such as cpu, cuda or cuda:1) and the memory its loaded weights may
+    # take. A serving load never takes a training slot.
+    inference_threads: int | None = None  # None: 1 on CPU
+    inference_device: str = "auto"
+    inference_memory_mb: int = 4096
+    inference_dtype: str = "auto"  # auto: bfloat16 on GPUs and CPUs with native bf16 (AMX), else float32
+    inference_max_batch_size: int = 64
+    inference_startup_timeout_s: float = 180.0
+    inference_command: list[str] | None = None  # instead of posttrain's worker (gets --port PORT appended)
     max_metrics_records: int = 10_000  # largest page of GET /metrics
 
     def __post_init__(self) -> None:
@@ -63,8 +73,31 @@ class ServiceSettings:
             raise ValueError("max_restarts_per_job must be 0 or more")
         if self.slots < 1:
             raise ValueError("slots must be at least 1")
+        if self.inference_memory_mb < 1:
+            raise ValueError("inference_memory_mb must be at least 1")
+        if self.inference_threads is not None and self.inference_threads < 1:
+            raise ValueError("inference_threads must be at least 1")
+        if self.inference_dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ValueError(f"inference dtype {self.inference_dtype!r}: use auto, float32, bfloat16 or float16")
+        if self.inference_device_kind not in ("auto", "cpu", "cuda", "mps"):
+            raise ValueError(f"inference device {self.inference_device!r}: use auto, cpu, cuda, cuda:N or mps")
         if self.devices is not None and len(self.devices) != self.slots:
             raise ValueError(f"{len(self.devices)} devices given for {self.slots} slots; give one per slot")
+
+    @property
+    def inference_device_kind(self) -> str:
+        """The worker's --device: ``cuda:1`` is ``cuda`` with only GPU 1 visible (inference_environment)."""
+        return self.inference_device.partition(":")[0]
+
+    @property
+    def inference_environment(self) -> dict[str, str]:
+        env = {}
+        kind, _, index = self.inference_device.partition(":")
+        if kind == "cuda" and index:
+            env["CUDA_VISIBLE_DEVICES"] = index
+        if self.inference_threads:
+            env["OMP_NUM_THREADS"] = str(self.inference_threads)
+        return env
 
     @property
     def processes_per_job(self) -> int:

@@ -5,9 +5,9 @@ from __future__ import annotations
 import logging
 import os
 import sys
-import warnings
 
 from posttrain.job.directory import JobDir
+from posttrain.model_cache import quiet_library_warnings
 
 
 def setup_logging(job_dir: JobDir | None, to_file: bool) -> None:
@@ -28,11 +28,7 @@ def setup_logging(job_dir: JobDir | None, to_file: bool) -> None:
         handler._posttrain = True  # type: ignore[attr-defined]
         root.addHandler(handler)
     root.propagate = False
-    # bitsandbytes warns on every import that an optional hub-downloaded CPU kernel is absent; the
-    # built-in kernel it falls back to is what we test with, so the warning is noise to users.
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
-    # TRL 1.16 still calls the renamed transformers 5 API; nothing a user can do about it.
-    warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.* is deprecated", category=FutureWarning)
+    quiet_library_warnings()
     if not sys.stderr.isatty():
         # Progress bars written to a log file are a wall of carriage returns; log lines say the same.
         os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")

@@ -28,4 +28,5 @@ def readyz(request: Request) -> JSONResponse:
         return JSONResponse({"status": "unavailable", "detail": "database unreachable (see the server log)"}, 503)
     if not scheduler_of(request).alive:
         return JSONResponse({"status": "unavailable", "detail": "scheduler is not running"}, 503)
-    return JSONResponse({"status": "ok", **scheduler_of(request).launcher.state()})
+    return JSONResponse({"status": "ok", **scheduler_of(request).launcher.state(),
+                         **request.app.state.inference_worker.state()})
