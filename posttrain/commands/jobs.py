@@ -363,6 +363,9 @@ def serve(
     inference_dtype: Annotated[str, typer.Option(
         help="auto (bfloat16 on a GPU or a CPU with native bf16 such as AMX, else float32), float32, bfloat16 "
              "or float16.")] = "auto",
+    inference_backend: Annotated[str, typer.Option(
+        help="What answers /v1/chat/completions: posttrain (its own engine, CPU or GPU) or vllm (`vllm serve "
+             "--enable-lora` per base model: a CUDA GPU with vLLM installed).")] = "posttrain",
     log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
 ) -> None:
     """Run the job service (REST API on port 8322, OpenAPI at /openapi.json; OpenAI fine-tuning and
@@ -397,12 +400,16 @@ def serve(
             allowed_network_hosts=list(allow_network_host or []), max_processes_per_job=max_processes_per_job,
             max_restarts_per_job=max_restarts_per_job, inference_threads=inference_threads,
             inference_device=inference_device, inference_memory_mb=inference_memory_mb,
-            inference_dtype=inference_dtype,
+            inference_dtype=inference_dtype, inference_backend=inference_backend,
         )
+        if settings.inference_backend == "vllm":
+            from posttrain.service.vllm_backend import check_vllm
+
+            check_vllm(settings)
         logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         app = create_app(settings)
-    except (ValueError, OSError, RuntimeError) as exc:  # bad settings, data dir in use
-        fail(str(exc))
+    except (ValueError, OSError, RuntimeError, PosttrainError) as exc:  # bad settings, data dir in use, no vLLM
+        fail(exc)
     except Exception as exc:  # e.g. an unreachable database URL
         fail(f"cannot start: {type(exc).__name__}: {exc}")
     owners = len({principal.owner for principal in api_keys.values()})

@@ -28,7 +28,6 @@ from posttrain.launchers import Launcher
 from posttrain.service.assembly import ServiceCore
 from posttrain.service.errors import error_body
 from posttrain.service.hosts import LoopbackHostOnly
-from posttrain.service.inference_worker import InferenceBackend, InferenceWorker
 from posttrain.service.job_reads import RecentJobs
 from posttrain.service.limits import BodySizeLimit
 from posttrain.service.routes import ROUTERS
@@ -42,7 +41,6 @@ OPENAI_PREFIXES = ("/v1/fine_tuning/", "/v1/files", "/v1/models", "/v1/chat/", "
 
 def create_app(settings: ServiceSettings, launcher: Launcher | None = None) -> FastAPI:
     core = ServiceCore.open(settings, launcher)
-    inference_worker: InferenceBackend = InferenceWorker(settings)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -51,8 +49,7 @@ def create_app(settings: ServiceSettings, launcher: Launcher | None = None) -> F
         try:
             yield
         finally:
-            await inference_worker.aclose()
-            inference_worker.close()
+            await core.inference.aclose()
             core.close()
 
     app = FastAPI(title="posttrain job service", version=__version__, lifespan=lifespan, responses=ERRORS)
@@ -60,7 +57,7 @@ def create_app(settings: ServiceSettings, launcher: Launcher | None = None) -> F
     app.state.store = core.store
     app.state.recent_jobs = RecentJobs(core.store)
     app.state.scheduler = core.scheduler
-    app.state.inference_worker = inference_worker
+    app.state.inference = core.inference
     app.state.log_followers = 0
     app.add_middleware(BodySizeLimit, body_limit=settings.max_body_bytes, upload_limit=settings.max_upload_bytes)
     if not settings.keyed:

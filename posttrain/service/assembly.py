@@ -1,12 +1,12 @@
 """The parts of a job service, built in one place: the data dir's lock, the store, the launchers and the
-scheduler over them. ``posttrain serve`` (the FastAPI app) and the Llama Stack inline provider (the same
-service without HTTP) both open a :class:`ServiceCore`."""
+scheduler over them, and the inference backend that serves the trained models. ``posttrain serve`` (the
+FastAPI app) and the Llama Stack inline providers (the same service without HTTP) both open a
+:class:`ServiceCore`."""
 
 from __future__ import annotations
 
 import fcntl
 import os
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
@@ -17,6 +17,7 @@ from posttrain.launchers.local import LocalLauncher
 from posttrain.launchers.routing import RoutingLauncher
 from posttrain.launchers.torchrun import TorchrunLauncher
 from posttrain.launchers.warm import WarmLauncher
+from posttrain.service.inference_worker import InferenceBackend, InferenceWorker
 from posttrain.service.scheduler import Scheduler
 from posttrain.service.settings import ServiceSettings
 from posttrain.service.store import JobStore
@@ -49,24 +50,35 @@ def local_launcher(settings: ServiceSettings) -> Launcher:
 
 def service_launcher(settings: ServiceSettings) -> RoutingLauncher:
     """Every launcher the job service runs jobs with, by ``distributed.launcher`` value."""
-    command = settings.worker_command
     # torchrun starts `python -m posttrain.worker` itself: with the workers' Python when that is the command.
-    python = command[0] if command[1:] == ["-m", "posttrain.worker"] else sys.executable
+    python = settings.worker_python
     launchers: dict[str, Launcher] = {"local": local_launcher(settings), "torchrun": TorchrunLauncher(python),
                                       "kfp": KFPLauncher(python)}
     return RoutingLauncher(launchers)
 
 
+def inference_backend(settings: ServiceSettings) -> InferenceBackend:
+    """What generates for the OpenAI inference routes: posttrain's inference worker, or vLLM on a GPU."""
+    if settings.inference_backend == "vllm":
+        from posttrain.service.vllm_backend import VllmBackend
+
+        return VllmBackend(settings)
+    return InferenceWorker(settings)
+
+
 @dataclass
 class ServiceCore:
-    """What runs jobs for a service: opened with :meth:`open`, scheduling from :meth:`start` to :meth:`close`
-    (running workers outlive it; the next core on the same data dir re-adopts them)."""
+    """What runs jobs and serves their models for a service: opened with :meth:`open`, scheduling from
+    :meth:`start` to :meth:`close` (running workers outlive it; the next core on the same data dir re-adopts
+    them). The inference backend starts its process on the first request and stops it on :meth:`close`;
+    whoever awaits its requests also awaits its ``aclose()`` first, on the same event loop."""
 
     settings: ServiceSettings
     store: JobStore
     launcher: Launcher
     scheduler: Scheduler
     lock: IO[str]
+    inference: InferenceBackend
 
     @classmethod
     def open(cls, settings: ServiceSettings, launcher: Launcher | None = None,
@@ -80,12 +92,13 @@ class ServiceCore:
         except BaseException:
             lock.close()
             raise
-        return cls(settings, store, launcher, Scheduler(store, launcher, settings), lock)
+        return cls(settings, store, launcher, Scheduler(store, launcher, settings), lock, inference_backend(settings))
 
     def start(self) -> None:
         self.scheduler.start()  # re-adopts the workers of jobs that ran while no server was up
 
     def close(self) -> None:
+        self.inference.close()
         self.scheduler.stop()
         self.launcher.close()
         self.store.close()

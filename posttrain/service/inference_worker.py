@@ -1,7 +1,7 @@
 """The job service's inference worker: started on the first inference request, supervised, restarted.
 
 Generation never runs in the API process (it imports no torch): the service starts
-``python -m posttrain.inference.serving`` on a free loopback port with a key of its own, and forwards each
+``python -m posttrain.inference.serving`` on a free loopback port with a key of its own, and sends each
 OpenAI request to it over HTTP (httpx), streams included, with the weights' location the catalog resolved
 (``X-Posttrain-Model``). A supervisor thread owns the process: it starts it when first wanted, restarts it
 when it dies (a crash, an out-of-memory kill), backing off when it keeps dying, and stops it with the
@@ -10,6 +10,9 @@ parent-death signal to the thread that forked it (see inference/parent_watch.py)
 
 It runs beside the training slots, not in one: a serving load never keeps a queued job from starting.
 ``--inference-threads`` and ``--inference-device`` say what it may use.
+
+No FastAPI here: the HTTP routes (routes/inference.py) and the Llama Stack inline provider both call
+:meth:`InferenceBackend.send` and shape its answer for their own callers.
 """
 
 from __future__ import annotations
@@ -18,15 +21,13 @@ import asyncio
 import contextlib
 import logging
 import secrets
-import sys
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any, Protocol
 
 import httpx
-from fastapi.responses import Response, StreamingResponse
-from starlette.background import BackgroundTask
 
 from posttrain.inference.model_source import SOURCE_HEADER, ModelSource
 from posttrain.inference.process import API_KEY_VARIABLE, InferenceServerProcess, ServerProcessError, tail
@@ -41,10 +42,14 @@ MAX_BACKOFF_S = 30.0
 
 
 class InferenceBackend(Protocol):
-    """What the inference routes need from whatever generates: this module's worker, or another engine
-    (``vllm serve`` on a GPU) behind the same methods."""
+    """What the inference routes (and the Llama Stack inline provider) need from whatever generates: this
+    module's worker, or ``vllm serve`` on a GPU (vllm_backend.py) behind the same methods."""
 
-    async def forward(self, path: str, body: bytes, source: ModelSource, stream: bool) -> Response: ...
+    async def send(self, path: str, body: bytes, source: ModelSource) -> httpx.Response:
+        """POST an OpenAI request body (``/v1/chat/completions``, ``/v1/completions``) for the model at
+        ``source``; the answer with its body not read yet (a stream is read as it comes; close it after).
+        InferenceUnavailable while nothing can answer."""
+        ...
 
     async def evict(self, source: ModelSource) -> None: ...
 
@@ -63,7 +68,7 @@ class InferenceUnavailable(InvalidRequest):
 def worker_command(settings: ServiceSettings, port: int) -> list[str]:
     if settings.inference_command:
         return [*settings.inference_command, "--port", str(port)]
-    command = [sys.executable, "-m", "posttrain.inference.serving", "--port", str(port),
+    command = [settings.worker_python, "-m", "posttrain.inference.serving", "--port", str(port),
                "--memory-mb", str(settings.inference_memory_mb), "--device", settings.inference_device_kind,
                "--dtype", settings.inference_dtype,
                "--max-batch-size", str(settings.inference_max_batch_size)]
@@ -73,10 +78,16 @@ def worker_command(settings: ServiceSettings, port: int) -> list[str]:
 
 
 class InferenceWorker:
-    def __init__(self, settings: ServiceSettings) -> None:
+    """One supervised inference server process. ``command(port)``: how to start it (default: posttrain's
+    worker); vllm_backend.py runs one of these per ``vllm serve``."""
+
+    def __init__(self, settings: ServiceSettings, command: Callable[[int], list[str]] | None = None,
+                 log_path: Path | None = None, environment: dict[str, str] | None = None) -> None:
         self.settings = settings
+        self.command = command or (lambda port: worker_command(settings, port))
+        self.environment = {**settings.inference_environment, **(environment or {})}
         self.key = secrets.token_urlsafe(24)
-        self.log_path = settings.data_dir / "inference-worker.log"
+        self.log_path = log_path or settings.data_dir / "inference-worker.log"
         self.restarts = 0
         self.last_error: str | None = None
         self._process: InferenceServerProcess | None = None
@@ -133,8 +144,8 @@ class InferenceWorker:
     def _start(self) -> bool:
         self._start_failed.clear()
         port = free_port()
-        env = {API_KEY_VARIABLE: self.key, **self.settings.inference_environment}
-        process = InferenceServerProcess(worker_command(self.settings, port), f"http://127.0.0.1:{port}",
+        env = {API_KEY_VARIABLE: self.key, **self.environment}
+        process = InferenceServerProcess(self.command(port), f"http://127.0.0.1:{port}",
                                          log_path=self.log_path, env=env,
                                          startup_timeout=self.settings.inference_startup_timeout_s)
         self._started_at = time.monotonic()
@@ -174,36 +185,21 @@ class InferenceWorker:
                 "Authorization": f"Bearer {self.key}"})
         return self._client
 
-    async def forward(self, path: str, body: bytes, source: ModelSource, stream: bool) -> Response:
-        """POST ``body`` to the worker's ``path``; its answer (a JSON body, or a stream passed through)."""
+    async def post(self, path: str, body: bytes, headers: dict[str, str] | None = None) -> httpx.Response:
+        """POST ``body`` to the worker's ``path`` (started on first use); its answer, body not read yet."""
         url = await asyncio.to_thread(self.wait_ready, self.settings.inference_startup_timeout_s)
         client = self._http()
         request = client.build_request("POST", url + path, content=body, headers={
-            "Content-Type": "application/json", SOURCE_HEADER: source.to_header()})
+            "Content-Type": "application/json", **(headers or {})})
         try:
-            response = await client.send(request, stream=True)
+            return await client.send(request, stream=True)
         except httpx.HTTPError as exc:
             self._wake.set()  # let the supervisor notice a dead worker now
             raise InferenceUnavailable(f"the inference worker did not answer ({exc}); it is being restarted, "
                                        "try again") from None
-        if not stream or response.status_code != 200:
-            content = await response.aread()
-            await response.aclose()
-            return Response(content, response.status_code, media_type=response.headers.get("content-type"))
-        return StreamingResponse(self._relay(response), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-                                 background=BackgroundTask(response.aclose))
 
-    async def _relay(self, response: httpx.Response) -> AsyncIterator[bytes]:
-        try:
-            async for chunk in response.aiter_raw():
-                yield chunk
-        except httpx.HTTPError:
-            self._wake.set()
-            yield (b'data: {"error":{"message":"the inference worker stopped while answering; try again",'
-                   b'"type":"server_error","param":null,"code":null}}\n\n')
-        finally:
-            await response.aclose()
+    async def send(self, path: str, body: bytes, source: ModelSource) -> httpx.Response:
+        return await self.post(path, body, {SOURCE_HEADER: source.to_header()})
 
     async def evict(self, source: ModelSource) -> None:
         """Unload what serves ``source`` in a running worker (best effort: a stopped one has nothing loaded)."""

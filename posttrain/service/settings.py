@@ -14,6 +14,7 @@ if TYPE_CHECKING:
 DEFAULT_PORT = 8322
 DEFAULT_DATA_DIR = "posttrain-data"
 MiB = 1024 * 1024
+INFERENCE_BACKENDS = ("posttrain", "vllm")
 
 
 def default_worker_command() -> list[str]:
@@ -62,6 +63,9 @@ class ServiceSettings:
     inference_max_batch_size: int = 64
     inference_startup_timeout_s: float = 180.0
     inference_command: list[str] | None = None  # instead of posttrain's worker (gets --port PORT appended)
+    # What generates: posttrain's own engine in its inference worker, or `vllm serve --enable-lora` (one per
+    # base model, on a GPU with vLLM installed; service/vllm_backend.py).
+    inference_backend: str = "posttrain"
     max_metrics_records: int = 10_000  # largest page of GET /metrics
 
     def __post_init__(self) -> None:
@@ -79,10 +83,20 @@ class ServiceSettings:
             raise ValueError("inference_threads must be at least 1")
         if self.inference_dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ValueError(f"inference dtype {self.inference_dtype!r}: use auto, float32, bfloat16 or float16")
+        if self.inference_backend not in INFERENCE_BACKENDS:
+            raise ValueError(f"inference backend {self.inference_backend!r}: use {' or '.join(INFERENCE_BACKENDS)}")
         if self.inference_device_kind not in ("auto", "cpu", "cuda", "mps"):
             raise ValueError(f"inference device {self.inference_device!r}: use auto, cpu, cuda, cuda:N or mps")
         if self.devices is not None and len(self.devices) != self.slots:
             raise ValueError(f"{len(self.devices)} devices given for {self.slots} slots; give one per slot")
+
+    @property
+    def worker_python(self) -> str:
+        """The Python that has torch and runs posttrain's processes (workers, the inference worker): the
+        worker command's own when that is posttrain's worker, else this one. The Llama Stack provider runs
+        in an environment without torch and points ``worker_command`` at posttrain's."""
+        command = self.worker_command
+        return command[0] if command[1:] == default_worker_command()[1:] else sys.executable
 
     @property
     def inference_device_kind(self) -> str:

@@ -29,4 +29,4 @@ def readyz(request: Request) -> JSONResponse:
     if not scheduler_of(request).alive:
         return JSONResponse({"status": "unavailable", "detail": "scheduler is not running"}, 503)
     return JSONResponse({"status": "ok", **scheduler_of(request).launcher.state(),
-                         **request.app.state.inference_worker.state()})
+                         **request.app.state.inference.state()})

@@ -9,12 +9,16 @@ gets the body as sent, with the weights' location in a header.
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from typing import Any
 
+import httpx
 from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import Response
+from fastapi.responses import Response, StreamingResponse
+from starlette.background import BackgroundTask
 
+from posttrain.inference.model_source import ModelSource
 from posttrain.inference.openai_protocol import ChatCompletionRequest, CompletionRequest
 from posttrain.service.inference_worker import InferenceBackend
 from posttrain.service.routes.deps import AUTH, Caller, settings_of, store_of
@@ -31,7 +35,31 @@ def catalog_of(request: Request) -> ModelCatalog:
 
 
 def worker_of(request: Request) -> InferenceBackend:
-    return request.app.state.inference_worker
+    return request.app.state.inference
+
+
+async def forward(backend: InferenceBackend, path: str, body: bytes, source: ModelSource, stream: bool) -> Response:
+    """The backend's answer as this route's: a JSON body, or its server-sent events passed through as they come."""
+    response = await backend.send(path, body, source)
+    if not stream or response.status_code != 200:
+        content = await response.aread()
+        await response.aclose()
+        return Response(content, response.status_code, media_type=response.headers.get("content-type"))
+    return StreamingResponse(_relay(response), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+                             background=BackgroundTask(response.aclose))
+
+
+async def _relay(response: httpx.Response) -> AsyncIterator[bytes]:
+    try:
+        async for chunk in response.aiter_raw():
+            yield chunk
+    except httpx.HTTPError:
+        # The supervisor notices the dead worker on its next look and restarts it.
+        yield (b'data: {"error":{"message":"the inference worker stopped while answering; try again",'
+               b'"type":"server_error","param":null,"code":null}}\n\n')
+    finally:
+        await response.aclose()
 
 
 @router.get("/models")
@@ -59,11 +87,11 @@ async def delete_model(model_id: str, request: Request, caller: Caller) -> dict[
 async def chat_completions(body: ChatCompletionRequest, request: Request, caller: Caller) -> Response:
     body.check()
     model = await run_in_threadpool(catalog_of(request).find, body.model, caller)
-    return await worker_of(request).forward("/v1/chat/completions", await request.body(), model.source, body.stream)
+    return await forward(worker_of(request), "/v1/chat/completions", await request.body(), model.source, body.stream)
 
 
 @router.post("/completions", response_model=None, responses=GENERATION)
 async def completions(body: CompletionRequest, request: Request, caller: Caller) -> Response:
     body.check()
     model = await run_in_threadpool(catalog_of(request).find, body.model, caller)
-    return await worker_of(request).forward("/v1/completions", await request.body(), model.source, body.stream)
+    return await forward(worker_of(request), "/v1/completions", await request.body(), model.source, body.stream)
