@@ -260,6 +260,36 @@ def _seg(value: str) -> str:
     return quote(value, safe="")
 
 
+class AsyncInference:
+    """The service's OpenAI generation routes for asyncio code (the Llama Stack remote inference provider).
+    Each call returns the answer with its body unread, so that a stream is read as it comes (close it after);
+    an error answer is the caller's to read (OpenAI's error body). A server that cannot be reached raises
+    ``ServiceError`` (status 0)."""
+
+    def __init__(self, server: str | None = None, api_key: str | None = None, timeout: float = 60.0) -> None:
+        self.server = (server or os.environ.get("POSTTRAIN_SERVER") or DEFAULT_SERVER).rstrip("/")
+        api_key = api_key if api_key is not None else os.environ.get("POSTTRAIN_API_KEY")
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        # No read timeout: an answer streams for as long as it takes.
+        self._http = httpx.AsyncClient(base_url=self.server, headers=headers,
+                                       timeout=httpx.Timeout(timeout, read=None))
+
+    async def _post(self, path: str, body: dict[str, Any]) -> httpx.Response:
+        try:
+            return await self._http.send(self._http.build_request("POST", path, json=body), stream=True)
+        except httpx.TransportError as exc:
+            raise ServiceError(0, f"cannot reach the posttrain service at {self.server}: {exc}") from None
+
+    async def chat_completions(self, body: dict[str, Any]) -> httpx.Response:
+        return await self._post("/v1/chat/completions", body)
+
+    async def completions(self, body: dict[str, Any]) -> httpx.Response:
+        return await self._post("/v1/completions", body)
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+
 def _raise_for_error(response: httpx.Response) -> None:
     if not response.is_error:
         return

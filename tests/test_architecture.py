@@ -116,7 +116,8 @@ def test_no_module_imports_another_modules_private_names():
 
 
 @pytest.mark.parametrize("module", ["posttrain.service.app", "posttrain.client", "posttrain.llama_stack.jobs",
-                                    "posttrain.llama_stack.mapping", "posttrain.commands.jobs"])
+                                    "posttrain.llama_stack.mapping", "posttrain.llama_stack.served",
+                                    "posttrain.commands.jobs"])
 def test_the_api_process_the_client_and_the_providers_import_no_training_library(module: str):
     probe = (f"import importlib, json, sys; importlib.import_module({module!r}); "
              "print(json.dumps(sorted(m for m in ('torch', 'transformers', 'trl', 'peft') if m in sys.modules)))")

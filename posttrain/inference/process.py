@@ -51,8 +51,9 @@ def with_model(command: list[str], model_path: str, tokenizer: str | None = None
 
 class InferenceServerProcess:
     def __init__(self, command: list[str], url: str = "http://127.0.0.1:9001", log_path: Path | None = None,
-                 env: dict[str, str] | None = None, startup_timeout: float = 600.0) -> None:
+                 env: dict[str, str] | None = None, startup_timeout: float = 600.0, cwd: Path | None = None) -> None:
         self.command = list(command)
+        self.cwd = cwd
         self.url = url.rstrip("/").removesuffix("/v1")
         self.log_path = log_path
         self.env = env
@@ -83,7 +84,7 @@ class InferenceServerProcess:
             output = subprocess.DEVNULL
         try:
             self.process = subprocess.Popen(self.command, stdout=output, stderr=subprocess.STDOUT, env=env,
-                                            start_new_session=True, preexec_fn=die_with_parent)
+                                            start_new_session=True, preexec_fn=die_with_parent, cwd=self.cwd)
         except OSError as exc:
             raise ServerProcessError(f"cannot start the inference server {self.command[0]!r}: {exc}") from None
         finally:

@@ -61,6 +61,17 @@ class InlineProviderConfig(TrainingDefaults):
         True, description="Fork each job's worker from a template process (under worker_python) that has "
         "imported torch/transformers/TRL already: a job starts in well under a second instead of seconds. "
         "Off: a fresh worker process per job.")
+    # The inference worker that answers the inline inference provider (started on its first request, under
+    # worker_python, beside the training slots): the same settings as `posttrain serve --inference-*`.
+    inference_device: str = Field(
+        "auto", description="Device of the inference worker: auto, cpu, cuda, cuda:N (only GPU N) or mps.")
+    inference_threads: int | None = Field(
+        None, ge=1, description="torch threads of the inference worker (default 1 on CPU).")
+    inference_memory_mb: int = Field(
+        4096, ge=1, description="Memory the inference worker's loaded models may take (least recently used "
+        "unloaded first).")
+    inference_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Weights dtype of served models (auto: bfloat16 on GPUs and CPUs with native bf16).")
 
     def resolved_data_dir(self) -> Path:
         return Path(os.path.expanduser(self.data_dir)).resolve()
@@ -72,6 +83,28 @@ class InlineProviderConfig(TrainingDefaults):
             "worker_python": "${env.POSTTRAIN_WORKER_PYTHON:=python3}",
             "device": "${env.POSTTRAIN_DEVICE:=auto}",
         }
+
+
+class InlineInferenceConfig(BaseModel):
+    """``inline::posttrain`` inference: serves what the ``inline::posttrain`` post_training provider trains,
+    with that provider's data dir and inference settings (one ServiceCore owns both)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    @classmethod
+    def sample_run_config(cls, __distro_dir__: str = "", **_kwargs: Any) -> dict[str, Any]:
+        return {}
+
+
+class RemoteInferenceConfig(BaseModel):
+    """``remote::posttrain`` inference: serves what the ``remote::posttrain`` post_training provider trains,
+    from the same service with the same key."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    @classmethod
+    def sample_run_config(cls, __distro_dir__: str = "", **_kwargs: Any) -> dict[str, Any]:
+        return {}
 
 
 class RemoteProviderConfig(TrainingDefaults):

@@ -107,7 +107,9 @@ class LocalJobs:
         worker_python = check_worker_python(config.worker_python)
         settings = ServiceSettings(
             data_dir=config.resolved_data_dir(), slots=config.slots, cancel_grace_s=config.cancel_grace_s,
-            worker_command=[worker_python, "-m", "posttrain.worker"], warm_workers=config.warm_workers)
+            worker_command=[worker_python, "-m", "posttrain.worker"], warm_workers=config.warm_workers,
+            inference_device=config.inference_device, inference_threads=config.inference_threads,
+            inference_memory_mb=config.inference_memory_mb, inference_dtype=config.inference_dtype)
         self.core = ServiceCore.open(settings, extra_dirs=(settings.data_dir / DATASETS_FOLDER,))
         self.settings, self.store, self.scheduler = settings, self.core.store, self.core.scheduler
         self.core.start()  # re-adopts workers of jobs that ran while Llama Stack was down
@@ -201,7 +203,8 @@ class RemoteJobs:
         from posttrain.client import Client
 
         self.url = config.url.rstrip("/")
-        self.client = Client(self.url, api_key=config.resolved_api_key(), timeout=config.timeout_s)
+        self.api_key, self.timeout_s = config.resolved_api_key(), config.timeout_s
+        self.client = Client(self.url, api_key=self.api_key, timeout=self.timeout_s)
 
     def submit(self, spec: dict[str, Any], train_rows: list[dict[str, Any]],
                validation_rows: list[dict[str, Any]] | None) -> JobInfo:

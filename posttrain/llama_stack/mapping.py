@@ -94,6 +94,15 @@ def job_uuid_of(name: str | None) -> str | None:
     return name[len(JOB_NAME_PREFIX):] if name and name.startswith(JOB_NAME_PREFIX) else None
 
 
+FINAL_FOLDER = "final"
+
+
+def checkpoint_identifier(job_uuid: str, folder: str) -> str:
+    """A job's Checkpoint identifier (``folder``: final or checkpoint-N), which is also its model's name in
+    posttrain's inference providers."""
+    return f"{job_uuid}/{folder}"
+
+
 def _job_uuid(request: Mapping[str, Any]) -> str:
     job_uuid = request.get("job_uuid")
     if not isinstance(job_uuid, str) or not job_uuid.strip() or len(job_uuid) > 200:

@@ -32,8 +32,10 @@ from llama_stack_api import (
 from posttrain.llama_stack.config import TrainingDefaults
 from posttrain.llama_stack.jobs import JobExists, JobNotFound, TrainingJobs
 from posttrain.llama_stack.mapping import (
+    FINAL_FOLDER,
     Method,
     RequestError,
+    checkpoint_identifier,
     job_spec,
     job_status,
     job_uuid_of,
@@ -133,14 +135,14 @@ class PosttrainPostTraining:
         records = self.jobs.metrics(job.id)
         found = [(name, f"checkpoints/{name}", int(name.rpartition("-")[2])) for name in artifacts.checkpoints]
         if artifacts.final:
-            found.append(("final", "final", job.step))
+            found.append((FINAL_FOLDER, FINAL_FOLDER, job.step))
         checkpoints = []
         for name, relative, step in found:
             upto = [record for record in records if int(record.get("step", 0)) <= step]
             epoch = max(1, math.ceil(float(upto[-1].get("epoch", 1)))) if upto else 1
             metrics = training_metrics(upto, epoch)
             checkpoints.append(Checkpoint(
-                identifier=f"{job_uuid_of(job.name) or job.id}/{name}",
+                identifier=checkpoint_identifier(job_uuid_of(job.name) or job.id, name),
                 created_at=_time(job.finished_at or job.updated_at), epoch=epoch,
                 post_training_job_id=job_uuid_of(job.name) or job.id, path=self.jobs.location(job.id, relative),
                 training_metrics=PostTrainingMetric(**metrics) if metrics else None))

@@ -1,4 +1,5 @@
-"""A ready Llama Stack run.yaml for a posttrain provider (``posttrain llama-stack config``).
+"""A ready Llama Stack run.yaml for posttrain's providers (``posttrain llama-stack config``): post_training
+(train) and inference (chat with what was trained), both inline or both remote.
 
 Everything it stores lives under one data dir, and the server binds loopback only: Llama Stack binds all
 interfaces when run.yaml names no host.
@@ -31,14 +32,18 @@ def run_config(provider: Provider, data_dir: str | Path, *, port: int = LLAMA_ST
     else:
         config = {"url": url, **({"api_key": api_key} if api_key else {})}
     entry: dict[str, Any] = {"provider_id": "posttrain", "provider_type": f"{provider}::posttrain", "config": config}
+    # Serves what the post_training provider trains (its ServiceCore, or its service): no config of its own.
+    inference: dict[str, Any] = {"provider_id": "posttrain", "provider_type": f"{provider}::posttrain", "config": {}}
     if not providers_d:
         entry["module"] = "posttrain.llama_stack"
+        inference["module"] = "posttrain.llama_stack.inference"
     run: dict[str, Any] = {
         "version": 2,
         "distro_name": f"posttrain-{provider}",
-        "apis": ["datasetio", "post_training"],
+        "apis": ["datasetio", "inference", "post_training"],
         "providers": {
             "post_training": [entry],
+            "inference": [inference],
             "datasetio": [{"provider_id": "localfs", "provider_type": "inline::localfs",
                            "config": {"kvstore": {"namespace": "datasetio::localfs", "backend": "kv_default"}}}],
         },

@@ -145,8 +145,10 @@ class InferenceWorker:
         self._start_failed.clear()
         port = free_port()
         env = {API_KEY_VARIABLE: self.key, **self.environment}
+        # In the data dir, not wherever the service was started: `python -m` puts its working directory first on
+        # sys.path, and a folder named posttrain there (Llama Stack's data dir has one) would shadow the package.
         process = InferenceServerProcess(self.command(port), f"http://127.0.0.1:{port}",
-                                         log_path=self.log_path, env=env,
+                                         log_path=self.log_path, env=env, cwd=self.settings.data_dir,
                                          startup_timeout=self.settings.inference_startup_timeout_s)
         self._started_at = time.monotonic()
         try:

@@ -66,6 +66,12 @@ class ServedModel:
                 "adapter": self.source.adapter is not None}
 
 
+def checkpoint_step(model_id: str) -> int | None:
+    """The step of a checkpoint's model id (``<fine-tuned name>:ckpt-step-<N>``); None for any other id."""
+    match = CHECKPOINT_SUFFIX.match(model_id.rpartition(":")[2])
+    return int(match.group(1)) if match else None
+
+
 def not_found(model_id: str) -> InvalidRequest:
     return InvalidRequest(f"The model '{model_id}' does not exist or you do not have access to it; GET /v1/models "
                           "lists yours", param="model", code="model_not_found", status_code=404)

@@ -1,7 +1,8 @@
 """Runs under Llama Stack's Python 3.12 environment (llama-stack-client needs >= 3.12): one call of the
 official client per invocation, its arguments and its answer as JSON.
 
-    python ls_client.py URL register|sft|dpo|list|get|stale-status  '<json kwargs>'
+    python ls_client.py URL register|sft|dpo|list|get|stale-status|chat|chat-stream|models|register-model \
+        '<json kwargs>'
 
 Prints the answer's ``model_dump`` or ``{"error": {"status": ..., "message": ...}}`` for an API error.
 A status, artifacts or cancel call is not here: llama-stack-client 0.6.1 sends those to stale paths
@@ -28,6 +29,11 @@ def main() -> None:
         # The documented workaround for the stale routes, and one stale route itself (to notice a fix).
         "get": lambda path: client.get(path, cast_to=object),
         "stale-status": client.alpha.post_training.job.status,
+        # Llama Stack's own inference API: chat with what was trained.
+        "chat": client.chat.completions.create,
+        "chat-stream": lambda **kw: list(client.chat.completions.create(stream=True, **kw)),
+        "models": client.models.list,
+        "register-model": client.models.register,
     }
     try:
         answer = calls[action](**kwargs)

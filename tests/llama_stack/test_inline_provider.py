@@ -1,6 +1,7 @@
 """inline::posttrain through a real `llama stack run` (Llama Stack 0.6.1 in its own Python 3.12 venv),
 driven by the official llama-stack-client: datasets registered through Llama Stack, SFT with LoRA and DPO
-on the embedded tiny model, job list / status / artifacts / cancel, and a Llama Stack restart mid-job.
+on the embedded tiny model, job list / status / artifacts / cancel, chat with a trained model through
+Llama Stack's own inference API (posttrain's inline inference provider), and a Llama Stack restart mid-job.
 One server is shared by the module; the restart test has its own."""
 
 from __future__ import annotations
@@ -65,6 +66,55 @@ def test_sft_with_lora_completes_with_checkpoints_and_metrics(server, sft_job):
     assert spec["data"]["validation"]["source"]  # a held-out split gives the validation loss
     # Its worker was forked from the warm template run by worker_python (the posttrain venv, with torch).
     assert "forked from the warm template" in (Path(resources["job_dir"]) / "worker.log").read_text()
+
+
+QUESTION, ANSWER = "What is the secret word?", "The secret word is pineapple."
+
+
+@pytest.fixture(scope="module")
+def taught_job(server) -> dict:
+    """A LoRA job that taught the tiny model one fact, trained through Llama Stack's post_training."""
+    row = {"messages": [{"role": "user", "content": QUESTION}, {"role": "assistant", "content": ANSWER}]}
+    server.call("register", purpose="post-training/messages", dataset_id="fact", source={"type": "rows", "rows": [row] * 16})
+    request = sft_request("fact", "fact", steps=40)
+    request["training_config"]["optimizer_config"]["lr"] = 1e-2
+    request["algorithm_config"] = {**request["algorithm_config"], "rank": 16, "alpha": 32}
+    assert server.call("sft", **request) == {"job_uuid": "fact"}
+    status = server.wait_finished("fact")
+    assert status["status"] == "completed", server.log()[-3000:]
+    return status
+
+
+def test_chat_with_the_trained_model_through_llama_stacks_inference_api(server, taught_job):
+    """Trained through post_training, called through Llama Stack's chat completions: the job's Checkpoint
+    identifier is the model's name under the posttrain inference provider, answered by the inline provider's
+    own inference worker (under worker_python: Llama Stack's environment has no torch)."""
+    identifier = taught_job["checkpoints"][-1]["identifier"]
+    assert identifier == "fact/final"
+    model = f"posttrain/{identifier}"
+
+    def ask(name: str) -> dict:
+        return server.call("chat", model=name, messages=[{"role": "user", "content": QUESTION}], max_tokens=12,
+                           temperature=0)
+
+    reply = ask(model)
+    assert reply["model"] == model and reply["choices"][0]["message"]["content"] == ANSWER, reply
+    assert reply["usage"]["completion_tokens"] >= 1
+    assert ask("posttrain/posttrain:tiny")["choices"][0]["message"]["content"] != ANSWER  # the base was not taught
+    chunks = server.call("chat-stream", model=model, messages=[{"role": "user", "content": QUESTION}],
+                         max_tokens=12, temperature=0)
+    assert len(chunks) > 1 and "".join(c["choices"][0]["delta"]["content"] or "" for c in chunks if c["choices"]) == ANSWER
+    assert (server.data_dir / "posttrain" / "inference-worker.log").is_file()
+
+    # Registered under its identifier, it is listed at once (unregistered, after Llama Stack's next refresh).
+    registered = server.call("register-model", model_id=identifier, provider_id="posttrain",
+                             provider_model_id=identifier)
+    assert registered["identifier"] == model, registered
+    assert model in [listed["id"] for listed in server.call("models")]
+    missing = server.call("chat", model="posttrain/no-such-job/final", messages=[{"role": "user", "content": "hi"}])
+    assert missing["error"]["status"] == 404, missing
+    refused = server.call("register-model", model_id="nothing", provider_id="posttrain", provider_model_id="nothing/final")
+    assert 400 <= refused["error"]["status"] < 500, refused
 
 
 def test_artifacts_load_with_transformers_and_peft_and_generate(server, sft_job):
@@ -252,6 +302,8 @@ def test_jobs_survive_a_llama_stack_restart_while_one_runs(llama_stack_venv, tmp
         second = LlamaStackServer(tmp_path / "data", "inline").start()
         try:
             assert {"job_uuid": "before"} in second.call("list")
+            # Llama Stack lists the trained models of its inference provider when it starts.
+            assert "posttrain/before/final" in [model["id"] for model in second.call("models")]
             assert second.status("before")["status"] == "completed"
             assert second.status("across")["status"] in ("in_progress", "completed")
             done = second.wait_finished("across")
@@ -282,3 +334,9 @@ def test_llama_stack_venv_has_the_provider_and_no_torch(llama_stack_venv):
     done = subprocess.run([str(llama_stack_venv / "bin" / "python"), "-c", probe], capture_output=True, text=True,
                           check=True)
     assert done.stdout.strip() == "True ['inline::posttrain', 'remote::posttrain']"
+    probe = ("import importlib.util as u, posttrain.llama_stack.inference.provider as p, "
+             "posttrain.llama_stack.inference.inline, posttrain.llama_stack.inference.remote; "
+             "print(u.find_spec('torch') is None, [(s.api.value, s.provider_type) for s in p.get_provider_spec()])")
+    done = subprocess.run([str(llama_stack_venv / "bin" / "python"), "-c", probe], capture_output=True, text=True,
+                          check=True)
+    assert done.stdout.strip() == "True [('inference', 'inline::posttrain'), ('inference', 'remote::posttrain')]"

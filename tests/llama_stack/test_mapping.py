@@ -247,12 +247,19 @@ def test_run_config_binds_loopback_and_keeps_storage_under_the_data_dir(tmp_path
     for backend in inline["storage"]["backends"].values():
         assert backend["db_path"].startswith(str(tmp_path))
     InlineProviderConfig(**entry["config"])  # what Llama Stack will validate it with
+    # An inference provider serves what it trains (a module of its own: Llama Stack picks specs by type alone).
+    assert "inference" in inline["apis"]
+    assert inline["providers"]["inference"] == [{"provider_id": "posttrain", "provider_type": "inline::posttrain",
+                                                 "config": {}, "module": "posttrain.llama_stack.inference"}]
     remote = run_config("remote", tmp_path, url="http://gpu-box:8322", providers_d=True)
     entry = remote["providers"]["post_training"][0]
     assert entry["provider_type"] == "remote::posttrain" and "module" not in entry
     assert entry["config"] == {"url": "http://gpu-box:8322"}
     spec = yaml.safe_load((Path(remote["external_providers_dir"]) / "remote/post_training/posttrain.yaml").read_text())
     assert spec["adapter_type"] == "posttrain" and spec["module"] == "posttrain.llama_stack.remote"
+    assert remote["providers"]["inference"][0]["provider_type"] == "remote::posttrain"
+    spec = yaml.safe_load((Path(remote["external_providers_dir"]) / "remote/inference/posttrain.yaml").read_text())
+    assert spec["module"] == "posttrain.llama_stack.inference.remote" and spec["api_dependencies"] == ["post_training"]
 
 
 def test_cli_prints_the_run_yaml(tmp_path):

@@ -1,6 +1,7 @@
 """remote::posttrain through a real `llama stack run` in front of a real `posttrain serve` (with an API
-key), both on loopback: Llama Stack 8321 -> remote provider -> posttrain service -> worker. The service's
-store is the truth: its jobs carry the Llama Stack job_uuid as their name."""
+key), both on loopback: Llama Stack 8321 -> remote provider -> posttrain service -> worker, and chat with
+the result through Llama Stack's inference API (remote::posttrain inference -> the service's OpenAI routes).
+The service's store is the truth: its jobs carry the Llama Stack job_uuid as their name."""
 
 from __future__ import annotations
 
@@ -32,14 +33,21 @@ def stack(llama_stack_venv, service, tmp_path_factory):
     server.stop()
 
 
-def test_sft_runs_on_the_service_and_shows_through_llama_stack(stack, service, tmp_path):
+@pytest.fixture(scope="module")
+def remote_sft(stack) -> dict:
+    """A LoRA SFT job sent through Llama Stack to the service, trained to completion."""
+    assert stack.call("sft", **sft_request("remote-sft", "adds")) == {"job_uuid": "remote-sft"}
+    status = stack.wait_finished("remote-sft")
+    assert status["status"] == "completed", stack.log()[-3000:]
+    return status
+
+
+def test_sft_runs_on_the_service_and_shows_through_llama_stack(stack, service, remote_sft, tmp_path):
     import torch
     from peft import AutoPeftModelForCausalLM
     from transformers import AutoTokenizer
 
-    assert stack.call("sft", **sft_request("remote-sft", "adds")) == {"job_uuid": "remote-sft"}
-    status = stack.wait_finished("remote-sft")
-    assert status["status"] == "completed", stack.log()[-3000:]
+    status = remote_sft
     job_id = status["resources_allocated"]["posttrain_job_id"]
     assert status["resources_allocated"]["service"] == service.url
     with service.client() as client:
@@ -59,6 +67,21 @@ def test_sft_runs_on_the_service_and_shows_through_llama_stack(stack, service, t
         assert model.generate(**ids, max_new_tokens=4, do_sample=False).shape[-1] > ids["input_ids"].shape[-1]
     assert {"job_uuid": "remote-sft"} in stack.call("list")
     assert stack.artifacts("remote-sft")["checkpoints"] == status["checkpoints"]
+
+
+def test_chat_with_the_trained_model_through_llama_stack(stack, service, remote_sft):
+    """remote::posttrain inference: the job's Checkpoint identifier names its model, which the service's
+    inference worker answers, exactly as the service answers the same job asked for directly."""
+    import openai
+
+    question = [{"role": "user", "content": "What is 3 plus 3?"}]
+    model = f"posttrain/{remote_sft['checkpoints'][-1]['identifier']}"
+    reply = stack.call("chat", model=model, messages=question, max_tokens=8, temperature=0)
+    assert reply["model"] == model == "posttrain/remote-sft/final", reply
+    direct = openai.OpenAI(base_url=f"{service.url}/v1", api_key=KEY, max_retries=0).chat.completions.create(
+        model=remote_sft["resources_allocated"]["posttrain_job_id"], messages=question, max_tokens=8, temperature=0)
+    assert reply["choices"][0]["message"]["content"] == direct.choices[0].message.content
+    assert reply["usage"]["completion_tokens"] == direct.usage.completion_tokens >= 1
 
 
 def test_the_services_other_jobs_are_not_llama_stacks(stack, service):
@@ -104,7 +127,7 @@ def test_bad_request_is_a_llama_stack_error_and_nothing_reaches_the_service(stac
     assert stack.alive()
 
 
-def test_a_llama_stack_restart_loses_nothing(stack):
+def test_a_llama_stack_restart_loses_nothing(stack, remote_sft):
     before = stack.call("list")
     assert {"job_uuid": "remote-sft"} in before
     stack.stop()
