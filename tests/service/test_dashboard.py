@@ -1,7 +1,8 @@
 """The web dashboard, in a real headless browser (Debian's chromium driven by Playwright), against a real
 server training posttrain:tiny: the list shows the running job, its loss curve and log grow while it
 trains, and the page's cancel button cancels it. On a keyed server the page asks for the key, refuses a
-wrong one and shows only the key owner's jobs.
+wrong one and shows only the key owner's jobs. A succeeded job's page has a playground: one prompt, the
+base model's and the fine-tuned model's answers side by side, streamed.
 
 Without chromium or Playwright the browser tests skip, saying why, except in CI (``CI`` set), where they
 fail: the dashboard's test cannot silently vanish there.
@@ -190,3 +191,38 @@ def test_a_keyed_server_asks_for_the_key_and_shows_only_that_owners_jobs(start_s
 
     page.locator("#forget-key").click()
     expect(page.locator("#api-key")).to_be_visible()
+
+
+def test_the_playground_streams_the_base_and_the_fine_tuned_answers_side_by_side(start_server, page, tmp_path: Path):
+    """A LoRA job taught one fact; on its page (a keyed server: the page's key reaches the inference routes),
+    one prompt gets the base model's answer and the fine-tuned one's, each streamed in several chunks."""
+    from playwright.sync_api import expect
+
+    question, answer = "What is the secret word?", "The secret word is pineapple."
+    row = {"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]}
+    (tmp_path / "fact.jsonl").write_text((json.dumps(row) + "\n") * 16)
+    keys = write_key_file(tmp_path / "keys.txt", [f"{ALICE} alice"])
+    server = start_server("--api-key-file", str(keys), api_key=ALICE)
+    with server.client() as alice:
+        spec = train_spec(max_steps=40, save_steps=1000, per_device_train_batch_size=4, learning_rate=1e-2)
+        spec |= {"name": "taught", "model": {"name_or_path": "posttrain:tiny"}, "peft": {"type": "lora"},
+                 "data": {"source": alice.upload(tmp_path / "fact.jsonl").source}}
+        job = alice.submit(spec)
+        assert alice.wait(job.id, timeout=300).state == "succeeded"
+        served = alice.get_model(job.id)
+
+    page.goto(f"{server.url}/#/jobs/{job.id}")
+    page.locator("#api-key").fill(ALICE)
+    page.locator("#api-key").press("Enter")
+    playground = page.locator("#playground")
+    expect(playground.locator("[data-role='base']")).to_contain_text("posttrain:tiny")
+    expect(playground.locator("[data-role='tuned']")).to_contain_text(served["id"])  # ft:posttrain:tiny:alice:taught:job-...
+    page.locator("#playground-prompt").fill(question)
+    page.locator("#playground-send").click()
+
+    tuned, base = playground.locator("[data-role='tuned']"), playground.locator("[data-role='base']")
+    expect(tuned).to_have_attribute("data-state", "done")
+    expect(base).to_have_attribute("data-state", "done")
+    expect(tuned.locator(".answer-text")).to_have_text(answer)  # greedy (temperature 0, the default)
+    assert base.locator(".answer-text").inner_text() not in ("", answer)
+    assert int(tuned.locator(".answer-text").get_attribute("data-chunks")) > 1  # streamed, not in one piece

@@ -29,7 +29,7 @@ const enc = encodeURIComponent;
 
 async function call(path, options = {}) {
   const key = apiKey();
-  const headers = key ? { Authorization: `Bearer ${key}` } : {};
+  const headers = { ...options.headers, ...(key ? { Authorization: `Bearer ${key}` } : {}) };
   const response = await fetch(path, { ...options, headers, cache: "no-store" });
   if (response.ok) return response;
   let message = `${response.status} ${response.statusText}`;
@@ -57,6 +57,8 @@ export const api = {
   resume: (id) => json(`v1/jobs/${enc(id)}/resume`, { method: "POST" }),
   /** The file as a Blob: a plain link cannot send the Authorization header a keyed server needs. */
   download: (id, path) => call(artifactUrl(id, path)).then((response) => response.blob()),
+  /** A served model (OpenAI's model object): by a job id, that job's trained model; 404 when it has none. */
+  model: (id) => json(`v1/models/${enc(id)}`),
 };
 
 /** One server-sent event block ("event: x\ndata: y\n...") as {type, data}; null for a keep-alive comment. */
@@ -81,7 +83,11 @@ function parseEvent(block) {
  * Authorization header, so the stream is read from fetch's body. Abort `signal` to stop following.
  */
 export async function* followLog(id, tail, signal) {
-  const response = await call(`v1/jobs/${enc(id)}/logs?follow=true&tail=${tail}`, { signal });
+  yield* events(await call(`v1/jobs/${enc(id)}/logs?follow=true&tail=${tail}`, { signal }));
+}
+
+/** The SSE events of a response body, as parseEvent gives them. */
+async function* events(response) {
   const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
   let buffer = "";
   for (;;) {
@@ -94,6 +100,23 @@ export async function* followLog(id, tail, signal) {
       buffer = buffer.slice(cut + 2);
       if (event) yield event;
     }
+  }
+}
+
+/**
+ * POST /v1/chat/completions with stream: true; yields each chunk (OpenAI's chat.completion.chunk) as it
+ * arrives, until [DONE]. An error the server sends mid-stream is thrown as an ApiError.
+ */
+export async function* chatStream(body, signal) {
+  const response = await call("v1/chat/completions", {
+    method: "POST", signal, headers: { "Content-Type": "application/json" },
+    body: JSON.stringify({ ...body, stream: true }),
+  });
+  for await (const event of events(response)) {
+    if (event.data === "[DONE]") return;
+    const chunk = JSON.parse(event.data);
+    if (chunk.error) throw new ApiError(500, chunk.error.message);
+    yield chunk;
   }
 }
 

@@ -1,9 +1,11 @@
-// One job (#/jobs/<id>): its state and progress, live curves, the log as it is written, its files, pause/resume and cancel.
+// One job (#/jobs/<id>): its state and progress, live curves, the log as it is written, its files, pause/resume and
+// cancel; once it has succeeded, a playground for its model (playground.js).
 
 import { AuthError, api, apiKey, artifactUrl, followLog, poll } from "./api.js";
 import { h } from "./dom.js";
 import { ago, bytes, dateTime, duration, isFinished, number, runTime, stateClass } from "./format.js";
 import { progress } from "./list.js";
+import { playground } from "./playground.js";
 import { COLOURS, lineChart } from "./plot.js";
 
 // Metric keys drawn, one panel per group (a panel appears once one of its keys has a value).
@@ -68,11 +70,13 @@ export function jobView(page, id) {
   const logBox = h("pre", { class: "log", id: "log" });
   const logState = h("span", { class: "muted small", id: "log-state" }, "connecting…");
   const files = h("div", { class: "files" });
+  const playgroundSlot = h("div", {});
   page.main.append(
     h("a", { href: "#/", class: "back" }, "← All jobs"),
     h("section", { class: "card" },
       h("div", { class: "card-head" }, h("div", { class: "title" }, title, badge),
         h("div", { class: "actions" }, pauseButton, cancelButton)), facts, errorBox),
+    playgroundSlot,
     h("section", { class: "card" }, h("h2", {}, "Curves"), charts),
     h("section", { class: "card" }, h("div", { class: "card-head" }, h("h2", {}, "Log"), logState), logBox),
     h("section", { class: "card" }, h("h2", {}, "Checkpoints and files"), files));
@@ -82,6 +86,8 @@ export function jobView(page, id) {
   let job = null;
   let polls = 0;
   let shownFiles = "";
+  let playgroundAsked = false;
+  let stopPlayground = null;
   const openGroups = new Set();
 
   function latest(key) {
@@ -224,6 +230,14 @@ export function jobView(page, id) {
     if (grew) renderCharts();
     const finished = isFinished(job.state);
     if (polls++ % FILES_EVERY === 0 || finished) renderFiles(await api.artifacts(id));
+    if (job.state === "succeeded" && !playgroundAsked) {
+      playgroundAsked = true;
+      playground(page, id).then((shown) => {
+        if (!shown || streams.signal.aborted) return;
+        playgroundSlot.replaceChildren(shown.element);
+        stopPlayground = shown.stop;
+      }).catch(page.onError);
+    }
     return !finished; // a finished job changes no more: stop polling
   }
 
@@ -296,5 +310,6 @@ export function jobView(page, id) {
   return () => {
     stopPolling();
     streams.abort();
+    stopPlayground?.();
   };
 }
