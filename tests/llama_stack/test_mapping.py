@@ -306,3 +306,24 @@ def test_a_bare_worker_python_name_is_found_on_path(tmp_path, monkeypatch):
     wrapper.chmod(0o755)
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
     assert check_worker_python("posttrain-python") == str(bin_dir / "posttrain-python")
+
+
+def test_trained_models_are_named_by_their_checkpoint_identifiers():
+    """What posttrain's inference providers list and call: a Llama Stack job's model and checkpoints by the
+    identifiers its artifacts show, translated back into the job service's names for each request."""
+    from types import SimpleNamespace
+
+    from posttrain.llama_stack.served import llama_stack_names, service_name
+
+    jobs = [SimpleNamespace(id="job-1", name="llama-stack/adds"), SimpleNamespace(id="job-2", name="other")]
+    tuned = "ft:posttrain:tiny:local:llama-stack/adds:job-1"
+    models = [{"id": "posttrain:tiny", "kind": "base", "job_id": None},
+              {"id": tuned, "kind": "fine-tune", "job_id": "job-1"},
+              {"id": f"{tuned}:ckpt-step-2", "kind": "checkpoint", "job_id": "job-1"},
+              {"id": "ft:posttrain:tiny:local:other:job-2", "kind": "fine-tune", "job_id": "job-2"}]
+    assert [name for name, _ in llama_stack_names(models, jobs)] == [
+        "posttrain:tiny", "adds/final", "adds/checkpoint-2", "ft:posttrain:tiny:local:other:job-2"]
+    find = {"adds": jobs[0]}.get
+    assert [service_name(name, find) for name in ("adds/final", "adds/checkpoint-2", "adds", "posttrain:tiny",
+                                                  tuned, "gone/final")] == [
+        "job-1/final", "job-1/checkpoint-2", "job-1", "posttrain:tiny", tuned, "gone/final"]
