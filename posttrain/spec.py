@@ -360,6 +360,11 @@ class TrainingSpec(Section):
     gradient_checkpointing: Literal["auto", True, False] = Field(
         "auto", description="Recompute activations to save memory; auto: only on CUDA for >1B models."
     )
+    compile: Literal["auto", True, False] = Field(
+        "auto",
+        description="torch.compile each decoder layer (one compiled graph for every layer and length); auto: on "
+        "CPUs with native bf16 for models of 50M parameters or more, where it was measured 1.7x faster.",
+    )
     num_threads: int | None = Field(
         None, gt=0, le=4096, description="CPU threads for torch; default 1 per process on CPU (fastest measured here)."
     )
