@@ -7,6 +7,7 @@ import shutil
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from trl.data_utils import is_conversational
 
 from posttrain.data import PreparedData
@@ -173,3 +174,52 @@ def record_settings(inputs: RecipeInputs, **settings: object) -> None:
         extra = getattr(callback, "extra", None)
         if isinstance(extra, dict):
             extra.update(settings)
+
+
+# Config attributes by which a model scales or caps its logits; TRL's fused head honours them, ours does not.
+LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier",
+                    "logits_scaling")
+
+
+def use_selected_log_probs(model: Any, temperature: float = 1.0, extras: tuple[str, ...] = ()) -> bool:
+    """On CPU, score only the labelled positions where TRL's DPO and GRPO trainers call their fused LM head.
+
+    TRL 1.16 patches the model so that ``model(..., labels=..., fused_lm_head=True)`` returns per-token
+    log-probabilities; off Triton devices its kernel projects every position (prompt and padding too) through
+    the LM head and projects them again in the backward. This wraps that patched forward: the same call runs
+    the backbone, then :func:`posttrain.losses.selected_log_probs` on the labelled positions only (DPO: the
+    completions; GRPO: the completion tokens), and returns TRL's own output type with zeros elsewhere, as TRL's
+    does. ``extras`` are the non-differentiable per-token fields the trainer reads (entropy, mean_logits,
+    is_top1). A model whose head is not a plain projection keeps TRL's kernel. Returns whether it applied.
+    """
+    from trl.trainer.utils import FusedCausalLMOutput
+
+    from posttrain.losses import selected_log_probs
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    text_config = base.config.get_text_config()
+    head = base.get_output_embeddings()
+    if any(getattr(text_config, name, None) is not None for name in LOGIT_TRANSFORMS) or head is None \
+            or getattr(head, "bias", None) is not None or "forward" not in vars(base):
+        return False
+    trl_forward = base.forward  # TRL's patched forward: the fallback, and the path without fused_lm_head
+
+    def forward(*args: Any, fused_lm_head: bool = False, labels: Any = None, shift_labels: Any = None,
+                num_items_in_batch: Any = None, **kwargs: Any) -> Any:
+        if not fused_lm_head or shift_labels is not None or kwargs.get("output_router_logits"):
+            return trl_forward(*args, fused_lm_head=fused_lm_head, labels=labels, shift_labels=shift_labels,
+                               num_items_in_batch=num_items_in_batch, **kwargs)
+        kwargs["use_cache"] = False
+        hidden = base.base_model(*args, **kwargs).last_hidden_state[:, :-1]
+        targets = labels[:, 1:]
+        mask = targets != -100
+        weight = base.get_output_embeddings().weight
+        logps, more = selected_log_probs(hidden[mask], weight, targets[mask], temperature, extras)
+        # masked_scatter keeps an all-masked micro-batch connected to the graph (a zero with a gradient), as TRL does.
+        per_token = {name: torch.zeros(mask.shape, dtype=value.dtype, device=mask.device).masked_scatter(mask, value)
+                     for name, value in {"log_probs": logps, **more}.items()}
+        count = mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
+        return FusedCausalLMOutput(loss=-per_token["log_probs"].sum() / count, label_mask=mask, **per_token)
+
+    base.forward = forward
+    return True
