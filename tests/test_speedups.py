@@ -108,3 +108,64 @@ def test_dpo_selected_head_gives_trl_loss_gradients_and_reference_log_probs(tmp_
     # The cached reference log-probs (computed by posttrain's head before training) are the reference's.
     cached = torch.tensor([trainer.train_dataset[i]["ref_chosen_logps"] for i in range(4)])
     torch.testing.assert_close(cached, trl_reference[0].float(), rtol=1e-4, atol=1e-4)
+
+
+def head_outputs(trainer, batch, weights) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """Per-token log-probs and entropies of TRL's fused-head call, and the gradients of a weighted sum of the
+    log-probs (GRPO weighs every token by its advantage)."""
+    trainer.model.zero_grad(set_to_none=True)
+    with trainer.accelerator.autocast():
+        out = trainer.model(**batch, fused_lm_head=True)
+    (out.log_probs * weights).sum().backward()
+    grads = {name: p.grad.clone() for name, p in trainer.model.named_parameters() if p.grad is not None}
+    trainer.model.zero_grad(set_to_none=True)
+    return out.log_probs.detach(), out.entropy.detach(), grads
+
+
+def test_grpo_selected_head_gives_trl_log_probs_entropies_and_gradients(tmp_path):
+    trainer = build_trainer_for(tmp_path, {"name": "grpo", "temperature": 0.7, "max_completion_length": 8},
+                                {"type": "lora"}, "posttrain:gsm8k")
+    generator = torch.Generator().manual_seed(0)
+    input_ids = torch.randint(0, trainer.model.config.vocab_size, (3, 12), generator=generator)
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[0, :4] = 0  # left padding, as GRPO batches it
+    labels = input_ids.masked_fill(attention_mask == 0, -100)
+    labels[:, :6] = -100  # the prompt: only completion tokens are scored
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    weights = torch.randn(3, 11, generator=generator)
+
+    logps, entropy, grads = head_outputs(trainer, batch, weights)
+    restore_trl_head(trainer, temperature=0.7, outputs=("log_probs", "entropy"))
+    trl_logps, trl_entropy, trl_grads = head_outputs(trainer, batch, weights)
+
+    torch.testing.assert_close(logps, trl_logps, rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(entropy, trl_entropy, rtol=1e-3, atol=1e-3)
+    assert (logps[:, :5] == 0).all(), "prompt positions carry no log-prob"
+    assert_same_training_signal((0.0, grads), (0.0, trl_grads))
+
+
+def test_grpo_rollouts_go_through_the_engine_with_trl_prompt_rendering(tmp_path):
+    trainer = build_trainer_for(tmp_path, {"name": "grpo", "max_completion_length": 6}, {"type": "lora"},
+                                "posttrain:gsm8k")
+    assert trainer.rollout_func is not None
+    prompts = [trainer.train_dataset[i]["prompt"] for i in (0, 0, 1, 1)]
+    out = trainer.rollout_func(prompts, trainer)
+    # TRL renders prompts in its private _tokenize_prompts; the engine must see exactly those tokens.
+    assert out["prompt_ids"] == [list(ids) for ids in trainer._tokenize_prompts(prompts)[0]]
+    assert len(out["completion_ids"]) == len(prompts)
+    eos = set(trainer.eos_token_ids)
+    for ids in out["completion_ids"]:
+        assert 0 < len(ids) <= 6
+        assert all(token not in eos for token in ids[:-1]), "a completion stops at its first EOS"
+    # The copy it samples from is the policy: after a weight change, a refresh carries it over.
+    rollouts = trainer.rollout_func
+    probe = torch.tensor([out["prompt_ids"][0]])
+    with torch.no_grad():
+        before = rollouts.copy.model(input_ids=probe).logits[0, -1].float()
+        for name, parameter in trainer.model.named_parameters():
+            if "lora_B" in name:
+                parameter.add_(0.05)
+        theirs = trainer.model(input_ids=probe).logits[0, -1].float()
+        ours = rollouts.copy.refresh()(input_ids=probe).logits[0, -1].float()
+    assert float((theirs - before).norm() / theirs.norm()) > 0.1, "the change moves the policy"
+    assert float((ours - theirs).norm() / theirs.norm()) < 2e-2  # the copy is bf16

@@ -56,7 +56,7 @@ def use_gradient_checkpointing(spec: JobSpec, placement: Placement, num_params: 
     return placement.device == "cuda" and num_params >= CHECKPOINTING_MIN_PARAMS
 
 
-def use_compile(spec: JobSpec, placement: Placement, num_params: int) -> bool:
+def use_compile(spec: JobSpec, placement: Placement, num_params: int, samples_from_it: bool = False) -> bool:
     """Whether to compile the decoder layers (``training.compile``).
 
     auto: on a CPU with native bf16 (AVX512-BF16 or AMX), one process, for models of COMPILE_MIN_PARAMS or
@@ -64,14 +64,15 @@ def use_compile(spec: JobSpec, placement: Placement, num_params: int) -> bool:
     and a step is dominated by elementwise work (dtype casts under autocast, RMSNorm, RoPE, SiLU, softmax) that
     inductor fuses: a SmolLM2-135M LoRA step took 1.7x less CPU time compiled (bench/README.md). Compiling
     costs ~30-80 s once per process (less with inductor's on-disk cache), which a small model's short steps
-    never pay back. AVX2-only CPUs run fp32 and were not measured: off there.
+    never pay back. AVX2-only CPUs run fp32 and were not measured: off there. ``samples_from_it``: the trainer
+    also generates with this model (GRPO without the engine's rollouts).
     """
     setting = spec.training.compile
     if setting != "auto":
         return bool(setting)
-    # GRPO generates with the training model (TRL's loop, a KV cache): its decode steps would recompile.
+    # A model that also samples (GRPO through TRL's own loop, with a KV cache) would recompile for its decode steps.
     return (placement.device == "cpu" and cpu_bf16_autocast(spec, placement) and num_params >= COMPILE_MIN_PARAMS
-            and spec.distributed.launcher != "torchrun" and spec.method.name != "grpo" and c_compiler_found())
+            and spec.distributed.launcher != "torchrun" and not samples_from_it and c_compiler_found())
 
 
 def c_compiler_found() -> bool:

@@ -42,7 +42,9 @@ def run(context: RunContext) -> JobResult:
     inputs = RecipeInputs(spec, jd, placement, data, tokenizer, callbacks)
     trainer = build_trainer(inputs)
     num_params = sum(p.numel() for p in trainer.model.parameters())
-    compiled = compile_decoder_layers(trainer.model) if use_compile(spec, placement, num_params) else 0
+    # GRPO samples from its training model unless its rollouts go through the engine (TRL's rollout_func).
+    samples = spec.method.name == "grpo" and getattr(trainer, "rollout_func", None) is None
+    compiled = compile_decoder_layers(trainer.model) if use_compile(spec, placement, num_params, samples) else 0
     record_settings(inputs, compiled_layers=compiled)
     if compiled:
         log.info("compiled %d decoder layers (training.compile=%s)", compiled, spec.training.compile)
