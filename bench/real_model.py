@@ -61,6 +61,10 @@ class RealSettings:
     repeats: int = 3
     # torch.compile for tuned TRL (TrainingArguments.torch_compile with Accelerate's regional compilation).
     tuned_compile: bool = True
+    # Stock TRL takes part (the quick run leaves it out: it checks the shape, with the baseline and posttrain).
+    stock: bool = True
+    # posttrain's training.compile (quick: off, since compiling SmolLM2 takes longer than a toy run).
+    posttrain_compile: str | bool = "auto"
 
     @classmethod
     def quick(cls) -> RealSettings:
@@ -68,7 +72,8 @@ class RealSettings:
                    max_context_sentences=1, max_reply_sentences=2, pair_steps=2, pair_batch_size=2,
                    pair_max_context_sentences=1, pair_max_reply_sentences=1, grpo_steps=2,
                    grpo_batch_size=4, grpo_num_generations=2, grpo_max_completion_length=8,
-                   rollout_batch_sizes=(4,), rollout_tokens=4, repeats=1, tuned_compile=False)
+                   rollout_batch_sizes=(4,), rollout_tokens=4, repeats=1, tuned_compile=False, stock=False,
+                   posttrain_compile=False)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -302,7 +307,7 @@ def run_real_posttrain(method: str, paths: dict[str, str], settings: RealSetting
         "peft": peft,
         "training": {"max_steps": settings.steps, "per_device_train_batch_size": settings.batch_size,
                      "learning_rate": lr, "seed": SEED, "max_seq_length": settings.max_seq_length,
-                     "logging_steps": 1},
+                     "logging_steps": 1, "compile": settings.posttrain_compile},
         "tracking": {"report_to": []},
     })
     result = run_worker(spec, out_dir, log_to_file=False, extra_callbacks=[clock.callback()])
@@ -389,7 +394,8 @@ def run_method_line(method: str, variant: str, paths: dict[str, str], settings: 
             "data": {"source": paths["gsm8k" if method == "grpo" else "pairs"]},
             "peft": {"type": "lora", "r": settings.lora_r, "alpha": settings.lora_alpha},
             "training": {"max_steps": steps, "per_device_train_batch_size": batch, "seed": SEED,
-                         "logging_steps": 1, "learning_rate": 1e-5, "max_seq_length": settings.max_seq_length},
+                         "logging_steps": 1, "learning_rate": 1e-5, "max_seq_length": settings.max_seq_length,
+                         "compile": settings.posttrain_compile},
             "tracking": {"report_to": []},
         })
         result = run_worker(spec, out_dir, log_to_file=False, extra_callbacks=[Marks()])
@@ -633,7 +639,7 @@ def run_real_suite(work: Path, settings: RealSettings, spawn, lines: tuple[str, 
     lora_params = lora_parameter_count(config, settings)
     report: dict[str, Any] = {}
     for line in (name for name in LINES if name in lines):
-        variants = LINE_VARIANTS[line]
+        variants = tuple(v for v in LINE_VARIANTS[line] if settings.stock or v != "stock_trl")
         runs: dict[str, list[dict[str, Any]]] = {variant: [] for variant in variants}
         for repeat in range(settings.repeats):
             for variant in variants:
