@@ -125,12 +125,12 @@ def test_cpu_sft_defaults_group_rows_by_length_without_padding_free(sft_trainer)
     assert sft_trainer.fused_loss is True
 
 
-def test_quick_real_model_suite_writes_interleaved_runs_with_medians_mfu_and_a_generated_table(tmp_path, smollm2_dir):
+def test_quick_real_model_suite_writes_runs_with_medians_mfu_and_a_generated_table(tmp_path, smollm2_dir):
     output = tmp_path / "sft_throughput.json"
     output.write_text(json.dumps({"results": {"kept": {}}}))  # a real-suite run keeps the synthetic results
     # One line of each kind (SFT, a TRL method line, rollout generation): `make bench-quick` runs them all.
     subprocess.run([sys.executable, str(REPO_ROOT / "bench" / "sft_throughput.py"), "--quick", "--suite", "real",
-                    "--real-methods", "lora,grpo,rollout", "--real-repeats", "2", "--output", str(output)],
+                    "--real-methods", "lora,grpo,rollout", "--output", str(output)],
                    check=True, cwd=REPO_ROOT, capture_output=True, text=True, timeout=900)
 
     report = json.loads(output.read_text())
@@ -143,11 +143,11 @@ def test_quick_real_model_suite_writes_interleaved_runs_with_medians_mfu_and_a_g
         assert section["baseline"] == baseline
         assert set(section["runs"]) == {baseline, "posttrain"}, line  # quick: no stock TRL
         for variant, rows in section["runs"].items():
-            assert len(rows) == 2, (line, variant)  # --real-repeats 2, interleaved
+            assert len(rows) == real["settings"]["repeats"] == 1, (line, variant)  # quick: one run each
             for row in rows:
                 assert row[section["metric"]] > 0 and 0 < row["mfu"] < 1 and row["peak_rss_mb"] > 100, (line, variant)
             summary = section["summary"][variant][section["metric"]]
-            assert summary["min"] <= summary["median"] <= summary["max"] and len(summary["runs"]) == 2
+            assert summary["min"] <= summary["median"] <= summary["max"] and len(summary["runs"]) == 1
         verdict = section["posttrain_over_baseline"]
         assert verdict["ratio_of_medians"] > 0 and verdict["slowest_over_fastest"] <= verdict["ratio_of_medians"]
     assert real["lora"]["summary"]["posttrain"]["eval_loss"]["median"] > 0
