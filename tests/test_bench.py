@@ -160,7 +160,10 @@ def test_quick_real_model_suite_writes_runs_with_medians_mfu_and_a_generated_tab
 
 
 def test_a_target_is_met_only_when_the_slowest_run_clears_it_or_the_spreads_part():
-    from bench.real_model import compare
+    from bench.real_model import compare, spread
+
+    assert spread([3.0, 1.0, 2.0]) == {"runs": [3.0, 1.0, 2.0], "median": 2.0, "min": 1.0, "max": 3.0}
+    assert spread([4.0, 1.0, 2.0, 3.0])["median"] == 2.5
 
     assert compare([2.2, 2.3, 2.4], [1.0, 1.05, 1.1], 2.0)["met"]  # slowest 2.2 / fastest 1.1 = 2.0
     # Medians 2.17x and the spreads apart (2.1 > 1.3): met, though the slowest/fastest ratio is 1.6x.
