@@ -87,7 +87,8 @@ class DPOMethod(Section):
         True,
         description="Keep a frozen reference model in memory (a copy of the base, or reference_model). "
         "false: no second model; reference log-probs come from the base with the LoRA adapter disabled, "
-        "or, in a full fine-tune, are computed once before training.",
+        "or, in a full fine-tune, are computed once before training. Either way they are computed once "
+        "before training and cached whenever the run trains on every row at least once.",
     )
     reference_model: str | None = Field(
         None, description="Explicit reference model id or folder (default: the model being trained)."
