@@ -57,7 +57,7 @@ lint: $(STAMP)
 # study), then the README's real-model table regenerated from the results: under 60 minutes on 2 cores.
 bench: $(STAMP)
 	$(PY) bench/sft_throughput.py --suite real
-	$(PY) bench/sft_throughput.py --suite synthetic --no-study
+	$(PY) bench/sft_throughput.py --suite synthetic --no-study --steps 20
 	$(PY) bench/readme_table.py
 
 # A few minutes: every line once at toy sizes, into a scratch file; checks the shape of the results.

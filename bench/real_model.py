@@ -30,10 +30,10 @@ class RealSettings:
     """What every real-model variant shares; written into the results."""
 
     batch_size: int = 8
-    steps: int = 8
+    steps: int = 6
     warmup: int = 2
     train_rows: int = 240
-    eval_rows: int = 24
+    eval_rows: int = 16
     max_seq_length: int = 512
     lora_r: int = 16
     lora_alpha: int = 32
