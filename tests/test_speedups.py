@@ -169,3 +169,20 @@ def test_grpo_rollouts_go_through_the_engine_with_trl_prompt_rendering(tmp_path)
         ours = rollouts.copy.refresh()(input_ids=probe).logits[0, -1].float()
     assert float((theirs - before).norm() / theirs.norm()) > 0.1, "the change moves the policy"
     assert float((ours - theirs).norm() / theirs.norm()) < 2e-2  # the copy is bf16
+
+
+def test_reward_trainer_picks_eager_attention_per_batch_with_sdpa_s_loss_and_gradients(tmp_path):
+    trainer = build_trainer_for(tmp_path, {"name": "reward"}, {"type": "lora"}, "posttrain:preference")
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    assert trainer.cpu_attention is not None and model.config._attn_implementation == "sdpa"
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
+    eager = loss_and_gradients(trainer, batch)  # a small batch: its scores fit the budget, eager runs
+    assert model.config._attn_implementation == "eager"
+
+    trainer.cpu_attention = None
+    model.set_attn_implementation("sdpa")
+    sdpa = loss_and_gradients(trainer, batch)
+
+    # Two kernels that round differently in bf16 (eager's softmax runs in fp32): 5% of a gradient's norm, as for
+    # the compiled layers.
+    assert_same_training_signal(eager, sdpa, grad_rtol=5e-2)
