@@ -65,6 +65,8 @@ def table(real: dict[str, Any]) -> str:
     machine = real.get("machine", {})
     notes = [f"{settings.get('repeats', '?')} runs of each variant, interleaved, each in a fresh process; "
              f"{machine.get('cpu', 'CPU')}, 1 thread per run; quick run: {real.get('quick', False)}."]
+    if real.get("note"):
+        notes.append(real["note"])
     return "\n".join([*rows, "", *notes])
 
 
