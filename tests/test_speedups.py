@@ -134,6 +134,8 @@ def test_grpo_selected_head_gives_trl_log_probs_entropies_and_gradients(tmp_path
     batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
     weights = torch.randn(3, 11, generator=generator)
 
+    head = trainer.model.get_base_model().forward
+    assert "use_selected_log_probs" in head.__qualname__, "posttrain's head wraps TRL's on CPU"
     logps, entropy, grads = head_outputs(trainer, batch, weights)
     restore_trl_head(trainer, temperature=0.7, outputs=("log_probs", "entropy"))
     trl_logps, trl_entropy, trl_grads = head_outputs(trainer, batch, weights)
@@ -183,6 +185,6 @@ def test_reward_trainer_picks_eager_attention_per_batch_with_sdpa_s_loss_and_gra
     model.set_attn_implementation("sdpa")
     sdpa = loss_and_gradients(trainer, batch)
 
-    # Two kernels that round differently in bf16 (eager's softmax runs in fp32): 5% of a gradient's norm, as for
-    # the compiled layers.
-    assert_same_training_signal(eager, sdpa, grad_rtol=5e-2)
+    # Two kernels that round differently in bf16 (eager's softmax runs in fp32): the reward's loss is itself a
+    # bf16 number (one ulp at 0.68 is 0.4%), and 5% of a gradient's norm, as for the compiled layers.
+    assert_same_training_signal(eager, sdpa, loss_rtol=1e-2, grad_rtol=5e-2)
