@@ -15,7 +15,7 @@ PYTHON312 ?= $(shell for py in python3.12 $(wildcard $(HOME)/.pyenv/versions/3.1
 LLAMA_STACK_PINS := llama-stack==0.6.1 llama-stack-api==0.6.1 llama-stack-client==0.6.1 "mcp<2" setuptools
 LS_STAMP := $(LLAMA_STACK_VENV)/.posttrain-installed
 
-.PHONY: install demo test lint bench clean llama-stack-venv
+.PHONY: install demo test lint bench bench-quick clean llama-stack-venv
 
 install: $(STAMP)
 
@@ -53,8 +53,17 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(PY) -m ruff check posttrain tests bench
 
+# The real-model suite (every line, 3 interleaved runs of each variant) and the synthetic suite (no thread
+# study), then the README's real-model table regenerated from the results: under 60 minutes on 2 cores.
 bench: $(STAMP)
-	$(PY) bench/sft_throughput.py
+	$(PY) bench/sft_throughput.py --suite real
+	$(PY) bench/sft_throughput.py --suite synthetic --no-study --steps 20
+	$(PY) bench/readme_table.py
+
+# A few minutes: every line once at toy sizes, into a scratch file; checks the shape of the results.
+bench-quick: $(STAMP)
+	$(PY) bench/sft_throughput.py --quick --suite real --output $${TMPDIR:-/tmp}/posttrain-bench-quick.json
+	$(PY) bench/readme_table.py --print --results $${TMPDIR:-/tmp}/posttrain-bench-quick.json
 
 clean:
 	rm -rf $(VENV) $(LLAMA_STACK_VENV) runs merged .pytest_cache

@@ -481,8 +481,10 @@ def main(argv: list[str] | None = None) -> int:
                         "all: both (default); token-budget: fixed against token-budget batches (token_budget). "
                         "A run keeps the other suites' results already in the output file.")
     parser.add_argument("--repeats", type=int, default=2, help="token-budget suite: alternating runs of each arm")
-    parser.add_argument("--real-methods", default="lora,full,dpo,grpo",
-                        help="real-model suite: comma-separated subset of lora, full, dpo, grpo")
+    parser.add_argument("--real-methods", default="lora,full,dpo,reward,grpo,rollout",
+                        help="real-model suite: comma-separated subset of lora, full, dpo, reward, grpo, rollout")
+    parser.add_argument("--real-repeats", type=int, help="real-model suite: interleaved runs of each variant "
+                        "(default 3; quick 1)")
     parser.add_argument("--steps", type=int, help="optimizer steps per variant (default 40; quick 3)")
     parser.add_argument("--warmup", type=int, help="steps excluded from timing (default 4; quick 1)")
     parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset to run")
@@ -541,8 +543,11 @@ def main(argv: list[str] | None = None) -> int:
             from bench.real_model import RealSettings, print_real_table, run_real_suite
 
             real_settings = RealSettings.quick() if args.quick else RealSettings()
+            if args.real_repeats:
+                real_settings.repeats = args.real_repeats
             (work / "real").mkdir()
             methods = tuple(name.strip() for name in args.real_methods.split(",") if name.strip())
+            report["machine_real_model"] = machine_info()
             report["real_model"] = run_real_suite(work / "real", real_settings, spawn, methods)
             report["real_model"]["quick"] = args.quick
     output.parent.mkdir(parents=True, exist_ok=True)

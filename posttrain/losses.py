@@ -109,3 +109,90 @@ def is_plain_projection(hidden: torch.Tensor, weight: torch.Tensor, logits: torc
         ours = (hidden[:, -1].to(compute) @ weight.to(compute).t()).float()
         theirs = logits[:, -1].float()
         return ours.shape == theirs.shape and bool((ours - theirs).norm() <= PLAIN_HEAD_RELATIVE_ERROR * theirs.norm())
+
+
+class SelectedLogProbs(torch.autograd.Function):
+    """Log-probabilities of ``targets`` under ``hidden @ weight.T / temperature``, one per row, with any upstream
+    gradient per row (DPO weighs each sequence's sum, GRPO each token). The logits of a chunk of rows live only
+    inside the loop. Where the hidden states need a gradient, d(log p)/d(hidden) (a [rows, dim] tensor) is
+    computed in the forward, so the backward only scales it by the upstream gradient; the head weight's gradient
+    (a full fine-tune's tied embedding) needs the upstream gradient inside the vocabulary-sized product, so the
+    backward projects the chunks again for it. The non-differentiable extras (entropy, mean logit, top-1 hit),
+    which TRL's trainers log, come from the same pass over each chunk."""
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, compute_dtype: torch.dtype,
+                temperature: float, need_grad: bool, extras: tuple[str, ...]):
+        rows = max(64, CHUNK_BYTES // (weight.shape[0] * 4))
+        w = weight.to(compute_dtype)
+        n = hidden.shape[0]
+        logps = torch.empty(n, dtype=torch.float32, device=hidden.device)
+        outputs = {name: torch.empty(n, dtype=torch.bool if name == "is_top1" else torch.float32,
+                                     device=hidden.device) for name in extras}
+        unit = (torch.empty(hidden.shape, dtype=torch.float32, device=hidden.device)
+                if need_grad and ctx.needs_input_grad[0] else None)
+        for start in range(0, n, rows):
+            h = hidden[start:start + rows].to(compute_dtype)
+            t = targets[start:start + rows]
+            logits = (h @ w.t()).float()
+            if temperature != 1.0:
+                logits /= temperature
+            # As in FusedLinearCrossEntropy: one max pass, one softmax, the log-normaliser read at the top-1 token.
+            top, predicted = logits.max(dim=-1)
+            probs = torch.softmax(logits, dim=-1)
+            log_norm = top - probs.gather(1, predicted[:, None]).squeeze(1).log()
+            logps[start:start + rows] = logits.gather(1, t[:, None]).squeeze(1) - log_norm
+            if "entropy" in outputs:
+                outputs["entropy"][start:start + rows] = log_norm - (probs * logits).sum(-1)
+            if "mean_logits" in outputs:
+                outputs["mean_logits"][start:start + rows] = logits.mean(-1)
+            if "is_top1" in outputs:
+                outputs["is_top1"][start:start + rows] = predicted == t
+            del logits
+            if unit is not None:
+                # d(log p_target)/d(logits) = one_hot(target) - softmax, through the temperature.
+                probs.neg_()
+                probs[torch.arange(t.shape[0], device=t.device), t] += 1
+                if temperature != 1.0:
+                    probs /= temperature
+                unit[start:start + rows] = probs.to(compute_dtype) @ w
+        ctx.mark_non_differentiable(*outputs.values())
+        ctx.weight_grad = need_grad and ctx.needs_input_grad[1]
+        ctx.settings = (compute_dtype, temperature, rows, hidden.dtype, weight.dtype)
+        ctx.save_for_backward(unit, hidden if ctx.weight_grad else None, weight if ctx.weight_grad else None,
+                              targets if ctx.weight_grad else None)
+        return (logps, *outputs.values())
+
+    @staticmethod
+    def backward(ctx, grad_logps: torch.Tensor, *_extras: torch.Tensor):
+        unit, hidden, weight, targets = ctx.saved_tensors
+        compute_dtype, temperature, rows, hidden_dtype, weight_dtype = ctx.settings
+        grad_hidden = (unit * grad_logps[:, None]).to(hidden_dtype) if unit is not None else None
+        grad_weight = None
+        if ctx.weight_grad:
+            w = weight.to(compute_dtype)
+            accumulated = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+            for start in range(0, hidden.shape[0], rows):
+                h = hidden[start:start + rows].to(compute_dtype)
+                t = targets[start:start + rows]
+                logits = (h @ w.t()).float()
+                if temperature != 1.0:
+                    logits /= temperature
+                g = torch.softmax(logits, dim=-1).neg_()
+                del logits
+                g[torch.arange(t.shape[0], device=t.device), t] += 1
+                g *= grad_logps[start:start + rows, None] / temperature
+                accumulated += g.to(compute_dtype).t() @ h
+            grad_weight = accumulated.to(weight_dtype)
+        return grad_hidden, grad_weight, None, None, None, None, None
+
+
+def selected_log_probs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,
+                       extras: tuple[str, ...] = ()) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Per-row log-probability of ``targets`` [rows] under the head ``weight`` applied to ``hidden`` [rows, dim],
+    plus the ``extras`` asked for (``entropy``, ``mean_logits``, ``is_top1``; no gradient), without
+    materialising more than a chunk of logits. See :class:`SelectedLogProbs`."""
+    need_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    out = SelectedLogProbs.apply(hidden, weight, targets, compute_dtype_for(hidden), float(temperature), need_grad,
+                                 tuple(extras))
+    return out[0], dict(zip(extras, out[1:], strict=True))

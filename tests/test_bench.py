@@ -125,25 +125,52 @@ def test_cpu_sft_defaults_group_rows_by_length_without_padding_free(sft_trainer)
     assert sft_trainer.fused_loss is True
 
 
-def test_quick_real_model_suite_writes_every_variant_with_mfu(tmp_path, smollm2_dir):
+def test_quick_real_model_suite_writes_runs_with_medians_mfu_and_a_generated_table(tmp_path, smollm2_dir):
     output = tmp_path / "sft_throughput.json"
     output.write_text(json.dumps({"results": {"kept": {}}}))  # a real-suite run keeps the synthetic results
+    # One line of each kind (SFT, a TRL method line, rollout generation): `make bench-quick` runs them all.
     subprocess.run([sys.executable, str(REPO_ROOT / "bench" / "sft_throughput.py"), "--quick", "--suite", "real",
-                    "--output", str(output)], check=True, cwd=REPO_ROOT, capture_output=True, text=True, timeout=900)
+                    "--real-methods", "lora,grpo,rollout", "--output", str(output)],
+                   check=True, cwd=REPO_ROOT, capture_output=True, text=True, timeout=900)
 
     report = json.loads(output.read_text())
 
     assert report["results"] == {"kept": {}}
     real = report["real_model"]
-    for method in ("lora", "full"):
-        assert set(real[method]) == {"stock_trl", "tuned_trl", "posttrain", "ratios"}
-        for variant in ("stock_trl", "tuned_trl", "posttrain"):
-            row = real[method][variant]
-            assert row["real_tokens_per_s"] > 0 and row["peak_rss_mb"] > 100, (method, variant)
-            assert 0 < row["mfu"] < 1 and row["eval_loss"] > 0, (method, variant)
-    assert real["dpo"]["posttrain"]["pairs_per_s"] > 0
-    assert real["grpo"]["posttrain"]["generated_tokens_per_s"] > 0
-    assert real["grpo"]["stock_trl"]["update_tokens_per_s"] > 0
+    assert set(real) >= {"lora", "grpo", "rollout", "settings", "data"} and "dpo" not in real
+    for line, baseline in (("lora", "tuned_trl"), ("grpo", "tuned_trl"), ("rollout", "hf_generate")):
+        section = real[line]
+        assert section["baseline"] == baseline
+        assert set(section["runs"]) == {baseline, "posttrain"}, line  # quick: no stock TRL
+        for variant, rows in section["runs"].items():
+            assert len(rows) == real["settings"]["repeats"] == 1, (line, variant)  # quick: one run each
+            for row in rows:
+                assert row[section["metric"]] > 0 and 0 < row["mfu"] < 1 and row["peak_rss_mb"] > 100, (line, variant)
+            summary = section["summary"][variant][section["metric"]]
+            assert summary["min"] <= summary["median"] <= summary["max"] and len(summary["runs"]) == 1
+        verdict = section["posttrain_over_baseline"]
+        assert verdict["ratio_of_medians"] > 0 and verdict["slowest_over_fastest"] <= verdict["ratio_of_medians"]
+    assert real["lora"]["summary"]["posttrain"]["eval_loss"]["median"] > 0
+    assert real["grpo"]["summary"]["posttrain"]["generated_tokens_per_s"]["median"] > 0
+
+    from bench.readme_table import table
+
+    text = table(real)
+    assert "SFT, LoRA r16" in text and "rollout generation" in text and "target 2x" in text
+
+
+def test_a_target_is_met_only_when_the_slowest_run_clears_it_or_the_spreads_part():
+    from bench.real_model import compare, spread
+
+    assert spread([3.0, 1.0, 2.0]) == {"runs": [3.0, 1.0, 2.0], "median": 2.0, "min": 1.0, "max": 3.0}
+    assert spread([4.0, 1.0, 2.0, 3.0])["median"] == 2.5
+
+    assert compare([2.2, 2.3, 2.4], [1.0, 1.05, 1.1], 2.0)["met"]  # slowest 2.2 / fastest 1.1 = 2.0
+    # Medians 2.17x and the spreads apart (2.1 > 1.3): met, though the slowest/fastest ratio is 1.6x.
+    assert compare([2.1, 2.6, 2.7], [1.0, 1.2, 1.3], 2.0)["met"]
+    assert not compare([1.2, 2.6, 2.7], [1.0, 1.2, 1.3], 2.0)["met"]  # medians 2.17x, spreads overlap
+    assert not compare([2.3, 2.3, 2.4], [1.0, 1.2, 1.3], 2.0)["met"]  # medians 1.92x
+    assert compare([1.0], [1.0], None)["met"] is None  # a line without a target
 
 
 def test_model_flops_count_every_weight_of_smollm2_once_per_matmul(smollm2_dir):

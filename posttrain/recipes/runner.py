@@ -27,6 +27,7 @@ def run(context: RunContext) -> JobResult:
     from posttrain.modeling import load_tokenizer
     from posttrain.recipes import RecipeInputs, build_trainer
     from posttrain.recipes.callbacks import JobDirCallback, ProgressCallback
+    from posttrain.recipes.common import compile_decoder_layers, record_settings, use_compile
 
     spec, jd, stop, result, placement = context.spec, context.job_dir, context.stop, context.result, context.placement
     data = load_training_data(spec.data, spec.method.name, seed=spec.training.seed)
@@ -38,7 +39,15 @@ def run(context: RunContext) -> JobResult:
     metrics_cb = JobDirCallback(jd, stop, {"num_threads": context.threads,
                                            "dtype": str(placement.dtype).removeprefix("torch.")})
     callbacks = [metrics_cb, ProgressCallback(metrics_cb, f"{spec.method.name}"), *context.extra_callbacks]
-    trainer = build_trainer(RecipeInputs(spec, jd, placement, data, tokenizer, callbacks))
+    inputs = RecipeInputs(spec, jd, placement, data, tokenizer, callbacks)
+    trainer = build_trainer(inputs)
+    num_params = sum(p.numel() for p in trainer.model.parameters())
+    # GRPO samples from its training model unless its rollouts go through the engine (TRL's rollout_func).
+    samples = spec.method.name == "grpo" and getattr(trainer, "rollout_func", None) is None
+    compiled = compile_decoder_layers(trainer.model) if use_compile(spec, placement, num_params, samples) else 0
+    record_settings(inputs, compiled_layers=compiled)
+    if compiled:
+        log.info("compiled %d decoder layers (training.compile=%s)", compiled, spec.training.compile)
     for unwanted in (PrinterCallback, HFProgressCallback):
         trainer.remove_callback(unwanted)
     if context.rank_info is not None:

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from posttrain.generation_copy import GenerationCopy
 from posttrain.inference.generation import Completion, SamplingParams, generate_batch
 
 # Token ids of each prompt + the sampling parameters -> one completion per prompt.
@@ -99,8 +100,18 @@ class Rollouts:
 
 
 def inprocess_sampler(model, tokenizer) -> Sampler:
-    """Sampling with the actor itself, in eval mode (no dropout), all prompts in one batch."""
+    """Sampling from the actor's current weights, all prompts in one batch: on CPU from a copy with the LoRA
+    deltas merged, in bf16 where the CPU has it (:class:`posttrain.generation_copy.GenerationCopy`, refreshed
+    before each batch; PEFT's per-layer matmuls and fp32 weights made LoRA rollouts slower than full ones), on
+    a GPU from the actor itself in eval mode (no dropout). The update recomputes every log-prob with the actor."""
+    copy: list[GenerationCopy] = []
+
     def sample(encoded: list[list[int]], params: SamplingParams) -> list[Completion]:
+        if next(model.parameters()).device.type == "cpu":
+            if not copy:
+                copy.append(GenerationCopy(model))
+            results = generate_batch(copy[0].refresh(), tokenizer, encoded, [params] * len(encoded))
+            return [result.completions[0] for result in results]
         was_training = model.training
         model.eval()
         try:
