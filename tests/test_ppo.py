@@ -81,9 +81,8 @@ def ppo_spec(reward_dir: Path, prompts: Path, **training) -> dict:
 
 
 def test_the_reward_model_learned_the_preference(reward_dir: Path):
-    from posttrain.modeling import resolve_placement
+    from posttrain.modeling import render_scored, resolve_placement
     from posttrain.rl.ppo.models import RewardModel, load_sequence_classifier
-    from posttrain.rl.ppo.rollouts import render_scored
 
     spec = spec_from_dict({"method": {"name": "ppo", "reward_model": str(reward_dir)}, "training": {"max_steps": 1}})
     model, tokenizer = load_sequence_classifier(spec, resolve_placement(spec.model), str(reward_dir), "reward")
