@@ -11,7 +11,7 @@ completion against its dataset row between 0 and 1:
   code (a keyed server accepts it only with ``--allow-user-code``).
 - ``multi``: named graders combined by an arithmetic ``calculate_output`` formula over their scores.
 - ``numeric_match`` (posttrain's): 1.0 when the final number of the input (after ``####``, else its last
-  number) equals the reference's, else 0.0 (GSM8k-style answers).
+  number; with ``final_line``, only after ``####``) equals the reference's, else 0.0 (GSM8k-style answers).
 - ``exact_match`` (posttrain's): 1.0 when input and reference are equal once surrounding whitespace is
   stripped (and case, with ``ignore_case``), else 0.0.
 
@@ -35,7 +35,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from posttrain.rewards import RewardFunction, completion_text, extract_answer
+from posttrain.rewards import RewardFunction, completion_text, extract_answer, final_number
 
 log = logging.getLogger("posttrain.graders")
 
@@ -114,6 +114,7 @@ class NumericMatchGrader(_Grader):
     type: Literal["numeric_match"] = "numeric_match"
     input: str = Field("{{sample.output_text}}", max_length=65536, description="Template of the answer checked.")
     reference: str = Field("{{item.answer}}", max_length=65536, description="Template of the expected answer.")
+    final_line: bool = Field(False, description="Only the number on the input's '#### N' line counts (no marker: 0).")
 
     @model_validator(mode="after")
     def _templates(self) -> NumericMatchGrader:
@@ -262,7 +263,12 @@ def string_check(grader: StringCheckGrader, sample: dict[str, Any], item: dict[s
 
 
 def numeric_match(grader: NumericMatchGrader, sample: dict[str, Any], item: dict[str, Any]) -> float:
-    got = extract_answer(render(grader.input, sample, item))
+    text = render(grader.input, sample, item)
+    if grader.final_line:
+        number = final_number(text)
+        got = float(number.replace(",", "")) if number is not None else None
+    else:
+        got = extract_answer(text)
     want = extract_answer(render(grader.reference, sample, item))
     return float(got is not None and want is not None and abs(got - want) < 1e-6)
 

@@ -112,7 +112,8 @@ class GRPOMethod(Section):
     )
     reward_functions: list[str] = Field(
         default_factory=lambda: ["numeric_match", "answer_format"],
-        description="Built-in reward names (numeric_match, answer_format, length) or 'module:function'.",
+        description="Built-in reward names (numeric_match, answer_format, final_line_match, repetition, length) "
+        "or 'module:function'.",
     )
     graders: list[Grader] = Field(
         default_factory=list, max_length=64,
@@ -307,7 +308,7 @@ class DataSpec(Section):
         "posttrain:alpaca",
         description="Local .json/.jsonl/.csv/.parquet file or folder, datasets.save_to_disk folder, hub id, "
         "or a bundled sample: posttrain:alpaca, posttrain:preference, posttrain:gsm8k (and the demo's "
-        "posttrain:style, posttrain:concise, posttrain:problems).",
+        "posttrain:style, posttrain:concise, posttrain:problems, posttrain:facts).",
     )
     format: DataFormat = Field("auto", description="Row format; auto detects it from the columns.")
     split: str = Field("train", description="Split to read from hub or saved datasets.")

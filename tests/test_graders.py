@@ -53,6 +53,8 @@ def test_numeric_and_exact_match_graders_and_graders_by_name():
     assert score(numeric, completions, answer=["15"] * 4) == [1.0, 1.0, 0.0, 0.0]
     # A GSM8k-style reference is read the same way: its final number.
     assert score(numeric, ["#### 72"], answer=["48 + 24 = 72\n#### 72"]) == [1.0]
+    strict = grader_reward(grader(type="numeric_match", name="n", final_line=True))  # only a '#### N' line counts
+    assert score(strict, completions, answer=["15"] * 4) == [1.0, 0.0, 0.0, 0.0]
     exact = grader_reward(grader(type="exact_match", name="e", ignore_case=True))
     assert score(exact, ["  paris \n", "Paris."], answer=["Paris"] * 2) == [1.0, 0.0]
     by_name = spec_from_dict({"eval": {"graders": ["numeric_match", "string_check"]}}).eval.graders
