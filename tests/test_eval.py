@@ -162,3 +162,32 @@ def test_posttrain_eval_compares_a_base_and_a_fine_tuned_model(tmp_path, facts):
     assert base["metrics"]["string_check"] == 0.0 and tuned["metrics"]["string_check"] == 1.0
     assert [a["answer"] for a in tuned["answers"]] == ["Paris.", "Tokyo.", "Lima.", "Nairobi."]
     assert "string_check" in proc.stderr and "Paris." in proc.stderr  # the table and the answers, side by side
+
+
+def test_posttrain_eval_asks_a_served_model_by_its_id(tmp_path, facts):
+    """`server:<model id>`: the answers of a model an OpenAI-compatible server serves (here the project's own
+    inference server on loopback), the same greedy answers as the model loaded locally."""
+    from ports import free_port
+
+    from posttrain.inference.process import InferenceServerProcess
+
+    port = free_port()
+    server = InferenceServerProcess(
+        [sys.executable, "-m", "posttrain.cli", "rl", "serve-inference", "--model", str(facts["model"]), "--port",
+         str(port), "--served-model-name", "facts-model"],
+        f"http://127.0.0.1:{port}", log_path=tmp_path / "server.log", startup_timeout=180)
+    server.start()
+    try:
+        out = tmp_path / "served.json"
+        proc = subprocess.run(
+            [sys.executable, "-m", "posttrain.cli", "eval", "server:facts-model", str(facts["model"]), "--server",
+             f"http://127.0.0.1:{port}", "--data", str(facts["questions"]), "--grader", "string_check",
+             "--max-new-tokens", "8", "--json", str(out)],
+            capture_output=True, text=True, timeout=300)
+    finally:
+        server.stop()
+    assert proc.returncode == 0, proc.stderr
+    served, local = json.loads(out.read_text())["models"]
+    assert served["loaded"] == "served model facts-model" and "loss" not in served["metrics"]  # no weights: no loss
+    assert served["metrics"]["string_check"] == local["metrics"]["string_check"] == 1.0
+    assert [a["answer"] for a in served["answers"]] == [a["answer"] for a in local["answers"]]
