@@ -19,6 +19,7 @@ guard (:mod:`posttrain.eval.guard`). Under torchrun every rank evaluates the sam
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
@@ -249,6 +250,4 @@ def _trainer_values(trainer_metrics: dict[str, Any]) -> dict[str, float]:
 
 
 def _json_line(row: dict[str, Any]) -> str:
-    import json
-
     return json.dumps(row, ensure_ascii=False, default=str) + "\n"
