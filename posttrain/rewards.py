@@ -100,10 +100,11 @@ def final_line_match(completions: list[Any], answer: list[str] | None = None, **
 
 def repetition(completions: list[Any], **_: Any) -> list[float]:
     """A penalty for saying the same thing again: minus the share of repeated lines or of repeated word
-    3-grams, whichever is larger (0 for none, towards -1 for a completion made of repeats)."""
+    3-grams, whichever is larger (0 for none, towards -1 for a completion made of repeats). Numbers do not
+    make a line new: '#### 1', '#### 2', '#### 3' are one line repeated."""
     rewards = []
     for completion in completions:
-        text = completion_text(completion)
+        text = _NUMBER.sub("0", completion_text(completion))
         lines = [line.strip() for line in text.splitlines() if line.strip()]
         words = text.split()
         grams = [tuple(words[i:i + 3]) for i in range(len(words) - 2)]

@@ -164,6 +164,7 @@ def test_the_final_line_reward_pays_for_one_right_answer_line_and_repetition_cos
     penalties = repetition(completions)
     assert penalties[0] == 0.0 and penalties[1] == pytest.approx(-1 / 3) and penalties[3] == 0.0
     assert repetition(["the cat sat on the mat the cat sat on the mat"])[0] < -0.3
+    assert repetition(["#### 1\n#### 2\n#### 3\n#### 4"])[0] == -0.75  # counting up is repeating too
 
 
 def test_spec_json_records_what_ran(tmp_path, make_spec):
