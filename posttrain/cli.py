@@ -1,7 +1,7 @@
 """The `posttrain` command line: assembles the command groups of :mod:`posttrain.commands`.
 
-train, validate, merge, plot, demo, quickstart, pipeline, config-keys (``commands.train``); serve and jobs
-(``commands.jobs``); chat; kfp; rl; llama-stack.
+train, validate, merge, plot, demo, quickstart, pipeline, config-keys (``commands.train``); eval
+(``commands.eval``); serve and jobs (``commands.jobs``); chat; kfp; rl; llama-stack.
 """
 
 from __future__ import annotations
@@ -9,12 +9,14 @@ from __future__ import annotations
 import sys
 
 from posttrain.commands import chat, jobs, kfp, llama_stack, rl, train
+from posttrain.commands import eval as eval_command
 from posttrain.commands.common import EXIT_USAGE, console, typer_group
 from posttrain.errors import PosttrainError
 
 app = typer_group("Post-train language models (SFT, DPO, reward, GRPO, online GRPO, PPO) from one YAML config.",
                   name="posttrain")
 train.register(app)
+eval_command.register(app)
 app.add_typer(jobs.jobs_app, name="jobs", help="Submit and follow jobs on a posttrain server.")
 app.add_typer(llama_stack.llama_stack_app, name="llama-stack",
               help="Llama Stack post_training providers: print a run.yaml.")

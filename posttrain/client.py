@@ -25,6 +25,7 @@ import httpx
 from posttrain.job.directory import TERMINAL_STATES
 from posttrain.service.schemas import (
     ArtifactList,
+    EvalReport,
     FileInfo,
     FileList,
     JobInfo,
@@ -175,6 +176,11 @@ class Client:
             if not page.more or (limit is not None and len(records) >= limit) or not isinstance(last_step, int):
                 return records
             since_step = last_step
+
+    def evaluation(self, job_id: str, step: int | None = None) -> EvalReport:
+        """The job's latest and best evaluation, and the answers of one evaluation (default: the latest)."""
+        params = {"step": step} if step is not None else {}
+        return EvalReport.model_validate(self._request("GET", f"/v1/jobs/{_seg(job_id)}/eval", params=params).json())
 
     def artifacts(self, job_id: str) -> ArtifactList:
         return ArtifactList.model_validate(self._request("GET", f"/v1/jobs/{_seg(job_id)}/artifacts").json())

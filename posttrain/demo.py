@@ -5,13 +5,17 @@
 2. DPO on ``posttrain:concise`` teaches a preference: one-sentence answers over rambling ones.
    Measured: the mean length in words of greedy answers to held-out open questions.
 3. GRPO on ``posttrain:problems`` teaches a checkable answer: word problems that ask for a final
-   ``#### N`` line get one, with the right N, rewarded by ``numeric_match`` + ``answer_format``. Measured: the share of held-out
-   problems answered that way and correctly.
+   ``#### N`` line get one, with the right N, rewarded by ``final_line_match`` + ``answer_format`` +
+   ``repetition``. Measured: the share of held-out problems answered that way and correctly.
+
+After every stage the demo also asks the facts of ``posttrain:facts`` (a regression set the base model
+answers right) and counts how many still come out right. Every measure is computed by the evaluation code
+(:mod:`posttrain.eval`): greedy answers from the inference engine, scored by graders.
 
 Each stage is an ordinary JobSpec run by the ordinary worker, with LoRA, merged into the next stage's
 base. The held-out questions appear in no training file. On the real model (``--model smollm2``) every
-stage must move its own training metric and its held-out measure the expected way, else the command
-exits 1. The tiny random-init model (``--model tiny``, for fast tests) learns the training rows but not
+stage must move its own training metric and its held-out measure the expected way, and keep the facts (at
+most ``FACTS_SLACK`` of the base's lost), else the command exits 1. The tiny random-init model (``--model tiny``, for fast tests) learns the training rows but not
 held-out questions, so there only the training metrics are checked.
 """
 
@@ -27,8 +31,8 @@ from typing import Any, Literal
 from rich.console import Console
 from rich.table import Table
 
+from posttrain.data.eval_rows import EvalRow, eval_row
 from posttrain.job.directory import JobDir
-from posttrain.rewards import final_number
 from posttrain.spec import SMOLLM2_MODEL_NAME, TINY_MODEL_NAME, spec_from_dict
 
 MODEL_ALIASES = {"tiny": TINY_MODEL_NAME, "smollm2": SMOLLM2_MODEL_NAME}
@@ -36,46 +40,42 @@ MODEL_ALIASES = {"tiny": TINY_MODEL_NAME, "smollm2": SMOLLM2_MODEL_NAME}
 SIGN_OFF = "— Posty"
 PROBLEM_INSTRUCTION = "Show your work, then give the final answer after ####."
 Direction = Literal["up", "down"]
-
-
-def signed_off(answer: str, _reference: str | None = None) -> float:
-    """1.0 when the answer's last line is the house sign-off."""
-    return 1.0 if answer.rstrip().endswith(SIGN_OFF) else 0.0
-
-
-def word_count(answer: str, _reference: str | None = None) -> float:
-    return float(len(answer.replace(SIGN_OFF, "").split()))
-
-
-def correct_final_line(answer: str, reference: str | None = None) -> float:
-    """1.0 when the answer has a ``#### N`` line and N is the reference number."""
-    number = final_number(answer)
-    if number is None or reference is None:
-        return 0.0
-    try:
-        return 1.0 if abs(float(number.replace(",", "")) - float(reference)) < 1e-6 else 0.0
-    except ValueError:
-        return 0.0
+# Facts the model may have lost, against the base, after any stage before the demo counts it as forgetting.
+# Greedy answers of a 135M model to ten questions: every fine-tune tried flips one or two (SFT turns Canberra
+# into Sydney in every variant tried: LoRA r4 or r16, lr 3e-4 to 1e-3, 10 or 20 steps, without templated
+# capitals; attention-only LoRA kept it, but then GRPO did not learn the '#### N' line).
+FACTS_SLACK = 2
+DEFAULT_SEED = 42  # training.seed of every stage (data order, sampling, initialisation): --seed
 
 
 @dataclass(frozen=True)
 class Probe:
-    """A held-out measure: questions answered greedily, each answer scored, the scores averaged."""
+    """A held-out measure: questions answered greedily (through the inference engine, as ``posttrain eval``
+    does), each answer scored by ``grader`` (a posttrain grader), the scores averaged."""
 
     label: str
     questions: tuple[tuple[str, str | None], ...]  # (question, reference answer or None)
-    score: Callable[[str, str | None], float]
+    grader: dict[str, Any]
     want: Direction
     max_new_tokens: int
     percent: bool = True
 
-    def measure(self, answers: list[str]) -> float:
-        scores = [self.score(a, ref) for a, (_, ref) in zip(answers, self.questions, strict=True)]
+    def rows(self) -> list[EvalRow]:
+        return [eval_row({"prompt": [{"role": "user", "content": q}], "answer": a or ""}) for q, a in self.questions]
+
+    def measure(self, scores: list[float]) -> float:
         return sum(scores) / len(scores)
 
     def show(self, value: float) -> str:
         return f"{value:.0%}" if self.percent else f"{value:.1f}"
 
+
+# The scores, as graders (posttrain.graders): the same objects a job's eval.graders takes.
+SIGNED_OFF = {"type": "string_check", "name": "signed_off", "input": "{{sample.output_text}}", "reference": SIGN_OFF,
+              "operation": "like"}
+WORDS = {"type": "python", "name": "words",
+         "source": f"def grade(sample, item):\n    return float(len(sample['output_text'].replace({SIGN_OFF!r}, '').split()))\n"}
+CORRECT_FINAL_LINE = {"type": "numeric_match", "name": "correct_final_line", "final_line": True}
 
 STYLE_PROBE = Probe(
     "held-out answers signed off",
@@ -89,7 +89,7 @@ STYLE_PROBE = Probe(
         ("What do bees make?", None),
         ("What is 12 plus 30?", None),
     ),
-    signed_off,
+    SIGNED_OFF,
     "up",
     max_new_tokens=40,
 )
@@ -103,7 +103,7 @@ CONCISE_PROBE = Probe(
         ("Why is it important to drink water?", None),
         ("How do computers store information?", None),
     ),
-    word_count,
+    WORDS,
     "down",
     max_new_tokens=64,
     percent=False,
@@ -120,12 +120,15 @@ MATH_PROBE = Probe(
         ("Noor had 30 postcards and gave away 12. How many postcards are left?", "18"),
         ("Ravi buys 5 bags with 8 lemons in each bag. How many lemons does Ravi buy?", "40"),
     )),
-    correct_final_line,
+    CORRECT_FINAL_LINE,
     "up",
     max_new_tokens=64,
 )
 PROBES = (STYLE_PROBE, CONCISE_PROBE, MATH_PROBE)
-
+# Forgetting: facts the base model states right (posttrain:facts), checked after every stage like eval.regression.
+FACTS_SOURCE = "posttrain:facts"
+FACTS_LABEL = "facts still stated right"
+FACTS_NEW_TOKENS = 24
 
 @dataclass(frozen=True)
 class Stage:
@@ -143,6 +146,13 @@ class Stage:
     check_metric: bool = True  # False: the metric is shown, but not moving is no failure
 
 
+# GRPO pays for one '#### N' line with the right N (final_line_match), gives partial credit for the line's form
+# (answer_format: a marker, a number after it) and penalises repeats (repetition). numeric_match +
+# answer_format alone taught a column of '#### N' lines, or a bare '####' (no number) that never improved.
+GRPO_REWARDS = {"reward_functions": ["final_line_match", "answer_format", "repetition"],
+                "reward_weights": [1.0, 0.5, 1.0]}
+
+
 def real_model_stages() -> list[Stage]:
     """Measured on SmolLM2-135M-Instruct, 1 CPU thread: see README "Demo"."""
     return [
@@ -153,7 +163,7 @@ def real_model_stages() -> list[Stage]:
               {"learning_rate": 5e-4, "per_device_train_batch_size": 4, "max_seq_length": 192},
               ("rewards/margins", "up"), CONCISE_PROBE),
         Stage("grpo", {"name": "grpo", "num_generations": 4, "max_completion_length": 64, "temperature": 1.0,
-                       "reward_functions": ["numeric_match", "answer_format"]},
+                       **GRPO_REWARDS},
               "posttrain:problems", 12,
               {"learning_rate": 5e-4, "per_device_train_batch_size": 8},
               ("reward", "up"), MATH_PROBE),
@@ -166,15 +176,15 @@ def tiny_model_stages() -> list[Stage]:
         Stage("sft", {"name": "sft"}, "posttrain:style", 480, {"learning_rate": 3e-3}, ("loss", "down"), STYLE_PROBE),
         Stage("dpo", {"name": "dpo", "beta": 0.1}, "posttrain:concise", 60, {"learning_rate": 5e-4},
               ("rewards/margins", "up"), CONCISE_PROBE),
-        Stage("grpo", {"name": "grpo", "num_generations": 8, "max_completion_length": 48,
-                       "reward_functions": ["numeric_match", "answer_format", "length"]},
+        Stage("grpo", {"name": "grpo", "num_generations": 8, "max_completion_length": 48, **GRPO_REWARDS},
               "posttrain:problems", 60, {"learning_rate": 1e-3, "per_device_train_batch_size": 16},
               # At this size '#### N' answers are rare: the reward is shown, not checked.
               ("reward", "up"), MATH_PROBE, check_metric=False),
     ]
 
 
-def stage_spec(stage: Stage, model: str, output: Path, steps: int | None = None) -> dict[str, Any]:
+def stage_spec(stage: Stage, model: str, output: Path, steps: int | None = None, seed: int = DEFAULT_SEED
+               ) -> dict[str, Any]:
     steps = steps or stage.steps
     return {
         "name": f"demo-{stage.name}",
@@ -182,7 +192,7 @@ def stage_spec(stage: Stage, model: str, output: Path, steps: int | None = None)
         "method": stage.method,
         "peft": stage.peft,
         "data": {"source": stage.source},
-        "training": {"max_steps": steps, "logging_steps": 1, "save_steps": steps, **stage.training},
+        "training": {"max_steps": steps, "logging_steps": 1, "save_steps": steps, "seed": seed, **stage.training},
         "output": {"dir": str(output / stage.name)},
         "tracking": {"report_to": []},
     }
@@ -201,37 +211,57 @@ def moved(before: float, after: float, want: Direction) -> bool:
     return after < before if want == "down" else after > before
 
 
-def answer_probes(model_dir: str, probes: tuple[Probe, ...] = PROBES) -> dict[str, list[str]]:
-    """Greedy answers of a model (folder or embedded name) to every probe's questions, one batch per probe."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+@dataclass
+class Measured:
+    """One model's greedy answers to every probe and to the facts, and their scores."""
 
-    from posttrain.modeling import resolve_model_path
+    answers: dict[str, list[str]]
+    scores: dict[str, list[float]]
 
-    path = resolve_model_path(model_dir)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    tokenizer.padding_side = "left"
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    answers = {}
-    for probe in probes:
-        texts = [tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
-                                               tokenize=False) for q, _ in probe.questions]
-        batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-        with torch.no_grad():
-            out = model.generate(**batch, max_new_tokens=probe.max_new_tokens, do_sample=False,
-                                 pad_token_id=tokenizer.pad_token_id)
-        answers[probe.label] = [tokenizer.decode(row, skip_special_tokens=True).strip()
-                                for row in out[:, batch["input_ids"].shape[1]:]]
-    return answers
+    def value(self, probe: Probe) -> float:
+        return probe.measure(self.scores[probe.label])
+
+    @property
+    def facts(self) -> float:
+        return sum(self.scores[FACTS_LABEL])
+
+
+def measure_model(model_dir: str, probes: tuple[Probe, ...] = PROBES) -> Measured:
+    """A model's (folder or embedded name) greedy answers to each probe and to the facts, from the inference
+    engine serving uses (``posttrain.eval``: one batch per probe), scored by the probes' graders."""
+    from pydantic import TypeAdapter
+
+    from posttrain.data.eval_rows import load_eval_rows
+    from posttrain.eval.answers import EngineModel, grade, regression_grader, scorers
+    from posttrain.eval.compare import load_target, resolve_target
+    from posttrain.graders import Grader
+    from posttrain.inference.engine import InferenceEngine
+    from posttrain.modeling import ensure_chat_template
+
+    model, tokenizer = load_target(resolve_target(model_dir))
+    ensure_chat_template(tokenizer)
+    engine = InferenceEngine(model, tokenizer, model_dir)
+    answerer = EngineModel(engine)
+    measured = Measured({}, {})
+    facts = load_eval_rows(FACTS_SOURCE, "train").rows
+    sets = [(probe.label, probe.rows(), TypeAdapter(Grader).validate_python(probe.grader), probe.max_new_tokens)
+            for probe in probes]
+    sets.append((FACTS_LABEL, facts, regression_grader(), FACTS_NEW_TOKENS))
+    try:
+        for label, rows, grader, new_tokens in sets:
+            answers = [a.strip() for a in answerer.answer([row.prompt for row in rows], new_tokens, 0.0)]
+            measured.answers[label] = answers
+            measured.scores[label] = next(iter(grade(scorers([grader]), answers, rows).values()))
+    finally:
+        engine.close()
+    return measured
 
 
 def resolve_demo_model(model: str) -> str:
     return MODEL_ALIASES.get(model, model)
 
 
-def run_demo(output: Path, steps: int | None, console: Console, model: str = "tiny") -> bool:
+def run_demo(output: Path, steps: int | None, console: Console, model: str = "tiny", seed: int = DEFAULT_SEED) -> bool:
     """Run the three stages into ``output``; print what moved and the answers before and after.
 
     Returns whether every checked measure moved the expected way.
@@ -248,23 +278,24 @@ def run_demo(output: Path, steps: int | None, console: Console, model: str = "ti
     started = time.perf_counter()
     apply_threads(None, "cpu")  # the worker sets the same per job; the probes run between jobs
     console.rule(f"[bold]held-out questions[/] on {base}")
-    answers = {"base": answer_probes(base)}
+    measured = {"base": measure_model(base)}
     current, ok = base, True
     trends = Table(title="what moved", show_lines=False)
     for column in ("stage", "measure", "before", "after", "direction"):
         trends.add_column(column)
 
-    def add_trend(stage: str, label: str, pair: tuple[float, float], want: Direction, checked: bool,
-                  show: Callable[[float], str] = "{:.3f}".format) -> None:
+    def add_trend(stage: str, label: str, pair: tuple[float, float], want: Direction | Literal["kept"],
+                  checked: bool, show: Callable[[float], str] = "{:.3f}".format) -> None:
         nonlocal ok
-        good = moved(*pair, want)
+        # Facts are kept when no more than FACTS_SLACK of the base's are lost, whatever the stage before did.
+        good = pair[1] >= measured["base"].facts - FACTS_SLACK if want == "kept" else moved(*pair, want)
         ok = ok and (good or not checked)
         mark = f"[green]{want}[/]" if good else f"[{'red' if checked else 'yellow'}]not {want}[/]"
         trends.add_row(stage, label, show(pair[0]), show(pair[1]), mark)
 
     for stage in stages:
         console.rule(f"[bold]{stage.name.upper()}[/] on {current if current.startswith('posttrain:') else Path(current).name}")
-        spec = spec_from_dict(stage_spec(stage, current, output, steps))
+        spec = spec_from_dict(stage_spec(stage, current, output, steps, seed))
         result = run_worker(spec, output / stage.name)
         if result.state != "succeeded":
             console.print(f"[red]{stage.name} {result.state}: {result.error}[/]")
@@ -279,35 +310,39 @@ def run_demo(output: Path, steps: int | None, console: Console, model: str = "ti
         merged = output / f"{stage.name}-merged"
         merge_adapter(result.final_dir, merged)
         current = str(merged)
-        answers[stage.name] = answer_probes(current)
+        before = measured[list(measured)[-1]]
+        measured[stage.name] = after = measure_model(current)
         probe = stage.probe
-        before = probe.measure(answers[list(answers)[-2]][probe.label])
-        after = probe.measure(answers[stage.name][probe.label])
-        add_trend(stage.name, probe.label, (before, after), probe.want, checked=strict, show=probe.show)
+        add_trend(stage.name, probe.label, (before.value(probe), after.value(probe)), probe.want, checked=strict,
+                  show=probe.show)
+        add_trend(stage.name, FACTS_LABEL, (before.facts, after.facts), "kept", checked=strict,
+                  show="{:.0f}".format)
     console.print(trends)
-    console.print(measures_table(answers))
-    console.print(answers_table(answers))
+    console.print(measures_table(measured))
+    console.print(answers_table(measured))
     console.print(f"{time.perf_counter() - started:.0f} s; runs and merged models in [bold]{output}[/]; "
                   f"plot one with: posttrain plot {output / 'sft'}")
     return ok
 
 
-def measures_table(answers: dict[str, dict[str, list[str]]]) -> Table:
+def measures_table(measured: dict[str, Measured]) -> Table:
     table = Table(title="held-out measures after each stage")
     table.add_column("measure")
-    for name in answers:
+    for name in measured:
         table.add_column(name if name == "base" else f"after {name.upper()}")
     for probe in PROBES:
-        table.add_row(probe.label, *(probe.show(probe.measure(a[probe.label])) for a in answers.values()))
+        table.add_row(probe.label, *(probe.show(m.value(probe)) for m in measured.values()))
+    total = len(next(iter(measured.values())).scores[FACTS_LABEL])
+    table.add_row(FACTS_LABEL, *(f"{m.facts:.0f}/{total}" for m in measured.values()))
     return table
 
 
-def answers_table(answers: dict[str, dict[str, list[str]]]) -> Table:
+def answers_table(measured: dict[str, Measured]) -> Table:
     table = Table(title="before / after (greedy answers to held-out questions)", show_lines=True)
     table.add_column("model")
     for probe in PROBES:
         table.add_column(probe.questions[0][0])
-    for name, by_probe in answers.items():
+    for name, m in measured.items():
         table.add_row(name if name == "base" else f"after {name.upper()}",
-                      *(by_probe[probe.label][0] for probe in PROBES))
+                      *(m.answers[probe.label][0] for probe in PROBES))
     return table

@@ -10,6 +10,10 @@ completion against its dataset row between 0 and 1:
 - ``python``: ``source`` defines ``grade(sample, item) -> float``; it runs in the worker, so it is user
   code (a keyed server accepts it only with ``--allow-user-code``).
 - ``multi``: named graders combined by an arithmetic ``calculate_output`` formula over their scores.
+- ``numeric_match`` (posttrain's): 1.0 when the final number of the input (after ``####``, else its last
+  number; with ``final_line``, only after ``####``) equals the reference's, else 0.0 (GSM8k-style answers).
+- ``exact_match`` (posttrain's): 1.0 when input and reference are equal once surrounding whitespace is
+  stripped (and case, with ``ignore_case``), else 0.0.
 
 Templates use OpenAI's syntax: ``{{sample.output_text}}`` (the completion), ``{{sample.output_json.x}}``
 (a field of the completion parsed as JSON) and ``{{item.<field>}}`` (a field of the dataset row).
@@ -31,13 +35,13 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from posttrain.rewards import RewardFunction, completion_text
+from posttrain.rewards import RewardFunction, completion_text, extract_answer, final_number
 
 log = logging.getLogger("posttrain.graders")
 
 TEMPLATE = re.compile(r"\{\{\s*([^{}]*?)\s*\}\}")
 SAMPLE_FIELDS = ("output_text", "output_json")
-SUPPORTED_TYPES = ("string_check", "text_similarity", "python", "multi")
+SUPPORTED_TYPES = ("string_check", "text_similarity", "python", "multi", "numeric_match", "exact_match")
 SUPPORTED_METRICS = ("fuzzy_match",)
 UNSUPPORTED_TYPES = {
     "score_model": "it asks a hosted judge model for a score",
@@ -106,6 +110,32 @@ class PythonGrader(_Grader):
     image_tag: str | None = Field(None, description="Accepted for compatibility; the worker's own Python runs it.")
 
 
+class NumericMatchGrader(_Grader):
+    type: Literal["numeric_match"] = "numeric_match"
+    input: str = Field("{{sample.output_text}}", max_length=65536, description="Template of the answer checked.")
+    reference: str = Field("{{item.answer}}", max_length=65536, description="Template of the expected answer.")
+    final_line: bool = Field(False, description="Only the number on the input's '#### N' line counts (no marker: 0).")
+
+    @model_validator(mode="after")
+    def _templates(self) -> NumericMatchGrader:
+        check_template(self.input, "input")
+        check_template(self.reference, "reference")
+        return self
+
+
+class ExactMatchGrader(_Grader):
+    type: Literal["exact_match"] = "exact_match"
+    input: str = Field("{{sample.output_text}}", max_length=65536, description="Template of the text checked.")
+    reference: str = Field("{{item.answer}}", max_length=65536, description="Template of the expected text.")
+    ignore_case: bool = Field(False, description="Compare without regard to case.")
+
+    @model_validator(mode="after")
+    def _templates(self) -> ExactMatchGrader:
+        check_template(self.input, "input")
+        check_template(self.reference, "reference")
+        return self
+
+
 class MultiGrader(_Grader):
     type: Literal["multi"] = "multi"
     graders: dict[str, Grader] = Field(description="Named graders; calculate_output refers to them by name.")
@@ -129,7 +159,8 @@ class MultiGrader(_Grader):
         return self
 
 
-Grader = Annotated[StringCheckGrader | TextSimilarityGrader | PythonGrader | MultiGrader, Field(discriminator="type")]
+Grader = Annotated[StringCheckGrader | TextSimilarityGrader | PythonGrader | MultiGrader | NumericMatchGrader
+                   | ExactMatchGrader, Field(discriminator="type")]
 MultiGrader.model_rebuild()
 
 
@@ -148,6 +179,29 @@ def check_grader_types(data: Any, where: str = "graders") -> None:
         children = {"": inner} if "type" in inner else inner
         for name, child in children.items():
             check_grader_types(child, f"{where}.graders{'.' + name if name else ''}")
+
+
+# What a grader written by its type name alone means (``graders: [numeric_match]``, ``--grader numeric_match``):
+# the output checked against ``{{item.answer}}``, the row's reference answer.
+SHORTHAND_GRADERS: dict[str, dict[str, Any]] = {
+    "numeric_match": {"type": "numeric_match"},
+    "exact_match": {"type": "exact_match"},
+    "string_check": {"type": "string_check", "input": "{{sample.output_text}}", "reference": "{{item.answer}}",
+                     "operation": "ilike"},
+    "text_similarity": {"type": "text_similarity", "input": "{{sample.output_text}}",
+                        "reference": "{{item.answer}}", "evaluation_metric": "fuzzy_match"},
+}
+
+
+def expand_shorthand(value: Any, where: str = "graders") -> Any:
+    """A grader given by its type name (see SHORTHAND_GRADERS) as the full object, named after its type;
+    anything else unchanged."""
+    if not isinstance(value, str):
+        return value
+    if value not in SHORTHAND_GRADERS:
+        raise ValueError(f"{where}: unknown grader {value!r}; by name: {', '.join(SHORTHAND_GRADERS)} "
+                         "(or give the grader object)")
+    return {"name": value, **SHORTHAND_GRADERS[value]}
 
 
 def runs_user_code(grader: BaseModel) -> bool:
@@ -206,6 +260,24 @@ def string_check(grader: StringCheckGrader, sample: dict[str, Any], item: dict[s
     if grader.operation == "like":
         return float(want in got)
     return float(want.lower() in got.lower())
+
+
+def numeric_match(grader: NumericMatchGrader, sample: dict[str, Any], item: dict[str, Any]) -> float:
+    text = render(grader.input, sample, item)
+    if grader.final_line:
+        number = final_number(text)
+        got = float(number.replace(",", "")) if number is not None else None
+    else:
+        got = extract_answer(text)
+    want = extract_answer(render(grader.reference, sample, item))
+    return float(got is not None and want is not None and abs(got - want) < 1e-6)
+
+
+def exact_match(grader: ExactMatchGrader, sample: dict[str, Any], item: dict[str, Any]) -> float:
+    got, want = render(grader.input, sample, item).strip(), render(grader.reference, sample, item).strip()
+    if grader.ignore_case:
+        got, want = got.casefold(), want.casefold()
+    return float(got == want)
 
 
 def fuzzy_match(grader: TextSimilarityGrader, sample: dict[str, Any], item: dict[str, Any]) -> float:
@@ -268,6 +340,10 @@ def build_scorer(grader: BaseModel) -> Scorer:
         return lambda sample, item: string_check(grader, sample, item)
     if isinstance(grader, TextSimilarityGrader):
         return lambda sample, item: fuzzy_match(grader, sample, item)
+    if isinstance(grader, NumericMatchGrader):
+        return lambda sample, item: numeric_match(grader, sample, item)
+    if isinstance(grader, ExactMatchGrader):
+        return lambda sample, item: exact_match(grader, sample, item)
     if isinstance(grader, PythonGrader):
         namespace: dict[str, Any] = {"__name__": f"posttrain_grader_{grader.name}"}
         exec(compile(grader.source, f"<grader {grader.name}>", "exec"), namespace)  # user code, allowed by policy
@@ -297,18 +373,18 @@ def _rows(columns: dict[str, Any], count: int) -> list[dict[str, Any]]:
     return [{key: values[index] for key, values in fields.items()} for index in range(count)]
 
 
-def grader_reward(grader: BaseModel) -> RewardFunction:
-    """A TRL reward function (``f(prompts, completions, **columns)``) scoring with ``grader``."""
+def text_scorer(grader: BaseModel) -> Callable[[list[str], list[dict[str, Any]]], list[float]]:
+    """``score(texts, items) -> scores`` for a grader: each text is ``{{sample.output_text}}`` (and parsed,
+    ``output_json``), its item the row. A sample the grader fails on scores 0, the reason logged once."""
     scorer = build_scorer(grader)
     name = getattr(grader, "name", "grader")
     wants_json = "sample.output_json" in json.dumps(grader.model_dump())
     warned = False
 
-    def reward(prompts: list[Any], completions: list[Any], **columns: Any) -> list[float | None]:
+    def score(texts: list[str], items: list[dict[str, Any]]) -> list[float]:
         nonlocal warned
-        scores: list[float | None] = []
-        for completion, item in zip(completions, _rows(columns, len(completions)), strict=True):
-            text = completion_text(completion)
+        scores: list[float] = []
+        for text, item in zip(texts, items, strict=True):
             sample = {"output_text": text, "output_json": _output_json(text) if wants_json else None}
             try:
                 scores.append(scorer(sample, item))
@@ -319,7 +395,17 @@ def grader_reward(grader: BaseModel) -> RewardFunction:
                 scores.append(0.0)
         return scores
 
-    reward.__name__ = re.sub(r"\W", "_", name)
+    return score
+
+
+def grader_reward(grader: BaseModel) -> RewardFunction:
+    """A TRL reward function (``f(prompts, completions, **columns)``) scoring with ``grader``."""
+    score = text_scorer(grader)
+
+    def reward(prompts: list[Any], completions: list[Any], **columns: Any) -> list[float | None]:
+        return list(score([completion_text(c) for c in completions], _rows(columns, len(completions))))
+
+    reward.__name__ = re.sub(r"\W", "_", getattr(grader, "name", "grader"))
     return reward
 
 

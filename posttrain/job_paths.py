@@ -18,6 +18,7 @@ from posttrain.spec import JobSpec
 def path_fields(spec: JobSpec) -> dict[str, str | None]:
     """The spec's fields that may name files or folders to read, by dotted key (the one list)."""
     fields = {"data.source": spec.data.source, "data.validation.source": spec.data.validation.source,
+              "eval.data": spec.eval.data, "eval.regression": spec.eval.regression,
               "model.name_or_path": spec.model.name_or_path}
     if spec.method.name == "dpo":
         fields["method.reference_model"] = spec.method.reference_model

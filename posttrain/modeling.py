@@ -141,6 +141,32 @@ def ensure_chat_template(tokenizer) -> None:
         tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
 
 
+# How a prompt (a string, or a conversation through the chat template) reaches a causal LM: the one rule
+# for rollouts, evaluation and the reward model's input.
+
+
+def render_prompt(tokenizer, prompt: str | list[dict[str, str]]) -> str:
+    """The prompt as the model sees it: a conversation through the chat template, ready for the answer."""
+    if isinstance(prompt, list):
+        return tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
+    return prompt
+
+
+def render_scored(tokenizer, prompt: str | list[dict[str, str]], answer: str) -> str:
+    """Prompt + answer as the reward model was trained to read them (its own chat template for chats)."""
+    if isinstance(prompt, list) and getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template([*prompt, {"role": "assistant", "content": answer}], tokenize=False)
+    if isinstance(prompt, list):
+        prompt = "\n".join(message["content"] for message in prompt) + "\n"
+    return prompt + answer
+
+
+def encode_prompt(tokenizer, prompt: str | list[dict[str, str]], max_length: int) -> list[int]:
+    text = render_prompt(tokenizer, prompt)
+    ids = tokenizer(text, add_special_tokens=not isinstance(prompt, list))["input_ids"]
+    return ids[-max_length:]
+
+
 def quantization_config(spec: JobSpec, placement: Placement):
     if not spec.quantization.load_in_4bit:
         return None

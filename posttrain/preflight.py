@@ -108,8 +108,39 @@ def check_options(spec: JobSpec, warnings: list[str], *, import_rewards: bool = 
             if name and is_local_path(name) and not Path(name).expanduser().is_dir():
                 raise ModelError(f"method.{key} {name!r} does not exist (expected a reward job's final/ or a "
                                  "sequence-classification model folder)")
-    if spec.training.eval_steps and spec.data.validation.split_ratio is None and spec.data.validation.source is None:
-        warnings.append("training.eval_steps is set but there is no validation data; no evaluation will run")
+    check_eval(spec, warnings)
+
+
+def has_held_out_rows(spec: JobSpec) -> bool:
+    """Whether the job has rows to evaluate on: eval.data, or data.validation (online_grpo reads no data.*)."""
+    if spec.eval.data is not None:
+        return True
+    validation = spec.data.validation
+    return spec.method.name != "online_grpo" and (validation.source is not None or validation.split_ratio is not None)
+
+
+def check_eval(spec: JobSpec, warnings: list[str]) -> None:
+    """The eval section asks only for what the job can evaluate (see posttrain.eval)."""
+    evaluation = spec.eval
+    held_out = has_held_out_rows(spec)
+    if not held_out and evaluation.regression is None:
+        asked = [key for key in ("graders", "select_best", "every_steps", "max_samples")
+                 if key in evaluation.model_fields_set and getattr(evaluation, key)]
+        if asked or evaluation.at_start or evaluation.stop_on_divergence:
+            raise ConfigError("eval: there are no rows to evaluate on; set eval.data (or data.validation, or an "
+                              "eval.regression set)", f"eval.{asked[0] if asked else 'data'}")
+        if spec.training.eval_steps:
+            warnings.append("training.eval_steps is set but there is no validation data; no evaluation will run")
+        return
+    if evaluation.regression is not None and not held_out and evaluation.graders:
+        raise ConfigError("eval.graders score held-out rows, and there are none (only eval.regression); set "
+                          "eval.data or data.validation", "eval.graders")
+    if evaluation.stop_on_divergence and spec.method.name not in ("grpo", "online_grpo", "ppo"):
+        raise ConfigError(f"eval.stop_on_divergence guards reinforcement methods (grpo, online_grpo, ppo), not "
+                          f"{spec.method.name}", "eval.stop_on_divergence")
+    if evaluation.stop_on_divergence and not evaluation.graders and evaluation.divergence_metric is None:
+        raise ConfigError("eval.stop_on_divergence watches a held-out metric: add eval.graders independent of "
+                          "the training reward (or set eval.divergence_metric)", "eval.stop_on_divergence")
 
 
 def _check_quantization(spec: JobSpec, device: str) -> None:

@@ -84,6 +84,36 @@ def answer_format(completions: list[Any], **_: Any) -> list[float]:
     return rewards
 
 
+def final_line_match(completions: list[Any], answer: list[str] | None = None, **_: Any) -> list[float]:
+    """1.0 where the completion states its answer once, on a '#### N' line whose N is the reference answer;
+    0.0 for a wrong number, no marker, or several markers (a column of '####' lines earns nothing)."""
+    if answer is None:
+        raise ConfigError("reward 'final_line_match' needs an 'answer' column in the data (prompt format)")
+    rewards = []
+    for completion, reference in zip(completions, answer, strict=True):
+        text = completion_text(completion)
+        number = final_number(text) if text.count("####") == 1 else None
+        got, want = _to_number(number) if number is not None else None, _to_number(str(reference))
+        rewards.append(1.0 if got is not None and want is not None and abs(got - want) < 1e-6 else 0.0)
+    return rewards
+
+
+def repetition(completions: list[Any], **_: Any) -> list[float]:
+    """A penalty for saying the same thing again: minus the share of repeated lines or of repeated word
+    3-grams, whichever is larger (0 for none, towards -1 for a completion made of repeats). Numbers do not
+    make a line new: '#### 1', '#### 2', '#### 3' are one line repeated."""
+    rewards = []
+    for completion in completions:
+        text = _NUMBER.sub("0", completion_text(completion))
+        lines = [line.strip() for line in text.splitlines() if line.strip()]
+        words = text.split()
+        grams = [tuple(words[i:i + 3]) for i in range(len(words) - 2)]
+        repeated_lines = 1 - len(set(lines)) / len(lines) if lines else 0.0
+        repeated_grams = 1 - len(set(grams)) / len(grams) if grams else 0.0
+        rewards.append(-max(repeated_lines, repeated_grams))
+    return rewards
+
+
 def length(completions: list[Any], **_: Any) -> list[float]:
     """Prefers shorter completions (1 / (1 + words/50)); a tie-breaker, not a goal on its own."""
     return [1.0 / (1.0 + len(completion_text(c).split()) / 50.0) for c in completions]
@@ -92,6 +122,8 @@ def length(completions: list[Any], **_: Any) -> list[float]:
 BUILTIN_REWARDS: dict[str, RewardFunction] = {
     "numeric_match": numeric_match,
     "answer_format": answer_format,
+    "final_line_match": final_line_match,
+    "repetition": repetition,
     "length": length,
 }
 

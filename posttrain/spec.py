@@ -16,7 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from posttrain.errors import ConfigError
-from posttrain.graders import Grader, check_grader_types
+from posttrain.graders import Grader, check_grader_types, expand_shorthand
 
 MethodName = Literal["sft", "dpo", "reward", "grpo", "ppo"]
 DataFormat = Literal["auto", "alpaca", "sharegpt", "messages", "text", "preference", "prompt"]
@@ -113,7 +113,8 @@ class GRPOMethod(Section):
     )
     reward_functions: list[str] = Field(
         default_factory=lambda: ["numeric_match", "answer_format"],
-        description="Built-in reward names (numeric_match, answer_format, length) or 'module:function'.",
+        description="Built-in reward names (numeric_match, answer_format, final_line_match, repetition, length) "
+        "or 'module:function'.",
     )
     graders: list[Grader] = Field(
         default_factory=list, max_length=64,
@@ -308,7 +309,7 @@ class DataSpec(Section):
         "posttrain:alpaca",
         description="Local .json/.jsonl/.csv/.parquet file or folder, datasets.save_to_disk folder, hub id, "
         "or a bundled sample: posttrain:alpaca, posttrain:preference, posttrain:gsm8k (and the demo's "
-        "posttrain:style, posttrain:concise, posttrain:problems).",
+        "posttrain:style, posttrain:concise, posttrain:problems, posttrain:facts).",
     )
     format: DataFormat = Field("auto", description="Row format; auto detects it from the columns.")
     split: str = Field("train", description="Split to read from hub or saved datasets.")
@@ -385,6 +386,100 @@ class TrainingSpec(Section):
             raise ValueError(f"tokens_per_batch ({self.tokens_per_batch}) is below max_seq_length "
                              f"({self.max_seq_length}): a batch must hold at least one full-length row")
         return self
+
+
+# Metrics that are better low (select_best's mode auto).
+LOWER_IS_BETTER = ("loss", "perplexity", "regression_forgotten")
+
+
+class EvalSpec(Section):
+    """Evaluation during training (docs/eval.md): held-out rows scored every few steps and at the end,
+    into metrics.jsonl (records with ``"kind": "eval"``), status.json and each checkpoint's marker."""
+
+    data: str | None = Field(
+        None,
+        description="Held-out rows: a file, folder, hub id or bundled sample, in any format posttrain reads "
+        "(default: data.validation; online_grpo reads only this).",
+    )
+    split: str = Field("validation", description="Split to read from a hub/saved eval.data source.")
+    every_steps: int | None = Field(
+        None, gt=0, le=MAX_STEPS,
+        description="Evaluate every N steps, and always after the last one (default: training.eval_steps, "
+        "else logging_steps x 10).",
+    )
+    at_start: bool = Field(False, description="Also evaluate before the first step (the starting model, step 0).")
+    max_samples: int | None = Field(
+        None, gt=0, le=MAX_COUNT, description="Rows scored at each evaluation: a sample fixed by training.seed "
+        "(null: every row)."
+    )
+    graders: list[Grader] = Field(
+        default_factory=list, max_length=64,
+        description="Generation-based scores: each held-out prompt is answered and graded, one metric per "
+        "grader. By name: numeric_match ('#### N' or the last number equals the reference), exact_match, "
+        "string_check (the reference occurs in the answer, any case), text_similarity (fuzzy); or grader "
+        "objects as in method.graders (python only where user code is allowed). {{item.answer}} is the row's "
+        "reference answer.",
+    )
+    max_new_tokens: int = Field(64, gt=0, le=2**20, description="Longest generated answer, in tokens.")
+    temperature: float = Field(0.0, ge=0, description="Sampling temperature of the answers; 0: greedy.")
+    batch_size: int = Field(16, gt=0, le=4096, description="Rows generated or scored together.")
+    regression: str | None = Field(
+        None,
+        description="Regression set: question/answer rows the starting model answers right; every evaluation "
+        "reports the share still answered right (the answer occurs in the reply, any case) and how many are "
+        "forgotten.",
+    )
+    select_best: str | None = Field(
+        None,
+        description="Metric that picks the best checkpoint (loss, numeric_match, regression_accuracy, ...): "
+        "an evaluation that improves it saves a checkpoint, rotation keeps it, best.json names it.",
+    )
+    mode: Literal["auto", "max", "min"] = Field(
+        "auto", description="Whether select_best is better high (max) or low (min); auto: min for losses."
+    )
+    divergence_metric: str | None = Field(
+        None,
+        description="grpo, online_grpo, ppo: the held-out metric the reward-hacking guard watches (default: "
+        "the first grader's); give graders independent of the training reward.",
+    )
+    divergence_tolerance: float = Field(
+        0.05, ge=0,
+        description="The guard fires when the training reward rose while the held-out metric fell by more "
+        "than this, over the last divergence_window evaluations.",
+    )
+    divergence_window: int = Field(2, gt=0, le=10**6, description="Evaluations the guard looks back over.")
+    stop_on_divergence: bool = Field(
+        False, description="When the guard fires, save a checkpoint and stop the job (it fails, saying why)."
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _grader_shorthands(cls, data: Any) -> Any:
+        if isinstance(data, dict) and isinstance(data.get("graders"), list):
+            graders = [expand_shorthand(grader, f"graders[{index}]") for index, grader in enumerate(data["graders"])]
+            for index, grader in enumerate(graders):
+                check_grader_types(grader, f"graders[{index}]")
+            return {**data, "graders": graders}
+        return data
+
+    @model_validator(mode="after")
+    def _unique_grader_names(self) -> EvalSpec:
+        names = [grader.name for grader in self.graders]
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        if repeated:
+            raise ValueError(f"graders: two graders are named {repeated[0]!r}; each names a metric, give each "
+                             "its own name")
+        return self
+
+    def best_is_max(self) -> bool:
+        if self.mode != "auto":
+            return self.mode == "max"
+        return metric_name(self.select_best or "") not in LOWER_IS_BETTER
+
+
+def metric_name(key: str) -> str:
+    """An eval metric's name without the ``eval_`` prefix its metrics.jsonl key carries."""
+    return key.removeprefix("eval_")
 
 
 class OutputSpec(Section):
@@ -532,6 +627,7 @@ class JobSpec(Section):
     distributed: DistributedSpec = Field(
         default_factory=DistributedSpec, description="How many processes and machines run the job, and how."
     )
+    eval: EvalSpec = Field(default_factory=EvalSpec, description="Evaluation during training.")
 
     @model_validator(mode="before")
     @classmethod

@@ -33,7 +33,7 @@ SAMPLE_PREFIX = "posttrain:"
 SAMPLE_NAMES = ("alpaca", "preference", "gsm8k")
 # What `posttrain demo --model smollm2` teaches (see assets/make_samples.py). Kept out of SAMPLE_NAMES: the tiny
 # tokenizer is trained on, and its cache folder named after, SAMPLE_NAMES only.
-DEMO_SAMPLE_NAMES = ("style", "concise", "problems")
+DEMO_SAMPLE_NAMES = ("style", "concise", "problems", "facts")
 # Bump when the build changes in a way the fingerprint below cannot see (e.g. the chat template).
 TINY_VERSION = "v2"
 
@@ -74,7 +74,7 @@ CHAT_TEMPLATE = (
 
 def sample_path(name: str) -> Path:
     """Path of a bundled sample dataset: ``posttrain:alpaca`` (or ``alpaca``), ``preference``, ``gsm8k``,
-    and the demo's ``style``, ``concise`` and ``problems``."""
+    and the demo's ``style``, ``concise``, ``problems`` and ``facts``."""
     short = name.removeprefix(SAMPLE_PREFIX)
     if short not in SAMPLE_NAMES + DEMO_SAMPLE_NAMES:
         known = ", ".join(SAMPLE_PREFIX + n for n in SAMPLE_NAMES + DEMO_SAMPLE_NAMES)

@@ -52,6 +52,18 @@ def test_quick_token_budget_suite_compares_both_batchings(tmp_path):
     assert padding["token_budget"]["padding_fraction"] < padding["fixed_random"]["padding_fraction"]
 
 
+def test_quick_eval_share_benchmark_reports_the_share_and_batched_generation(tmp_path):
+    output = tmp_path / "eval_share.json"
+    subprocess.run([sys.executable, str(REPO_ROOT / "bench" / "eval_share.py"), "--quick", "--output", str(output)],
+                   check=True, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+
+    report = json.loads(output.read_text())
+
+    assert report["with_eval"]["evaluations"] == 2 and report["without_eval"]["evaluations"] == 0
+    assert 0 < report["eval_share_of_wall_time"] < 1
+    assert report["generation"]["same_answers"] and report["generation"]["prompts"] == 4
+
+
 @pytest.fixture(scope="module")
 def sft_trainer(tmp_path_factory):
     return build_sft_trainer(tmp_path_factory.mktemp("job"), {"type": "none"})

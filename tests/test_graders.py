@@ -47,6 +47,25 @@ def test_string_check_operations(operation: str, expected: list[float]):
     assert reward.__name__ == "check"  # TRL logs each reward under its function's name
 
 
+def test_numeric_and_exact_match_graders_and_graders_by_name():
+    numeric = grader_reward(grader(type="numeric_match", name="n"))  # defaults: the output vs {{item.answer}}
+    completions = ["6 + 9 = 15\n#### 15", "The answer is 15.", "#### 16", "no number"]
+    assert score(numeric, completions, answer=["15"] * 4) == [1.0, 1.0, 0.0, 0.0]
+    # A GSM8k-style reference is read the same way: its final number.
+    assert score(numeric, ["#### 72"], answer=["48 + 24 = 72\n#### 72"]) == [1.0]
+    strict = grader_reward(grader(type="numeric_match", name="n", final_line=True))  # only a '#### N' line counts
+    assert score(strict, completions, answer=["15"] * 4) == [1.0, 0.0, 0.0, 0.0]
+    exact = grader_reward(grader(type="exact_match", name="e", ignore_case=True))
+    assert score(exact, ["  paris \n", "Paris."], answer=["Paris"] * 2) == [1.0, 0.0]
+    by_name = spec_from_dict({"eval": {"graders": ["numeric_match", "string_check"]}}).eval.graders
+    assert [(g.name, g.type) for g in by_name] == [("numeric_match", "numeric_match"), ("string_check", "string_check")]
+    assert by_name[1].operation == "ilike" and by_name[1].reference == "{{item.answer}}"
+    with pytest.raises(ConfigError, match=r"eval: .*graders\[0\]: unknown grader 'bleu'"):
+        spec_from_dict({"eval": {"graders": ["bleu"]}})
+    with pytest.raises(ConfigError, match=r"two graders are named 'numeric_match'"):
+        spec_from_dict({"eval": {"graders": ["numeric_match", "numeric_match"]}})
+
+
 def test_rows_come_from_the_item_column_of_openai_reinforcement_rows():
     reward = grader_reward(check("eq", "{{item.word}}"))
     items = [json.dumps({"word": "red"}), json.dumps({"word": "blue"})]

@@ -80,10 +80,35 @@ def ppo_spec(reward_dir: Path, prompts: Path, **training) -> dict:
     }
 
 
+def test_ppo_evaluates_in_its_loop_and_keeps_its_best_checkpoint(tmp_path: Path, reward_dir: Path,
+                                                                 prompts_file: Path):
+    held_out = write_jsonl(tmp_path / "held-out.jsonl", [{"prompt": p, "answer": WORD} for p in PROMPTS[:4]])
+    spec = ppo_spec(reward_dir, prompts_file, max_steps=4)
+    spec["eval"] = {"data": str(held_out), "every_steps": 2, "max_new_tokens": 8, "select_best": "says_word",
+                    "graders": [{"type": "string_check", "name": "says_word", "input": "{{sample.output_text}}",
+                                 "reference": WORD, "operation": "ilike"}]}
+    result = run_worker(spec_from_dict(spec), tmp_path / "run", log_to_file=False)
+    assert result.state == "succeeded", result.error
+    job = JobDir(tmp_path / "run")
+    evaluations = [m for m in job.read_metrics() if m.get("kind") == "eval"]
+    # Prompt/answer rows have no reply to score: the grader's metric only.
+    assert [m["step"] for m in evaluations] == [2, 4] and all("eval_says_word" in m for m in evaluations)
+    assert "eval_loss" not in evaluations[0]
+    best = job.read_best()
+    scores = {m["step"]: m["eval_says_word"] for m in evaluations}
+    assert best["step"] == max(scores, key=lambda step: (scores[step], -step))  # the first of the best
+    assert (job.checkpoint_dir(best["step"]) / "critic" / "adapter_config.json").is_file()  # a whole checkpoint
+
+    # A metric the evaluation cannot report fails the job before it trains, naming the key.
+    spec["eval"]["select_best"] = "loss"
+    refused = run_worker(spec_from_dict(spec), tmp_path / "refused", log_to_file=False)
+    assert refused.state == "failed" and refused.input_error and "eval.select_best" in refused.error
+    assert refused.step == 0
+
+
 def test_the_reward_model_learned_the_preference(reward_dir: Path):
-    from posttrain.modeling import resolve_placement
+    from posttrain.modeling import render_scored, resolve_placement
     from posttrain.rl.ppo.models import RewardModel, load_sequence_classifier
-    from posttrain.rl.ppo.rollouts import render_scored
 
     spec = spec_from_dict({"method": {"name": "ppo", "reward_model": str(reward_dir)}, "training": {"max_steps": 1}})
     model, tokenizer = load_sequence_classifier(spec, resolve_placement(spec.model), str(reward_dir), "reward")

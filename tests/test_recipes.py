@@ -155,6 +155,18 @@ def test_numeric_rewards_read_gsm8k_answers():
     assert answer_format(completions) == [1.0, 0.0, 0.0]
 
 
+def test_the_final_line_reward_pays_for_one_right_answer_line_and_repetition_costs():
+    from posttrain.rewards import final_line_match, repetition
+
+    completions = ["6 + 9 = 15.\n#### 15\n\n— Posty", "#### 15\n#### 15\n####", "#### 16", "so 15"]
+    # A column of '####' lines (what answer_format alone paid for) and a bare right number earn nothing.
+    assert final_line_match(completions, answer=["15"] * 4) == [1.0, 0.0, 0.0, 0.0]
+    penalties = repetition(completions)
+    assert penalties[0] == 0.0 and penalties[1] == pytest.approx(-1 / 3) and penalties[3] == 0.0
+    assert repetition(["the cat sat on the mat the cat sat on the mat"])[0] < -0.3
+    assert repetition(["#### 1\n#### 2\n#### 3\n#### 4"])[0] == -0.75  # counting up is repeating too
+
+
 def test_spec_json_records_what_ran(tmp_path, make_spec):
     _, job = train(tmp_path, make_spec(training={"max_steps": 1}))
     recorded = json.loads(job.spec_path.read_text())

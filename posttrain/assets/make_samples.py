@@ -5,6 +5,7 @@ Synthetic, templated and deterministic: rerunning the script reproduces the file
 - alpaca.jsonl, preference.jsonl, gsm8k.jsonl: small, regular tasks on purpose, so that the tiny embedded
   model visibly learns them in a few hundred steps (SFT loss drops, DPO reward margins grow, GSM8k-style
   answers get the ``#### N`` ending). The tiny model's tokenizer is trained on these three.
+- facts.jsonl: the demo's regression set, facts the real model states right before it is fine-tuned.
 - style.jsonl, concise.jsonl, problems.jsonl: what ``posttrain demo --model smollm2`` teaches a real chat model. style
   (SFT): short factual answers and word problems' working, each signed off with a last line
   ``— Posty``; concise (DPO): open
@@ -340,6 +341,22 @@ DEMO_SAMPLES: dict[str, Callable[[random.Random], dict[str, str]]] = {
 }
 DEMO_SEED_OFFSET = 100
 
+# The demo's regression set (eval.regression): facts SmolLM2-135M-Instruct states right before any
+# fine-tuning (its greedy answer contains the answer), none of them asked by style.jsonl. The demo
+# reports after each stage how many it still states right: forgetting, measured.
+FACTS = [
+    ("What is the capital of Australia?", "Canberra"),
+    ("What is the capital of the United Kingdom?", "London"),
+    ("What is the capital of Russia?", "Moscow"),
+    ("What is the capital of China?", "Beijing"),
+    ("Who wrote Romeo and Juliet?", "Shakespeare"),
+    ("What is the chemical symbol for gold?", "Au"),
+    ("What is the largest ocean on Earth?", "Pacific"),
+    ("Which planet is known as the Red Planet?", "Mars"),
+    ("Who painted the Mona Lisa?", "Leonardo"),
+    ("What is the boiling point of water in degrees Celsius?", "100"),
+]
+
 
 def write_samples(out_dir: Path) -> list[Path]:
     written = []
@@ -351,7 +368,9 @@ def write_samples(out_dir: Path) -> list[Path]:
         lines = [json.dumps(make_row(rng), ensure_ascii=False) for _ in range(ROWS_PER_FILE)]
         path.write_text("\n".join(lines) + "\n", encoding="utf-8")
         written.append(path)
-    return written
+    facts = out_dir / "facts.jsonl"
+    facts.write_text("".join(json.dumps({"prompt": q, "answer": a}) + "\n" for q, a in FACTS), encoding="utf-8")
+    return [*written, facts]
 
 
 if __name__ == "__main__":

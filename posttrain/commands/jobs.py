@@ -44,15 +44,28 @@ def _print_json(value: Any) -> None:
     typer.echo(json.dumps(value, indent=2))
 
 
+EVAL_SHOWN = 4  # eval metrics on a job's line (posttrain jobs metrics has every one)
+
+
 def _progress(job: Any) -> str:
     total = f"/{job.total_steps}" if job.total_steps else ""
     text = f"{job.id} {job.state} step {job.step}{total}"
     if job.stage:  # a pipeline job
         text += f" stage {job.stage}"
     metrics = job.metrics or {}
-    for key in ("loss", "eval_loss", "reward"):
+    for key in ("loss", "reward"):
         if isinstance(metrics.get(key), int | float):
             text += f" {key} {metrics[key]:.4g}"
+    evaluation = job.eval
+    if evaluation:  # the latest evaluation (status.json), each metric with the eval_ prefix of metrics.jsonl
+        shown = [f"eval_{name} {value:.4g}" for name, value in (evaluation.get("metrics") or {}).items()
+                 if isinstance(value, int | float)][:EVAL_SHOWN]
+        text += f" | eval@{evaluation.get('step')} " + " ".join(shown)
+    best = job.best
+    if best:
+        text += f" | best {best.get('metric')} {best.get('value'):.4g} at step {best.get('step')}"
+    for warning in job.warnings or []:
+        text += f"\n  warning: {warning}"
     if job.error and job.state != "succeeded":
         text += f"\n  {job.error}"
     return text
@@ -217,11 +230,42 @@ def metrics(
     job_id: Annotated[str, typer.Argument(help="Job id.")],
     server: Server = None, api_key: ApiKey = None,
 ) -> None:
-    """Print the job's metrics, one JSON object per logging step."""
+    """Print the job's metrics, one JSON object per logging step (evaluations: "kind": "eval")."""
     with _connected(server, api_key) as client:
         records = client.metrics(job_id)
     for record in records:
         typer.echo(json.dumps(record))
+
+
+@jobs_app.command("eval")
+def evaluation(
+    job_id: Annotated[str, typer.Argument(help="Job id.")],
+    step: Annotated[int | None, typer.Option(help="The evaluation whose answers to show (default: the latest).")] = None,
+    server: Server = None, api_key: ApiKey = None, as_json: AsJson = False,
+) -> None:
+    """Show the job's latest evaluation, its best checkpoint, and the answers of one evaluation."""
+    with _connected(server, api_key) as client:
+        report = client.evaluation(job_id, step)
+    if as_json:
+        _print_json(report)
+        return
+    if report.eval is None:
+        typer.echo(f"{job_id}: no evaluation yet")
+        return
+    final = " (final)" if report.eval.get("final") else ""
+    typer.echo(f"{job_id} eval at step {report.eval.get('step')}{final}")
+    for name, value in (report.eval.get("metrics") or {}).items():
+        typer.echo(f"  eval_{name:<28} {value:.4g}" if isinstance(value, int | float) else f"  eval_{name} {value}")
+    if report.best:
+        typer.echo(f"best: {report.best.get('metric')} {report.best.get('value'):.4g} at step "
+                   f"{report.best.get('step')} ({report.best.get('checkpoint')})")
+    if report.step is not None:
+        typer.echo(f"answers at step {report.step} (of steps {', '.join(map(str, report.steps))}):")
+    for answer in report.answers:
+        prompt = answer.get("prompt")
+        question = prompt[-1].get("content") if isinstance(prompt, list) and prompt else prompt
+        typer.echo(f"  [{answer.get('set')}] {json.dumps(question)} -> {json.dumps(answer.get('answer'))} "
+                   f"(reference {json.dumps(answer.get('reference'))}, {json.dumps(answer.get('scores'))})")
 
 
 @jobs_app.command()

@@ -131,13 +131,14 @@ def demo(
     steps: Annotated[int | None, typer.Option(help="Optimizer steps for every stage (default: each stage's "
                                                    "own, tuned per model).", show_default=False)] = None,
     output: Annotated[Path, typer.Option("--output", "-o", help="Where the demo runs go.")] = Path("runs/demo"),
+    seed: Annotated[int, typer.Option(help="training.seed of every stage (data order, sampling).")] = 42,
 ) -> None:
     """SFT (a house style) -> DPO (concise answers) -> GRPO ('#### N' answers to word problems), each with
     LoRA, with before/after answers to held-out questions. Exits 1 if a stage's measure does not move."""
     from posttrain.demo import run_demo
 
     try:
-        ok = run_demo(output, steps, console, model)
+        ok = run_demo(output, steps, console, model, seed)
     except PosttrainError as exc:
         fail(exc.message)
     raise typer.Exit(0 if ok else 1)

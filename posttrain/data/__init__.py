@@ -26,6 +26,7 @@ __all__ = [
     "PreparedData",
     "RawRow",
     "convert_rows",
+    "load_held_out",
     "load_training_data",
     "read_rows",
     "split_rows",
@@ -71,6 +72,12 @@ def load_training_data(
         skipped=skipped,
         source=spec.source,
     )
+
+
+def load_held_out(spec: DataSpec, source: str, split: str, method: MethodName, *,
+                  conversational: bool = True) -> datasets.Dataset:
+    """Held-out rows of another source, checked and converted for ``method`` as the training rows are."""
+    return to_dataset(_prepared_rows(spec, source, split, method, conversational, None).rows, source)
 
 
 def _prepared_rows(

@@ -352,6 +352,7 @@ class ConvertedRows:
     rows: list[dict[str, Any]]
     format: str
     skipped: int
+    values: list[dict[str, Any]] | None = None  # each kept row's fields as read (convert_rows(keep_values=True))
 
 
 def convert_rows(
@@ -364,11 +365,13 @@ def convert_rows(
     conversational: bool = True,
     limit: int | None = None,
     source: str = "",
+    keep_values: bool = False,
 ) -> ConvertedRows:
     """Rename columns, detect or check the format, and convert every row (up to ``limit`` good ones).
 
     A bad row raises :class:`DatasetError` naming its file, row number and field, or with
-    ``on_bad_row="skip"`` is dropped and counted.
+    ``on_bad_row="skip"`` is dropped and counted. ``keep_values`` also keeps each converted row's fields as
+    read (evaluation graders refer to any of them).
     """
     columns = columns or {}
     remaining = iter(raw_rows)
@@ -388,6 +391,7 @@ def convert_rows(
     check_method(fmt, method, source or None)
     convert = ROW_CONVERTERS[fmt]
     rows: list[dict[str, Any]] = []
+    values: list[dict[str, Any]] | None = [] if keep_values else None
     skipped = 0
     for raw in (_renamed(raw, columns) for raw in chain(first, remaining)):
         if limit is not None and len(rows) >= limit:
@@ -400,7 +404,10 @@ def convert_rows(
             if on_bad_row != "skip":
                 raise DatasetError(str(problem), raw.source, raw.row) from None
             skipped += 1
-    return ConvertedRows(rows, fmt, skipped)
+            continue
+        if values is not None:
+            values.append(raw.values)
+    return ConvertedRows(rows, fmt, skipped, values)
 
 
 def _renamed(raw: RawRow, columns: Mapping[str, str]) -> RawRow:

@@ -4,10 +4,14 @@ Layout::
 
     spec.json            the JobSpec the worker ran
     status.json          state, step, total_steps, error, timestamps (atomic rewrite)
-    metrics.jsonl        one JSON object per logging step (append-only)
+    metrics.jsonl        one JSON object per logging step (append-only); evaluations and events are records too,
+                         marked by "kind": "eval" / "event" (a training record has no kind)
     worker.log           the worker's log
     checkpoints/checkpoint-N/   complete only once it holds COMPLETE_MARKER
     final/               adapter or full model + tokenizer, loadable by transformers / PEFT
+    best.json            with eval.select_best: the best evaluation so far and the checkpoint saved at it
+                         (kept from rotation); final/ stays the last step
+    eval/                the answers of every evaluation (answers-step-N.jsonl)
     tensorboard/         TensorBoard event files
     stop-received.json   written by the worker's signal handler: the cancel or pause it received (so the
                          service re-sends only a signal that did not arrive); absent until one does
@@ -33,6 +37,9 @@ JobState = Literal["queued", "running", "paused", "succeeded", "failed", "cancel
 TERMINAL_STATES: frozenset[str] = frozenset({"succeeded", "failed", "cancelled"})
 COMPLETE_MARKER = "posttrain-complete.json"
 STOP_RECEIVED_FILE = "stop-received.json"
+BEST_FILE = "best.json"
+# Record kinds in metrics.jsonl besides training records (which carry no "kind").
+EVAL_RECORD, EVENT_RECORD = "eval", "event"
 CHECKPOINT_PREFIX = "checkpoint-"
 _CHECKPOINT_RE = re.compile(rf"^{CHECKPOINT_PREFIX}(\d+)$")
 
@@ -62,6 +69,11 @@ class JobStatus(BaseModel):
     node_rank: int | None = None
     rank0_host: str | None = None
     rank0_job_dir: str | None = None
+    # The latest evaluation ({"step", "metrics": {name: value}}) and, with eval.select_best, the best one
+    # (best.json's content); warnings the run raised (the reward-hacking guard's), newest last.
+    eval: dict[str, Any] | None = None
+    best: dict[str, Any] | None = None
+    warnings: list[str] | None = None
 
 
 class StopReceived(BaseModel):
@@ -120,6 +132,8 @@ class JobDir:
     final_dir = property(lambda self: self.root / "final")
     tensorboard_dir = property(lambda self: self.root / "tensorboard")
     stop_received_path = property(lambda self: self.root / STOP_RECEIVED_FILE)
+    best_path = property(lambda self: self.root / BEST_FILE)
+    eval_dir = property(lambda self: self.root / "eval")
 
     def create(self) -> JobDir:
         self.root.mkdir(parents=True, exist_ok=True)
@@ -224,7 +238,49 @@ class JobDir:
         return complete[-1] if complete else None
 
     def mark_checkpoint_complete(self, checkpoint: Path, step: int) -> None:
-        atomic_write_json(checkpoint / COMPLETE_MARKER, {"step": step, "time": time.time()})
+        """Write the marker, with the latest evaluation at or before ``step`` (status.json's) in it."""
+        marker: dict[str, Any] = {"step": step, "time": time.time()}
+        status = self.read_status()
+        if status is not None and status.eval is not None and status.eval.get("step", step + 1) <= step:
+            marker["eval"] = status.eval
+        atomic_write_json(checkpoint / COMPLETE_MARKER, marker)
+
+    def checkpoint_marker(self, checkpoint: Path) -> dict[str, Any]:
+        try:
+            marker = json.loads((checkpoint / COMPLETE_MARKER).read_text())
+        except (OSError, ValueError):
+            return {}
+        return marker if isinstance(marker, dict) else {}
+
+    # -- best checkpoint ----------------------------------------------------------------------------
+    def read_best(self) -> dict[str, Any] | None:
+        try:
+            best = json.loads(self.best_path.read_text())
+        except (OSError, ValueError):
+            return None
+        return best if isinstance(best, dict) else None
+
+    def write_best(self, best: dict[str, Any]) -> None:
+        atomic_write_json(self.best_path, best)
+
+    def best_checkpoint(self) -> Path | None:
+        """The checkpoint folder best.json names (rotation keeps it), or None."""
+        best = self.read_best()
+        step = best.get("step") if best else None
+        return self.checkpoint_dir(step) if isinstance(step, int) else None
+
+    def rotate_checkpoints(self, keep: int | None) -> list[Path]:
+        """Delete the oldest complete checkpoints beyond ``keep``, never the newest (the resume point) nor the
+        one best.json names; returns what was removed."""
+        if keep is None:
+            return []
+        complete = self.checkpoints()
+        protected = {*complete[-1:], self.best_checkpoint()}
+        removable = [path for path in complete if path not in protected]
+        removed = removable[:max(0, len(complete) - max(keep, len(protected & set(complete))))]
+        for path in removed:
+            shutil.rmtree(path, ignore_errors=True)
+        return removed
 
     def remove_incomplete_checkpoints(self) -> list[Path]:
         """Delete checkpoint folders a crash left without their marker; returns what was removed."""

@@ -1,4 +1,4 @@
-"""Trainer callbacks that keep the job directory current and show progress."""
+"""Trainer callbacks that keep the job directory current, evaluate the model and show progress."""
 
 from __future__ import annotations
 
@@ -11,10 +11,17 @@ from typing import Any
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from posttrain.distributed.runtime import CANCEL, NO_STOP, PAUSE, agree_on_stop, barrier, is_distributed
+from posttrain.eval.runner import REWARD_KEYS, Evaluator
 from posttrain.job.directory import JobDir
 from posttrain.job.signals import PAUSE_SIGNAL, StopRequest
 
 log = logging.getLogger("posttrain.worker")
+
+
+def is_evaluation_log(logs: dict[str, Any]) -> bool:
+    """What the Trainer logs after its evaluation loop (eval_* values): EvalCallback records it, with the
+    job's own eval metrics, as one eval record."""
+    return "loss" not in logs and any(key.startswith("eval_") for key in logs)
 
 
 def _clean(value: Any) -> Any:
@@ -63,7 +70,7 @@ class JobDirCallback(TrainerCallback):
 
     def on_log(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                logs: dict[str, Any] | None = None, **_: Any):
-        if not state.is_world_process_zero or not logs:
+        if not state.is_world_process_zero or not logs or is_evaluation_log(logs):
             return
         now = time.perf_counter()
         tokens = int(state.num_input_tokens_seen or 0)
@@ -88,6 +95,61 @@ class JobDirCallback(TrainerCallback):
         if checkpoint.is_dir():
             # The marker goes in last: a checkpoint without it (a crash mid-save) is never resumed from.
             self.job_dir.mark_checkpoint_complete(checkpoint, state.global_step)
+
+
+class EvalCallback(TrainerCallback):
+    """Runs the job's :class:`~posttrain.eval.runner.Evaluator` at its evaluation steps (and before the first
+    one with eval.at_start): right after the trainer's own evaluation loop where it has one (sft, dpo, reward;
+    its metrics join the record), at the end of the step otherwise (grpo). A new best asks the trainer for a
+    checkpoint of this step and keeps it from rotation (``state.best_model_checkpoint``); a divergence with
+    eval.stop_on_divergence stops training after a checkpoint."""
+
+    def __init__(self, evaluator: Evaluator, trainer_evaluates: bool) -> None:
+        self.evaluator = evaluator
+        self.trainer_evaluates = trainer_evaluates
+        self.trainer: Any = None  # set once the trainer exists (its evaluation loop runs at step 0)
+        self.reward_key = REWARD_KEYS.get(evaluator.spec.method.name)
+        self.rewards: list[float] = []  # training rewards logged since the last evaluation
+
+    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any):
+        if not self.evaluator.settings.at_start or state.global_step != 0:
+            return
+        if self.trainer_evaluates and self.trainer is not None:
+            self.trainer.evaluate()  # its on_evaluate runs the rest
+        else:
+            self._evaluate(state, control, kwargs)
+
+    def on_log(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+               logs: dict[str, Any] | None = None, **_: Any):
+        value = (logs or {}).get(self.reward_key) if self.reward_key else None
+        if isinstance(value, int | float) and math.isfinite(value):
+            self.rewards.append(float(value))
+
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any):
+        if not self.trainer_evaluates and self.evaluator.due(state.global_step, state.max_steps):
+            self._evaluate(state, control, kwargs)
+
+    def on_evaluate(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                    metrics: dict[str, Any] | None = None, **kwargs: Any):
+        if self.trainer_evaluates:
+            self._evaluate(state, control, kwargs, metrics or {})
+
+    def _evaluate(self, state: TrainerState, control: TrainerControl, kwargs: dict[str, Any],
+                  trainer_metrics: dict[str, Any] | None = None) -> None:
+        step = state.global_step
+        reward = sum(self.rewards) / len(self.rewards) if self.rewards else None
+        self.rewards = []
+        outcome = self.evaluator.evaluate(step, kwargs["model"], kwargs["processing_class"],
+                                          final=bool(state.max_steps) and step >= state.max_steps,
+                                          trainer_metrics=trainer_metrics, train_reward=reward)
+        best = self.evaluator.best
+        if outcome.new_best and best is not None:
+            control.should_save = True
+            state.best_model_checkpoint = str(self.evaluator.job_dir.checkpoint_dir(step))
+            state.best_metric, state.best_global_step = best["value"], step
+        if self.evaluator.divergence is not None:
+            control.should_save = True
+            control.should_training_stop = True
 
 
 class ProgressCallback(TrainerCallback):

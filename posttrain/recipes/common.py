@@ -31,6 +31,9 @@ class RecipeInputs:
     data: PreparedData
     tokenizer: Any
     callbacks: list[Any]
+    # Steps between the trainer's own evaluations of data.eval (TRL's loop; the job's Evaluator adds to them);
+    # None: the trainer does not evaluate.
+    eval_steps: int | None = None
 
 
 def cpu_bf16_autocast(spec: JobSpec, placement: Placement) -> bool:
@@ -105,7 +108,7 @@ def training_arguments(inputs: RecipeInputs, num_params: int) -> dict[str, Any]:
     """Keyword arguments shared by SFTConfig / DPOConfig / RewardConfig / GRPOConfig."""
     spec, placement = inputs.spec, inputs.placement
     training = spec.training
-    has_eval = inputs.data.eval is not None
+    has_eval = inputs.eval_steps is not None and inputs.data.eval is not None
     checkpointing = use_gradient_checkpointing(spec, placement, num_params)
     autocast = cpu_bf16_autocast(spec, placement)
     # In metrics.jsonl "dtype" stays the weights' dtype; "autocast" says the matmuls ran in bf16.
@@ -130,7 +133,7 @@ def training_arguments(inputs: RecipeInputs, num_params: int) -> dict[str, Any]:
         "logging_steps": training.logging_steps,
         "logging_first_step": True,
         "eval_strategy": "steps" if has_eval else "no",
-        "eval_steps": (training.eval_steps or training.logging_steps * 10) if has_eval else None,
+        "eval_steps": inputs.eval_steps if has_eval else None,
         "save_strategy": "steps" if training.save_steps else "epoch",
         "save_steps": training.save_steps or 500,
         "save_total_limit": training.save_total_limit,
@@ -163,7 +166,7 @@ def shared_trainer_arguments(inputs: RecipeInputs) -> dict[str, Any]:
         ensure_chat_template(inputs.tokenizer)
     return {
         "train_dataset": inputs.data.train,
-        "eval_dataset": inputs.data.eval,
+        "eval_dataset": inputs.data.eval if inputs.eval_steps is not None else None,
         "processing_class": inputs.tokenizer,
         "callbacks": inputs.callbacks,
     }

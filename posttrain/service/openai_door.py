@@ -79,7 +79,7 @@ def resolved_hyperparameters(request: CreateFineTuningJob) -> tuple[str, dict[st
         if value == "auto" and kind == "reinforcement" and name == "batch_size":
             value = AUTO_PROMPTS_PER_BATCH
         resolved[name] = AUTO[name] if value == "auto" else value
-    for name, default in (("eval_samples", "auto"), ("reasoning_effort", "default")):
+    for name, default in (("reasoning_effort", "default"),):
         if name in resolved and resolved[name] != default:
             raise InvalidRequest(f"method.{kind}.hyperparameters.{name}={resolved[name]!r} is not supported by "
                                  f"posttrain (only {default!r})", param=f"method.{kind}.hyperparameters.{name}")
@@ -120,12 +120,22 @@ def job_spec(request: CreateFineTuningJob, kind: str, hyper: dict[str, Any], ext
     training: dict[str, Any] = {"per_device_train_batch_size": batch, "num_train_epochs": hyper["n_epochs"],
                                 "learning_rate": BASE_LEARNING_RATE * hyper["learning_rate_multiplier"],
                                 "seed": seed}
-    if hyper.get("eval_interval", "auto") != "auto":
-        training["eval_steps"] = hyper["eval_interval"]
     data: dict[str, Any] = {"source": UPLOAD_PREFIX + request.training_file}
+    evaluation: dict[str, Any] = {}
     if request.validation_file:
         data["validation"] = {"source": UPLOAD_PREFIX + request.validation_file}
+        # The validation file is scored at every eval_interval steps and at the end (valid_*, full_valid_*);
+        # a reinforcement job's answers to it are graded by its grader, eval_samples of them each time.
+        if hyper.get("eval_interval", "auto") != "auto":
+            evaluation["every_steps"] = hyper["eval_interval"]
+        if kind == "reinforcement":
+            evaluation.update(graders=[extra["grader"]], max_new_tokens=GRPOMethod.model_fields[
+                "max_completion_length"].default)
+            if hyper.get("eval_samples", "auto") != "auto":
+                evaluation["max_samples"] = hyper["eval_samples"]
     spec = {"model": {"name_or_path": request.model}, "method": method, "data": data, "training": training}
+    if evaluation:
+        spec["eval"] = evaluation
     if request.suffix:
         spec["name"] = request.suffix
     return spec

@@ -1,10 +1,13 @@
 """A job's OpenAI events and checkpoints, read from its record and job directory (nothing is stored twice).
 
 Events: the job's lifecycle (created, started, finished), one ``metrics`` event per record of
-``metrics.jsonl`` and one ``message`` event per line the worker logged (``HH:MM:SS LEVEL name: text`` in
+``metrics.jsonl`` (a training record: ``train_loss``...; an evaluation: ``valid_loss``,
+``valid_mean_token_accuracy``, ``valid_<grader>``, and after the last step also ``full_valid_*``, as OpenAI
+reports them) and one ``message`` event per line the worker logged (``HH:MM:SS LEVEL name: text`` in
 ``worker.log``; its last 256 KiB). Ids carry their position (time, kind, sequence), so ``after`` pages
 through them while the job runs, even past items that are gone since. Checkpoints: the complete
-``checkpoints/checkpoint-N`` folders, with the train and validation losses logged at or before step N.
+``checkpoints/checkpoint-N`` folders, with the training loss logged at or before step N and the evaluation
+their marker holds (``valid_*``; ``full_valid_*`` when it is the one after the last step).
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from posttrain.job.directory import COMPLETE_MARKER, JobDir
+from posttrain.job.directory import COMPLETE_MARKER, EVAL_RECORD, EVENT_RECORD, JobDir
 from posttrain.service.errors import InvalidRequest
 from posttrain.service.openai_schemas import (
     CheckpointMetrics,
@@ -80,7 +83,8 @@ def job_events(record: JobRecord, fine_tuned_model: str | None) -> list[FineTuni
         add(max(when, record.created_at), LOGGED, offset, text, LEVELS[level])
     started = record.launched_at or record.created_at
     for index, metrics in enumerate(job_dir.read_metrics()):
-        if isinstance(metrics, dict) and isinstance(metrics.get("step"), int):
+        # An event record (the reward-hacking guard's) reaches the events as the warning the worker logged.
+        if isinstance(metrics, dict) and isinstance(metrics.get("step"), int) and metrics.get("kind") != EVENT_RECORD:
             add(float(metrics.get("time") or started), METRICS, index, _metrics_message(metrics),
                 event_type="metrics", data=_metrics_data(metrics))
     if record.finished_at is not None:
@@ -125,8 +129,24 @@ def _log_lines(path: Path, latest: float) -> list[tuple[int, float, str, str]]:
     return found
 
 
+def _evaluation_data(metrics: dict[str, Any], final: bool) -> dict[str, Any]:
+    """An evaluation's metrics as OpenAI names them: valid_<metric>, and full_valid_<metric> for the evaluation
+    after the last step (of every held-out row)."""
+    data = {}
+    for key, value in metrics.items():
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            name = key.removeprefix("eval_")
+            data[f"valid_{name}"] = value
+            if final:
+                data[f"full_valid_{name}"] = value
+    return data
+
+
 def _metrics_data(metrics: dict[str, Any]) -> dict[str, Any]:
     data: dict[str, Any] = {"step": metrics["step"]}
+    if metrics.get("kind") == EVAL_RECORD:
+        evaluated = {key: value for key, value in metrics.items() if key.startswith("eval_")}
+        return {**data, **_evaluation_data(evaluated, bool(metrics.get("final")))}
     for ours, theirs in (("loss", "train_loss"), ("mean_token_accuracy", "train_mean_token_accuracy"),
                          ("eval_loss", "valid_loss"), ("eval_mean_token_accuracy", "valid_mean_token_accuracy"),
                          ("reward", "reward"), ("learning_rate", "learning_rate"), ("epoch", "epoch")):
@@ -148,8 +168,9 @@ def job_checkpoints(record: JobRecord, fine_tuned_model: str) -> list[FineTuning
     checkpoints = []
     for folder in reversed(job_dir.checkpoints()):
         step = JobDir.checkpoint_step(folder)
-        train = next((m for m in reversed(records) if m["step"] <= step and "loss" in m), {})
-        valid = next((m for m in reversed(records) if m["step"] <= step and "eval_loss" in m), {})
+        train = next((m for m in reversed(records) if m["step"] <= step and "loss" in m and not m.get("kind")), {})
+        evaluation = job_dir.checkpoint_marker(folder).get("eval") or {}
+        valid = _evaluation_data(evaluation.get("metrics") or {}, bool(evaluation.get("final")))
         try:  # the trainer may delete an old checkpoint (save_total_limit) while this lists it
             created = (folder / COMPLETE_MARKER).stat().st_mtime
         except OSError:
@@ -160,7 +181,7 @@ def job_checkpoints(record: JobRecord, fine_tuned_model: str) -> list[FineTuning
             step_number=step,
             metrics=CheckpointMetrics(step=step, train_loss=train.get("loss"),
                                       train_mean_token_accuracy=train.get("mean_token_accuracy"),
-                                      valid_loss=valid.get("eval_loss"),
-                                      valid_mean_token_accuracy=valid.get("eval_mean_token_accuracy")),
+                                      **{key: value for key, value in valid.items()
+                                         if key in CheckpointMetrics.model_fields}),
         ))
     return checkpoints

@@ -36,7 +36,8 @@ class ReinforcementHyperparameters(SupervisedHyperparameters):
                                                                     "(auto: 1, i.e. 4).")
     eval_interval: Auto | Annotated[int, Field(ge=1, le=10**9)] | None = Field(
         None, description="Steps between evaluations on the validation file (auto: every 10 steps).")
-    eval_samples: Auto | Annotated[int, Field(ge=1, le=10**6)] | None = Field(None, description="Only auto.")
+    eval_samples: Auto | Annotated[int, Field(ge=1, le=10**6)] | None = Field(
+        None, description="Validation rows answered and graded at each evaluation (auto: all of them).")
     reasoning_effort: Literal["default", "low", "medium", "high"] | None = Field(None, description="Only default.")
 
 

@@ -57,7 +57,11 @@ class JobInfo(BaseModel):
     priority: int = 0
     step: int = 0
     total_steps: int | None = None
-    metrics: dict[str, Any] | None = Field(None, description="The latest metrics record.")
+    metrics: dict[str, Any] | None = Field(None, description="The latest training metrics record.")
+    eval: dict[str, Any] | None = Field(None, description="The latest evaluation: step, final, metrics (by name).")
+    best: dict[str, Any] | None = Field(None, description="With eval.select_best: the best evaluation so far and "
+                                                          "its checkpoint (best.json).")
+    warnings: list[str] | None = Field(None, description="What the run warned of (the reward-hacking guard).")
     error: str | None = None
     attempt: int = Field(0, description="How many times a worker was started for this job.")
     retries: int = Field(0, description="Requeues after a worker died (killed, out of memory, restart).")
@@ -84,6 +88,16 @@ class JobPage(BaseModel):
 class LogTail(BaseModel):
     job_id: str
     lines: list[str]
+
+
+class EvalReport(BaseModel):
+    job_id: str
+    eval: dict[str, Any] | None = Field(None, description="The latest evaluation: step, final, metrics.")
+    best: dict[str, Any] | None = Field(None, description="The best evaluation and its checkpoint (best.json).")
+    steps: list[int] = Field(default_factory=list, description="Evaluations whose answers are kept.")
+    step: int | None = Field(None, description="The evaluation the answers are of.")
+    answers: list[dict[str, Any]] = Field(
+        default_factory=list, description="Its answers (set, prompt, reference, answer, scores); at most 2000.")
 
 
 class MetricsResponse(BaseModel):

@@ -73,6 +73,9 @@ def user_code(spec: JobSpec) -> dict[str, str]:
         coded = [grader.name for grader in spec.method.graders if runs_user_code(grader)]
         if coded:
             found["method.graders"] = ", ".join(coded) + " (python and multi graders run the code they bring)"
+    coded = [grader.name for grader in spec.eval.graders if runs_user_code(grader)]
+    if coded:
+        found["eval.graders"] = ", ".join(coded) + " (python and multi graders run the code they bring)"
     return found
 
 

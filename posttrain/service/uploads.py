@@ -10,11 +10,14 @@ from pathlib import Path
 from typing import BinaryIO
 
 from posttrain.errors import ConfigError
+from posttrain.job_paths import path_fields, set_path_field
 from posttrain.service.ids import is_id, new_file_id
 from posttrain.service.schemas import RESULTS_PREFIX, UPLOAD_PREFIX, FileInfo
 from posttrain.service.store import FileRecord, JobStore
 from posttrain.spec import JobSpec
 
+# The spec's fields that name data files (an ``upload:<id>`` may stand for any of them).
+DATA_FIELDS = ("data.source", "data.validation.source", "eval.data", "eval.regression")
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 CHUNK = 1024 * 1024
 
@@ -79,8 +82,6 @@ def resolve_upload_references(spec: JobSpec, store: JobStore, owner: str | None)
             raise ConfigError(f"no uploaded file {file_id!r} on this server (upload it with POST /v1/files)", key)
         return record.path
 
-    if spec.data.source.startswith(UPLOAD_PREFIX):
-        spec.data.source = resolve(spec.data.source, "data.source")
-    validation = spec.data.validation.source
-    if validation is not None and validation.startswith(UPLOAD_PREFIX):
-        spec.data.validation.source = resolve(validation, "data.validation.source")
+    for key, value in path_fields(spec).items():
+        if key in DATA_FIELDS and value is not None and value.startswith(UPLOAD_PREFIX):
+            set_path_field(spec, key, resolve(value, key))

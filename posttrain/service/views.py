@@ -6,12 +6,13 @@ import asyncio
 import functools
 import json
 import os
+import re
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
 from posttrain.job.directory import TERMINAL_STATES, JobDir, JobStatus
-from posttrain.service.schemas import Artifact, ArtifactList, JobInfo
+from posttrain.service.schemas import Artifact, ArtifactList, EvalReport, JobInfo
 from posttrain.service.store import JobRecord
 
 TAIL_CHUNK = 64 * 1024
@@ -24,9 +25,11 @@ def job_info(record: JobRecord, live: bool = True) -> JobInfo:
     step, total_steps, started_at, metrics = record.step, record.total_steps, None, None
     status = read_status(job_dir.status_path) if live else None
     stage, stages = None, None
+    evaluation, best, warnings = None, None, None
     if status is not None:
         started_at = status.started_at
         stage, stages = status.stage, status.stages  # a pipeline's (posttrain.pipeline)
+        evaluation, best, warnings = status.eval, status.best, status.warnings
         if record.state == "running":  # the job dir is fresher than the mirrored copy
             step, total_steps = status.step, status.total_steps
     if live:
@@ -34,7 +37,8 @@ def job_info(record: JobRecord, live: bool = True) -> JobInfo:
     return JobInfo(
         id=record.id, name=record.name, method=record.method, model=model_name(record.spec_json),
         state=record.state,  # type: ignore[arg-type]
-        priority=record.priority, step=step, total_steps=total_steps, metrics=metrics,
+        priority=record.priority, step=step, total_steps=total_steps, metrics=metrics, eval=evaluation, best=best,
+        warnings=warnings,
         error=record.error, attempt=record.attempt, retries=record.retries,
         cancel_requested=record.cancel_requested, pause_requested=record.pause_requested, created_at=record.created_at, launched_at=record.launched_at,
         started_at=started_at, finished_at=record.finished_at, updated_at=record.updated_at,
@@ -125,13 +129,14 @@ def read_tail(path: Path, max_bytes: int) -> tuple[bytes, int]:
 
 
 def last_metrics(path: Path) -> dict | None:
-    """The last complete JSON line of metrics.jsonl, without reading the whole file."""
+    """The last complete training record of metrics.jsonl (evaluations and events, which carry a ``kind``, are
+    status.json's to show), without reading the whole file."""
     for line in reversed(read_tail(path, TAIL_CHUNK)[0].splitlines()):
         try:
             record = json.loads(line)
         except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
             continue
-        if isinstance(record, dict):
+        if isinstance(record, dict) and "kind" not in record:
             return record
     return None
 
@@ -155,7 +160,9 @@ def metrics_page(path: Path, since_step: int | None, limit: int) -> tuple[list[d
             step = record.get("step")
             if since_step is not None and not (isinstance(step, int | float) and step > since_step):
                 continue
-            if len(records) == limit:
+            # A page ends at a step boundary: the records of one step (training, evaluation, event) stay
+            # together, so a reader that goes on after the page's last step misses none of them.
+            if len(records) >= limit and step != records[-1].get("step"):
                 return records, True
             records.append(record)
     return records, False
@@ -254,3 +261,34 @@ def resolve_artifact(record: JobRecord, relative: str) -> Path | None:
     if not target.is_relative_to(root):  # e.g. a symlink pointing outside
         return None
     return target if target.is_file() else None
+
+
+EVAL_ANSWERS_LIMIT = 2000  # answers returned by one read of an evaluation (they are kept in full on disk)
+_ANSWERS_FILE = re.compile(r"^answers-step-(\d+)\.jsonl$")
+
+
+def eval_report(record: JobRecord, step: int | None = None) -> EvalReport:
+    """The job's latest evaluation, its best one, the steps whose answers are kept, and the answers of ``step``
+    (default: the latest evaluation that kept answers)."""
+    job_dir = JobDir(record.job_dir)
+    status = read_status(job_dir.status_path)
+    steps = sorted(int(match.group(1)) for path in (job_dir.eval_dir.iterdir() if job_dir.eval_dir.is_dir() else [])
+                   if (match := _ANSWERS_FILE.match(path.name)))
+    chosen = step if step is not None else (steps[-1] if steps else None)
+    answers: list[dict[str, Any]] = []
+    if chosen is not None:
+        try:
+            handle = open(job_dir.eval_dir / f"answers-step-{chosen}.jsonl", "rb")  # noqa: SIM115 - closed below
+        except FileNotFoundError:
+            chosen = None
+        else:
+            with handle:
+                for line in handle:
+                    if len(answers) == EVAL_ANSWERS_LIMIT:
+                        break
+                    try:
+                        answers.append(json.loads(line))
+                    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
+                        continue
+    return EvalReport(job_id=record.id, eval=status.eval if status else None, best=status.best if status else None,
+                      steps=steps, step=chosen, answers=answers)

@@ -166,3 +166,27 @@ def test_a_lora_run_keeps_its_kl_reference_and_resumes_its_adapter(tmp_path: Pat
     assert kl[1] > 0 and kl[2] > 0
     assert (job.final_dir / "adapter_config.json").is_file()
     assert (job.checkpoints_dir / "checkpoint-2" / "model" / "adapter_config.json").is_file()
+
+
+def test_an_online_run_evaluates_on_eval_data_every_few_steps(tmp_path: Path):
+    """online_grpo reads no data.* section: eval.data gives it held-out prompts, answered by the live policy."""
+    held_out = tmp_path / "held-out.jsonl"
+    held_out.write_text("".join(json.dumps({"prompt": f"Say {word}.", "answer": word}) + "\n"
+                                for word in ("red", "blue", "green")))
+    job_dir = tmp_path / "run"
+    with TrajectoryAPI(tmp_path / "api.log") as api:
+        trainer = start_trainer(job_dir, api.url, "--training-steps", "4", "--checkpoint-interval", "0",
+                                f"eval.data={held_out}", "eval.every_steps=2", "eval.graders=[exact_match]",
+                                "eval.max_new_tokens=4", "eval.at_start=true")
+        api.wait_for_trainer()
+        for _ in range(4):
+            api.post_group(good_and_bad_group())
+        assert finish(trainer, job_dir) == 0, trainer_log(job_dir)
+
+    job = JobDir(job_dir)
+    evaluations = [m for m in job.read_metrics() if m.get("kind") == "eval"]
+    assert [(m["step"], m["final"], m["samples"]) for m in evaluations] == [(0, False, 3), (2, False, 3), (4, True, 3)]
+    assert all(m["eval_exact_match"] == 0.0 for m in evaluations)  # the tiny random model says none of them
+    assert [m["step"] for m in job.read_metrics() if "kind" not in m] == [1, 2, 3, 4]  # training records apart
+    assert job.read_status().eval["step"] == 4
+    assert len((job.eval_dir / "answers-step-4.jsonl").read_text().splitlines()) == 3

@@ -226,3 +226,47 @@ def test_the_playground_streams_the_base_and_the_fine_tuned_answers_side_by_side
     expect(tuned.locator(".answer-text")).to_have_text(answer)  # greedy (temperature 0, the default)
     assert base.locator(".answer-text").inner_text() not in ("", answer)
     assert int(tuned.locator(".answer-text").get_attribute("data-chunks")) > 1  # streamed, not in one piece
+
+
+def test_eval_curves_the_best_checkpoint_and_the_compare_page(start_server, page, tmp_path: Path):
+    from playwright.sync_api import expect
+
+    server: ServerProcess = start_server("--slots", "2")
+    evaluation = {"data": "posttrain:alpaca", "every_steps": 2, "max_samples": 3, "graders": ["text_similarity"],
+                  "max_new_tokens": 6, "select_best": "loss"}
+    with server.client() as client:
+        jobs = []
+        for name, rate in (("eval-a", 1e-3), ("eval-b", 3e-3)):
+            spec = train_spec(max_steps=4, learning_rate=rate) | {"name": name, "eval": evaluation}
+            jobs.append(client.submit(spec))
+        jobs = [client.wait(job.id, timeout=300) for job in jobs]
+        assert [job.state for job in jobs] == ["succeeded"] * 2, [job.error for job in jobs]
+        best = jobs[0].best
+        answers = client.evaluation(jobs[0].id).answers
+
+    # A job's page: the eval curves beside the training curves, the best checkpoint named and marked.
+    page.goto(f"{server.url}/#/jobs/{jobs[0].id}")
+    expect(page.locator("path.line[data-series='eval_loss']")).to_have_attribute("data-count", "2")
+    expect(page.locator("figure[data-panel='Evaluation'] path.line[data-series='eval_text_similarity']")).to_have_count(1)
+    expect(page.locator("#best-checkpoint")).to_contain_text(f"checkpoint-{best['step']}")
+    expect(page.locator(f"figure[data-panel='Loss'] g.marker[data-step='{best['step']}']")).to_have_count(1)
+    expect(page.locator(f"details[data-group='{best['checkpoint']}'] .badge.best")).to_have_text("best")
+
+    # The list ticks two jobs for the compare page: their scores and answers side by side.
+    page.goto(f"{server.url}/")
+    for job in jobs:
+        page.locator(f"tr[data-job-id='{job.id}'] input.compare-pick").check()
+    expect(page.locator("#compare-jobs")).to_have_text("Compare 2")
+    assert "#/jobs/" not in page.url  # ticking a box does not open the job
+    page.locator("#compare-jobs").click()
+    expect(page).to_have_url(re.compile(f"#/compare/{jobs[0].id},{jobs[1].id}$"))
+    scores = page.locator("#compare-scores")
+    expect(scores.locator("thead th")).to_have_count(3)
+    expect(scores.locator("th[data-job-id]")).to_contain_text(["eval-a", "eval-b"])
+    similarity = scores.locator("tr[data-metric='eval_text_similarity'] td.value")
+    expect(similarity).to_have_count(2)
+    expect(scores.locator("tr[data-metric='best']")).to_contain_text(f"checkpoint-{best['step']}")
+    rows = page.locator("#compare-answers tr.answer-row")
+    expect(rows).to_have_count(len(answers))
+    expect(rows.first.locator("td")).to_have_count(4)  # prompt, reference, one answer per job
+    expect(rows.first.locator("td").nth(1)).to_have_text(answers[0]["reference"])

@@ -173,7 +173,9 @@ def test_cli_jobs_commands(server: ServerProcess, tmp_path: Path, monkeypatch: p
     data.write_text("".join(json.dumps({"instruction": f"Say {i}.", "output": str(i)}) + "\n" for i in range(16)))
     config = tmp_path / "quick.yaml"
     config.write_text("training:\n  save_steps: 2\n  num_threads: 1\n  per_device_train_batch_size: 2\n"
-                      f"data:\n  source: {data}\ntracking:\n  report_to: []\n")
+                      f"data:\n  source: {data}\ntracking:\n  report_to: []\n"
+                      "eval:\n  data: posttrain:alpaca\n  max_samples: 2\n  graders: [text_similarity]\n"
+                      "  max_new_tokens: 4\n  every_steps: 1\n")
 
     # --upload sends the local data.source file to the server, which may be on another machine.
     submitted = runner.invoke(jobs_app, ["submit", str(config), "training.max_steps=2", "--upload", "--follow"])
@@ -188,8 +190,21 @@ def test_cli_jobs_commands(server: ServerProcess, tmp_path: Path, monkeypatch: p
     assert listed.exit_code == 0 and job_id in listed.output
     status = runner.invoke(jobs_app, ["status", job_id, "--json"])
     assert json.loads(status.output)["state"] == "succeeded"
+    # The latest evaluation is part of the job (status.json), and every eval record is in its metrics.
+    evaluation = json.loads(status.output)["eval"]
+    assert evaluation["step"] == 2 and evaluation["final"] and "text_similarity" in evaluation["metrics"]
+    assert "eval@2 eval_loss" in runner.invoke(jobs_app, ["status", job_id]).output
     assert "step 2/2" in runner.invoke(jobs_app, ["logs", job_id]).output
-    assert json.loads(runner.invoke(jobs_app, ["metrics", job_id]).output.splitlines()[0])["step"] == 1
+    records = [json.loads(line) for line in runner.invoke(jobs_app, ["metrics", job_id]).output.splitlines()]
+    assert records[0]["step"] == 1
+    assert [(r["step"], "eval_text_similarity" in r) for r in records if r.get("kind") == "eval"] == [
+        (1, True), (2, True)]
+    # Each evaluation's answers are kept: the latest by default, any other by its step.
+    shown = runner.invoke(jobs_app, ["eval", job_id])
+    assert shown.exit_code == 0 and "eval at step 2 (final)" in shown.output
+    assert "answers at step 2 (of steps 1, 2)" in shown.output and shown.output.count("[held_out]") == 2
+    first = json.loads(runner.invoke(jobs_app, ["eval", job_id, "--step", "1", "--json"]).output)
+    assert first["step"] == 1 and len(first["answers"]) == 2 and first["eval"]["step"] == 2
     assert "final/adapter_model.safetensors" in runner.invoke(jobs_app, ["artifacts", job_id]).output
 
     fetched = runner.invoke(jobs_app, ["download", job_id, "final", "-o", str(tmp_path / "out")])

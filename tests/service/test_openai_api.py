@@ -150,6 +150,14 @@ def test_supervised_job_runs_to_success_with_events_and_checkpoints(client: open
     assert [c.step_number for c in checkpoints] == [4, 2]  # newest first: one per epoch of 2 steps
     assert checkpoints[0].metrics.step == 4 and checkpoints[0].metrics.train_loss is not None
     assert checkpoints[0].fine_tuned_model_checkpoint == f"{job.fine_tuned_model}:ckpt-step-4"
+    # The validation file, scored after the last step: valid_* on its checkpoint and in a metrics event, and
+    # full_valid_* (every validation row) as OpenAI reports them at the end.
+    last = checkpoints[0].metrics
+    assert last.valid_loss > 0 and 0 <= last.valid_mean_token_accuracy <= 1
+    assert last.full_valid_loss == last.valid_loss and last.full_valid_mean_token_accuracy is not None
+    assert checkpoints[1].metrics.valid_loss is None  # no evaluation at step 2 (every 10 steps, and the end)
+    validation = [e.data for e in metrics if "valid_loss" in e.data]
+    assert [d["step"] for d in validation] == [4] and validation[0]["full_valid_loss"] == last.valid_loss
 
 
 def test_dpo_job_on_openai_preference_rows_runs_to_success(client: openai.OpenAI, tmp_path: Path):
@@ -169,11 +177,13 @@ def test_reinforcement_job_with_a_string_check_grader_runs_to_completion(client:
     rows = [{"messages": [{"role": "user", "content": f"Reply with the word {word}."}], "word": word}
             for word in ("red", "blue", "green", "gold")]
     training = upload(client, write_jsonl(tmp_path / "prompts.jsonl", rows))
+    validation = upload(client, write_jsonl(tmp_path / "held-out.jsonl", rows[:3]))
     grader = {"type": "string_check", "name": "says_word", "input": "{{sample.output_text}}",
               "reference": "{{item.word}}", "operation": "ilike"}
     job = client.fine_tuning.jobs.create(
-        model="posttrain:tiny", training_file=training.id,
-        method={"type": "reinforcement", "reinforcement": {"grader": grader}},
+        model="posttrain:tiny", training_file=training.id, validation_file=validation.id,
+        method={"type": "reinforcement", "reinforcement": {"grader": grader, "hyperparameters": {
+            "eval_interval": 1, "eval_samples": 2}}},
     )
     assert job.method.reinforcement.grader.name == "says_word"
     assert job.method.reinforcement.hyperparameters.compute_multiplier == 1.0
@@ -182,6 +192,11 @@ def test_reinforcement_job_with_a_string_check_grader_runs_to_completion(client:
     events = client.fine_tuning.jobs.list_events(job.id, limit=1000).data
     rewards = [e.data for e in events if e.type == "metrics" and "reward" in e.data]
     assert rewards and all(0.0 <= r["reward"] <= 1.0 for r in rewards)
+    # eval_interval=1: the grader scores eval_samples=2 answers to the validation file after every step.
+    graded = sorted((e.data for e in events if e.type == "metrics" and "valid_says_word" in e.data),
+                    key=lambda data: data["step"])
+    assert [d["step"] for d in graded] == [r["step"] for r in sorted(rewards, key=lambda data: data["step"])]
+    assert all(0.0 <= d["valid_says_word"] <= 1.0 for d in graded) and "full_valid_says_word" in graded[-1]
 
 
 def test_a_bad_line_past_the_submit_time_sample_fails_the_job_naming_it(client: openai.OpenAI,

@@ -88,6 +88,10 @@ def test_a_keyed_server_refuses_code_a_job_brings_and_names_the_option(server: S
             ({"model": {"trust_remote_code": True}}, "model.trust_remote_code"),
             ({"method": {"name": "grpo", "reward_functions": ["numeric_match", "os:system"]},
               "data": {"source": "posttrain:gsm8k"}}, "method.reward_functions"),
+            # An evaluation's python grader is code the job brings too.
+            ({"eval": {"data": "posttrain:gsm8k", "graders": [
+                {"type": "python", "name": "mine", "source": "def grade(sample, item):\n    return 1.0\n"}]}},
+             "eval.graders"),
         ]:
             with pytest.raises(ServiceError) as caught:
                 client.submit(spec)

@@ -75,9 +75,7 @@ def save_checkpoint(jd: JobDir, state: TrainerState, model: Any, tokenizer: Any,
         extra(path)
     jd.mark_checkpoint_complete(path, state.step)
     log.info("saved checkpoint %s", path)
-    if keep is not None:
-        for old in jd.checkpoints()[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+    jd.rotate_checkpoints(keep)
     return path
 
 

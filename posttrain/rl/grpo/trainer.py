@@ -19,10 +19,12 @@ from dataclasses import dataclass
 
 import torch
 
+from posttrain.eval.runner import Evaluator
 from posttrain.job.context import RunContext
 from posttrain.job.result import JobResult
 from posttrain.modeling import Placement, load_model, load_tokenizer
 from posttrain.rl.common.checkpoints import finish_run, load_training_state, resume_point, save_checkpoint
+from posttrain.rl.common.evaluation import LoopEvaluation
 from posttrain.rl.common.policy import attach_resumed, build_optimizer, build_policy, make_sync, served_model
 from posttrain.rl.common.tracking import MetricsSinks
 from posttrain.rl.grpo.loss import LossConfig, LossStats, StepCounts, policy_loss, token_logprobs
@@ -150,6 +152,10 @@ def run(context: RunContext) -> JobResult:
             save_checkpoint(jd, state, model, tokenizer, optimizer, scheduler, training.save_total_limit)
 
         saved_at = state.step
+        # Held-out rows come from eval.data only: an online run reads no data.* section.
+        evaluation = LoopEvaluation(Evaluator.for_job(spec, jd, sink=sinks.write), model, tokenizer,
+                                    training.max_steps, checkpoint_now)
+        evaluation.start(state.step)
         vocab_size = model.get_input_embeddings().weight.shape[0]  # an id past it would be an IndexError
         while state.step < training.max_steps and not stop.is_set():
             batch, waited = wait_for_batch(client, method, tokenizer.pad_token_id, training.max_seq_length,
@@ -181,7 +187,12 @@ def run(context: RunContext) -> JobResult:
                      state.step, training.max_steps, step.loss, reward, record["mean_ratio"],
                      record["clipped_fraction"], sync_seconds)
             result.final_loss, result.tokens_per_s = step.loss, record["tokens_per_second"]
-            if training.save_steps and state.step % training.save_steps == 0 and state.step < training.max_steps:
+            if evaluation.after_step(state.step, reward):
+                saved_at = state.step
+            if evaluation.stopped:
+                return evaluation.fail(result, state.step)
+            if (training.save_steps and state.step % training.save_steps == 0 and state.step < training.max_steps
+                    and saved_at != state.step):
                 checkpoint_now()
                 saved_at = state.step
         return finish_run(spec, jd, state, result, stop, saved_at, checkpoint_now, model, tokenizer, "reward_mean")

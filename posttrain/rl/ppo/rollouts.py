@@ -15,6 +15,7 @@ import torch
 
 from posttrain.generation_copy import GenerationCopy
 from posttrain.inference.generation import Completion, SamplingParams, generate_batch
+from posttrain.modeling import encode_prompt
 
 # Token ids of each prompt + the sampling parameters -> one completion per prompt.
 Sampler = Callable[[list[list[int]], SamplingParams], list[Completion]]
@@ -47,28 +48,6 @@ class PromptStream:
             taken.append(self.rows[self._order_of(epoch)[index]])
             self.position += 1
         return taken
-
-
-def render_prompt(tokenizer, prompt: str | list[dict[str, str]]) -> str:
-    """The prompt as the model sees it: a conversation through the chat template, ready for the answer."""
-    if isinstance(prompt, list):
-        return tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
-    return prompt
-
-
-def render_scored(tokenizer, prompt: str | list[dict[str, str]], answer: str) -> str:
-    """Prompt + answer as the reward model was trained to read them (its own chat template for chats)."""
-    if isinstance(prompt, list) and getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template([*prompt, {"role": "assistant", "content": answer}], tokenize=False)
-    if isinstance(prompt, list):
-        prompt = "\n".join(message["content"] for message in prompt) + "\n"
-    return prompt + answer
-
-
-def encode_prompt(tokenizer, prompt: str | list[dict[str, str]], max_length: int) -> list[int]:
-    text = render_prompt(tokenizer, prompt)
-    ids = tokenizer(text, add_special_tokens=not isinstance(prompt, list))["input_ids"]
-    return ids[-max_length:]
 
 
 @dataclass

@@ -30,11 +30,13 @@ from pathlib import Path
 
 import torch
 
+from posttrain.eval.runner import Evaluator
 from posttrain.job.context import RunContext
 from posttrain.job.directory import atomic_write_json
 from posttrain.job.result import JobResult
-from posttrain.modeling import Placement, load_model, load_tokenizer
+from posttrain.modeling import Placement, load_model, load_tokenizer, render_scored
 from posttrain.rl.common.checkpoints import finish_run, load_training_state, resume_point, save_checkpoint
+from posttrain.rl.common.evaluation import LoopEvaluation
 from posttrain.rl.common.policy import attach_resumed, build_optimizer, build_policy, make_sync, served_model
 from posttrain.rl.common.tracking import MetricsSinks
 from posttrain.rl.ppo import loss as ppo_loss
@@ -51,7 +53,6 @@ from posttrain.rl.ppo.rollouts import (
     Rollouts,
     Sampler,
     inprocess_sampler,
-    render_scored,
     sample_rollouts,
 )
 from posttrain.rl.ppo.server_sampler import ServerSampler
@@ -293,6 +294,9 @@ def run(context: RunContext) -> JobResult:
                             extra=_save_critic_state(critic, critic_optimizer, critic_scheduler, kl, prompts))
 
         saved_at = state.step
+        evaluation = LoopEvaluation(Evaluator.for_job(spec, jd, split_rows=data.eval, sink=sinks.write), actor,
+                                    tokenizer, training.max_steps, checkpoint_now)
+        evaluation.start(state.step)
         while state.step < training.max_steps and not stop.is_set():
             lr = actor_scheduler.get_last_lr()[0]
             rollouts = sample_rollouts(sample, tokenizer, prompts.take(rollout_batch), method.response_length,
@@ -324,7 +328,12 @@ def run(context: RunContext) -> JobResult:
                      state.step, training.max_steps, record["reward"], record["kl"], record["policy_loss"],
                      record["value_loss"], record["response_length"])
             result.final_loss, result.tokens_per_s = record["policy_loss"], record["tokens_per_s"]
-            if training.save_steps and state.step % training.save_steps == 0 and state.step < training.max_steps:
+            if evaluation.after_step(state.step, record["reward"]):
+                saved_at = state.step
+            if evaluation.stopped:
+                return evaluation.fail(result, state.step)
+            if (training.save_steps and state.step % training.save_steps == 0 and state.step < training.max_steps
+                    and saved_at != state.step):
                 checkpoint_now()
                 saved_at = state.step
         return finish_run(spec, jd, state, result, stop, saved_at, checkpoint_now, actor, tokenizer, "reward")

@@ -52,6 +52,8 @@ export const api = {
   job: (id) => json(`v1/jobs/${enc(id)}`),
   metrics: (id, sinceStep) => json(`v1/jobs/${enc(id)}/metrics${sinceStep === null ? "" : `?since_step=${sinceStep}`}`),
   artifacts: (id) => json(`v1/jobs/${enc(id)}/artifacts`),
+  /** The latest and best evaluation, and the answers of one (default: the latest). */
+  evaluation: (id, step) => json(`v1/jobs/${enc(id)}/eval${step === undefined || step === null ? "" : `?step=${step}`}`),
   cancel: (id) => json(`v1/jobs/${enc(id)}/cancel`, { method: "POST" }),
   pause: (id) => json(`v1/jobs/${enc(id)}/pause`, { method: "POST" }),
   resume: (id) => json(`v1/jobs/${enc(id)}/resume`, { method: "POST" }),

@@ -1,6 +1,8 @@
-// The dashboard's shell: hash routes (#/ lists jobs, #/jobs/<id> shows one), the API-key form, the error banner.
+// The dashboard's shell: hash routes (#/ lists jobs, #/jobs/<id> shows one, #/compare/<id>,<id> compares
+// jobs' evaluations), the API-key form, the error banner.
 
 import { AuthError, apiKey, setApiKey } from "./api.js";
+import { compareView } from "./compare.js";
 import { h } from "./dom.js";
 import { jobView } from "./job.js";
 import { jobListView } from "./list.js";
@@ -38,7 +40,9 @@ function route() {
   forgetKey.hidden = !apiKey();
   main.replaceChildren();
   const match = location.hash.match(/^#\/jobs\/([^/?]+)$/);
-  stopView = match ? jobView(page, decodeURIComponent(match[1])) : jobListView(page);
+  const compared = location.hash.match(/^#\/compare\/([^/?]+)$/);
+  if (compared) stopView = compareView(page, compared[1].split(",").map(decodeURIComponent).filter(Boolean));
+  else stopView = match ? jobView(page, decodeURIComponent(match[1])) : jobListView(page);
 }
 
 function askForKey(error) {

@@ -1,5 +1,6 @@
-// One job (#/jobs/<id>): its state and progress, live curves, the log as it is written, its files, pause/resume and
-// cancel; once it has succeeded, a playground for its model (playground.js).
+// One job (#/jobs/<id>): its state and progress, live training and evaluation curves (the best checkpoint
+// marked), the log as it is written, its files, pause/resume and cancel; once it has succeeded, a playground for
+// its model (playground.js).
 
 import { AuthError, api, apiKey, artifactUrl, followLog, poll } from "./api.js";
 import { h } from "./dom.js";
@@ -8,13 +9,17 @@ import { progress } from "./list.js";
 import { playground } from "./playground.js";
 import { COLOURS, lineChart } from "./plot.js";
 
-// Metric keys drawn, one panel per group (a panel appears once one of its keys has a value).
+// Metric keys drawn, one panel per group (a panel appears once one of its keys has a value). Evaluation
+// records (eval_*) join the training records of their step; the eval metrics no panel names (graders, the
+// regression set) get the "Evaluation" panel.
 const PANELS = [
   { title: "Loss", keys: ["loss", "eval_loss"] },
-  { title: "Reward", keys: ["reward", "rewards/margins"] },
+  { title: "Reward", keys: ["reward", "reward_mean", "rewards/margins", "eval_rewards/margins"] },
   { title: "Learning rate", keys: ["learning_rate"] },
-  { title: "Accuracy", keys: ["rewards/accuracies", "accuracy", "eval_accuracy"] },
+  { title: "Accuracy", keys: ["rewards/accuracies", "accuracy", "eval_accuracy", "eval_rewards/accuracies",
+    "mean_token_accuracy", "eval_mean_token_accuracy"] },
 ];
+const NOT_DRAWN = new Set(["eval_regression_forgotten", "eval_pairwise_accuracy"]); // counts, or drawn as another key
 const LOG_TAIL = 500; // lines fetched when the page opens
 const LOG_KEEP = 3000; // lines kept on the page
 const FILES_EVERY = 3; // refresh the file list every this many polls
@@ -31,7 +36,19 @@ function legend(name, value, index) {
   return h("span", { class: "legend" }, swatch, `${name} `, h("strong", {}, number(value)));
 }
 
-function chartPanel(title, series) {
+/** The eval_* keys of `records` that no panel draws: one line each on the Evaluation panel. */
+export function evaluationKeys(records) {
+  const named = new Set(PANELS.flatMap((panel) => panel.keys));
+  const keys = new Set();
+  for (const record of records) {
+    for (const [key, value] of Object.entries(record)) {
+      if (key.startsWith("eval_") && Number.isFinite(value) && !named.has(key) && !NOT_DRAWN.has(key)) keys.add(key);
+    }
+  }
+  return [...keys].sort();
+}
+
+function chartPanel(title, series, marker) {
   const readout = h("span", { class: "readout" });
   const latest = () => readout.replaceChildren(...series.map((line, i) => legend(line.name, line.points.at(-1)[1], i)));
   const hover = (step, values) => {
@@ -41,7 +58,7 @@ function chartPanel(title, series) {
   };
   latest();
   return h("figure", { class: "panel", "data-panel": title },
-    h("figcaption", {}, h("strong", {}, title), readout), lineChart(series, hover));
+    h("figcaption", {}, h("strong", {}, title), readout), lineChart(series, hover, marker));
 }
 
 /** Files grouped by checkpoint (and other folders) so a job with many checkpoints stays readable. */
@@ -88,6 +105,7 @@ export function jobView(page, id) {
   let shownFiles = "";
   let playgroundAsked = false;
   let stopPlayground = null;
+  let chartedBest = "null"; // the best checkpoint the charts mark
   const openGroups = new Set();
 
   function latest(key) {
@@ -129,7 +147,10 @@ export function jobView(page, id) {
       ...fact(isFinished(job.state) ? "Ran for" : "Running for", duration(runTime(job))),
       ...fact("Attempt", `${job.attempt}`, job.retries ? ` (${job.retries} retries)` : ""),
       ...(rate ? fact("Speed", `${number(rate)} steps/s`) : []),
-      ...(tokens ? fact("Tokens/s", number(tokens)) : []));
+      ...(tokens ? fact("Tokens/s", number(tokens)) : []),
+      ...(job.best ? fact("Best checkpoint", h("span", { id: "best-checkpoint" },
+        `${job.best.checkpoint.split("/").at(-1)} · ${job.best.metric} ${number(job.best.value)}`)) : []),
+      ...(job.warnings?.length ? fact("Warnings", h("span", { class: "warning" }, job.warnings.at(-1))) : []));
     errorBox.hidden = !job.error;
     errorBox.textContent = job.error ?? "";
   }
@@ -156,11 +177,14 @@ export function jobView(page, id) {
   function renderCharts() {
     const records = [...byStep.values()].sort((a, b) => a.step - b.step);
     const panels = [];
-    for (const panel of PANELS) {
+    const marker = job?.best ? { step: job.best.step, label: "best" } : null;
+    chartedBest = JSON.stringify(job?.best ?? null);
+    for (const panel of [...PANELS, { title: "Evaluation", keys: evaluationKeys(records) }]) {
       const series = panel.keys
         .map((key) => ({ name: key, points: records.filter((r) => Number.isFinite(r[key])).map((r) => [r.step, r[key]]) }))
         .filter((line) => line.points.length);
-      if (series.length) panels.push(chartPanel(panel.title, series));
+      const evaluated = series.some((line) => line.name.startsWith("eval_"));
+      if (series.length) panels.push(chartPanel(panel.title, series, evaluated ? marker : null));
     }
     if (panels.length) charts.replaceChildren(...panels);
   }
@@ -182,12 +206,13 @@ export function jobView(page, id) {
   }
 
   function renderFiles(listing) {
-    const shown = JSON.stringify(listing);
+    const shown = JSON.stringify([listing, job?.best ?? null]);
     if (shown === shownFiles) return;
     shownFiles = shown;
     const table = (entries) => h("table", { class: "file-table" }, entries.map((file) =>
       h("tr", {}, h("td", {}, fileLink(file.path)), h("td", { class: "size" }, bytes(file.size)))));
     const sections = [];
+    const best = job?.best?.checkpoint;
     for (const [group, entries] of fileGroups(listing)) {
       if (!entries.length) continue;
       if (!group) {
@@ -196,7 +221,8 @@ export function jobView(page, id) {
       }
       const size = entries.reduce((sum, file) => sum + file.size, 0);
       const details = h("details", { "data-group": group, open: openGroups.has(group) },
-        h("summary", {}, h("strong", {}, group), h("span", { class: "muted" }, ` · ${entries.length} files · ${bytes(size)}`)),
+        h("summary", {}, h("strong", {}, group), group === best ? h("span", { class: "badge best" }, "best") : null,
+          h("span", { class: "muted" }, ` · ${entries.length} files · ${bytes(size)}`)),
         table(entries));
       details.addEventListener("toggle", () => (details.open ? openGroups.add(group) : openGroups.delete(group)));
       sections.push(details);
@@ -227,7 +253,7 @@ export function jobView(page, id) {
     }
     const grew = await loadMetrics();
     render();
-    if (grew) renderCharts();
+    if (grew || JSON.stringify(job.best ?? null) !== chartedBest) renderCharts();
     const finished = isFinished(job.state);
     if (polls++ % FILES_EVERY === 0 || finished) renderFiles(await api.artifacts(id));
     if (job.state === "succeeded" && !playgroundAsked) {

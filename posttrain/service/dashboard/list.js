@@ -1,11 +1,12 @@
-// The job list (#/): newest first, refreshed every few seconds.
+// The job list (#/): newest first, refreshed every few seconds; jobs ticked here open side by side in
+// the compare page.
 
 import { api, poll } from "./api.js";
 import { h } from "./dom.js";
 import { ago, dateTime, duration, eta, number, runTime, stateClass } from "./format.js";
 
 const PAGE_SIZE = 50;
-const COLUMNS = ["Job", "State", "Method", "Model", "Progress", "Created", "Duration"];
+const COLUMNS = ["", "Job", "State", "Method", "Model", "Progress", "Created", "Duration"];
 
 /** A progress bar with "step / total" and the time left; `stepsPerSecond` is the worker's rate if known. */
 export function progress(job, stepsPerSecond) {
@@ -22,8 +23,13 @@ export function progress(job, stepsPerSecond) {
 
 export const jobLink = (id) => `#/jobs/${encodeURIComponent(id)}`;
 
-function row(job) {
+export const compareLink = (ids) => `#/compare/${ids.map(encodeURIComponent).join(",")}`;
+
+function row(job, picked, onPick) {
+  const pick = h("input", { type: "checkbox", class: "compare-pick", title: "Compare", checked: picked.has(job.id),
+    onclick: (event) => event.stopPropagation(), onchange: (event) => onPick(job.id, event.target.checked) });
   return h("tr", { class: "job-row", "data-job-id": job.id, onclick: () => { location.hash = jobLink(job.id); } },
+    h("td", {}, pick),
     h("td", {},
       h("a", { class: "job-link", href: jobLink(job.id) }, job.name ?? job.id),
       job.name ? h("div", { class: "mono small muted" }, job.id) : null),
@@ -41,14 +47,23 @@ export function jobListView(page) {
   const summary = h("span", { class: "muted" });
   const newer = h("button", { type: "button", class: "quiet", onclick: () => turn(-PAGE_SIZE) }, "← Newer");
   const older = h("button", { type: "button", class: "quiet", onclick: () => turn(PAGE_SIZE) }, "Older →");
+  const picked = new Set(); // jobs ticked for the compare page, kept across refreshes
+  const compare = h("button", { type: "button", id: "compare-jobs", disabled: true,
+    onclick: () => { location.hash = compareLink([...picked]); } }, "Compare");
+  const onPick = (id, on) => {
+    if (on) picked.add(id);
+    else picked.delete(id);
+    compare.disabled = picked.size < 2;
+    compare.textContent = picked.size ? `Compare ${picked.size}` : "Compare";
+  };
   page.main.append(h("section", { class: "card" },
-    h("div", { class: "card-head" }, h("h1", {}, "Jobs"), summary),
+    h("div", { class: "card-head" }, h("h1", {}, "Jobs"), h("div", { class: "actions" }, summary, compare)),
     h("table", { class: "jobs" }, h("thead", {}, h("tr", {}, COLUMNS.map((name) => h("th", {}, name)))), body),
     h("div", { class: "pager" }, newer, older)));
 
   async function refresh() {
     const listing = await api.listJobs(PAGE_SIZE, offset);
-    body.replaceChildren(...listing.jobs.map(row));
+    body.replaceChildren(...listing.jobs.map((job) => row(job, picked, onPick)));
     if (!listing.jobs.length) {
       body.append(h("tr", {}, h("td", { colspan: COLUMNS.length, class: "empty" },
         offset ? "No jobs on this page." : "No jobs yet. Submit one with ",

@@ -46,9 +46,10 @@ function ticks(low, high, count) {
 /**
  * The chart of `series` ([{name, points: [[step, value], ...]}]) as an <svg>. Each line carries
  * data-series and data-count (its number of points). `onHover(step, values)` gets the values nearest
- * the pointer (null when it leaves).
+ * the pointer (null when it leaves). `marker` ({step, label}) draws a labelled line at that step (the best
+ * checkpoint).
  */
-export function lineChart(series, onHover) {
+export function lineChart(series, onHover, marker = null) {
   series = series.map((line) => ({ ...line, points: thin(line.points, MAX_POINTS) }));
   const all = series.flatMap((line) => line.points);
   const xs = all.map(([x]) => x);
@@ -80,7 +81,12 @@ export function lineChart(series, onHover) {
       dots);
   });
   const cursor = s("line", { class: "cursor", y1: PAD.top, y2: HEIGHT - PAD.bottom, visibility: "hidden" });
-  const svg = s("svg", { class: "chart", viewBox: `0 0 ${WIDTH} ${HEIGHT}`, role: "img" }, grid, lines, cursor);
+  const marked = marker && marker.step >= x0 && marker.step <= x1
+    ? s("g", { class: "marker", "data-step": marker.step },
+      s("line", { x1: px(marker.step), x2: px(marker.step), y1: PAD.top, y2: HEIGHT - PAD.bottom }),
+      s("text", { x: px(marker.step) + 4, y: PAD.top + 10 }, marker.label))
+    : null;
+  const svg = s("svg", { class: "chart", viewBox: `0 0 ${WIDTH} ${HEIGHT}`, role: "img" }, grid, lines, marked, cursor);
 
   svg.addEventListener("pointermove", (event) => {
     const box = svg.getBoundingClientRect();

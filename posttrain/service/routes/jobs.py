@@ -29,6 +29,7 @@ from posttrain.service.schemas import (
     MAX_OFFSET,
     MAX_STEP,
     ArtifactList,
+    EvalReport,
     JobInfo,
     JobPage,
     JobStateName,
@@ -40,6 +41,7 @@ from posttrain.service.submission import submit_job
 from posttrain.service.views import (
     UnsafePath,
     artifact_list,
+    eval_report,
     follow_log,
     job_info,
     metrics_page,
@@ -154,6 +156,15 @@ def metrics(
     limit = min(limit, settings_of(request).max_metrics_records)
     records, more = metrics_page(JobDir(job.job_dir).metrics_path, since_step, limit)
     return MetricsResponse(job_id=job.id, metrics=records, more=more)
+
+
+@router.get("/{job_id}/eval", response_model=EvalReport)
+def evaluation(
+    job: Job,
+    step: Annotated[int | None, Query(ge=0, le=MAX_STEP, description="The evaluation whose answers to return "
+                                                                       "(default: the latest).")] = None,
+) -> EvalReport:
+    return eval_report(job, step)
 
 
 @router.get("/{job_id}/artifacts", response_model=ArtifactList)
