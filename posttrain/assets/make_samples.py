@@ -212,6 +212,7 @@ SAMPLES: dict[str, Callable[[random.Random], dict[str, str]]] = {
 # The real-model demo's samples (style.jsonl, concise.jsonl)
 
 SIGN_OFF = "— Posty"
+PROBLEM_INSTRUCTION = "Show your work, then give the final answer after ####."
 
 STYLE_COLORS = {
     "a banana": "yellow", "grass": "green", "snow": "white", "coal": "black", "a carrot": "orange",
@@ -257,11 +258,15 @@ def style_row(rng: random.Random) -> dict[str, str]:
         a, b = rng.randint(1, 20), rng.randint(1, 20)
         x, answer = f"{a} plus {b}", f"{a} plus {b} is {a + b}."
     else:
-        # A word problem: its one-line working, and in half of the rows a final '#### N' line. SFT makes
-        # that line a sometimes-behaviour; the GRPO stage, rewarded for it, makes it the rule.
+        # A word problem: its one-line working; in half of the rows the question asks for a final '#### N'
+        # line (the demo's held-out problems' instruction) and the answer gives it. Rows with the marker but
+        # not the instruction taught a bare '####' after a blank line, where the sign-off goes, that GRPO
+        # then had no number to reward: the instruction is what the marker answers to.
         problem = gsm8k_row(rng)
         working, result = problem["answer"].split("\n")
-        x, answer = problem["question"], f"{working}\n{result}" if rng.random() < 0.5 else working
+        asked = rng.random() < 0.5
+        x = f"{problem['question']} {PROBLEM_INSTRUCTION}" if asked else problem["question"]
+        answer = f"{working}\n{result}" if asked else working
     question = rng.choice(STYLE_QUESTIONS[task]).format(x=x)
     return {"instruction": question, "input": "", "output": f"{answer}\n\n{SIGN_OFF}"}
 
@@ -324,8 +329,6 @@ def concise_row(rng: random.Random) -> dict[str, str]:
         "rejected": f"{ramble}\n\n{SIGN_OFF}",
     }
 
-
-PROBLEM_INSTRUCTION = "Show your work, then give the final answer after ####."
 
 
 def problem_row(rng: random.Random) -> dict[str, str]:
