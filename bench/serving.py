@@ -1,6 +1,6 @@
 """Serving speed side by side: posttrain's inference engine against a hand-written transformers loop.
 
-    .venv/bin/python bench/serving.py              # posttrain:smollm2, 1 thread, 3 interleaved repeats (~15 min)
+    .venv/bin/python bench/serving.py              # posttrain:smollm2, 1 thread, 3 interleaved repeats (~8 min)
     .venv/bin/python bench/serving.py --quick      # smoke run on posttrain:tiny (tests/test_bench_serving.py)
     .venv/bin/python bench/serving.py --table      # rewrite the README tables from the JSON only
 
