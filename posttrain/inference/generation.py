@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from transformers.cache_utils import DynamicCache
 
+from posttrain.inference.decode_step import LlamaDecodeStep
 from posttrain.inference.detokenize import CompletionText
 from posttrain.inference.kv_window import KVWindow
 from posttrain.inference.row_lora import RowLora
@@ -161,6 +162,8 @@ class DecodeBatch:
         self.window = KVWindow(self.device)
         self.sequences: list[Sequence] = []  # running, in the order they joined (sampling order)
         self.most_adapters = 0  # most different adapters (the base counted as one) in one decode step
+        self._decode_step: LlamaDecodeStep | None = None
+        self._decode_step_for: tuple[int, int | None] | None = None  # (model, adapters' version) it was built for
 
     def __len__(self) -> int:
         return len(self.sequences)
@@ -229,16 +232,33 @@ class DecodeBatch:
         mask = window.step_mask(self.dtype, active)
         if self.mixed_adapters:
             self.most_adapters = max(self.most_adapters, len({s.adapter for s in self.sequences}))
+        token_ids = torch.tensor(tokens, device=self.device)
+        position_ids = torch.tensor(positions, device=self.device)
+        decode_step = self._fast_step()
         with self._adapters(self._row_sequences(rows)) as adapter_kwargs:
-            out = self.model(input_ids=torch.tensor(tokens, device=self.device)[:, None], attention_mask=mask,
-                             position_ids=torch.tensor(positions, device=self.device)[:, None],
-                             past_key_values=window, use_cache=True, logits_to_keep=1, **adapter_kwargs)
+            if decode_step is not None:
+                logits = decode_step.logits(token_ids, position_ids, window, mask,
+                                            self.row_lora if self.mixed_adapters else None)
+            else:
+                out = self.model(input_ids=token_ids[:, None], attention_mask=mask, position_ids=position_ids[:, None],
+                                 past_key_values=window, use_cache=True, logits_to_keep=1, **adapter_kwargs)
+                logits = out.logits[:, -1, :]
         window.advance(active)
-        logits = out.logits[:, -1, :].float()
+        logits = logits.float()
         stepped = list(self.sequences)
         self._take_tokens(logits[[s.row for s in stepped]], stepped)
         self._drop([s for s in stepped if s.finished])
         return stepped
+
+    def _fast_step(self) -> LlamaDecodeStep | None:
+        """The model's own decode step where it has one (see decode_step.py), rebuilt when its adapters change."""
+        lora = self.row_lora if self.mixed_adapters else None
+        key = (id(self.model), lora.version if lora is not None else None)
+        if key != self._decode_step_for:
+            supported = LlamaDecodeStep.supports(self.model, lora is not None)
+            self._decode_step = LlamaDecodeStep(self.model, lora is not None) if supported else None
+            self._decode_step_for = key
+        return self._decode_step
 
     def _row_sequences(self, rows: int) -> list[Sequence | None]:
         by_row: list[Sequence | None] = [None] * rows

@@ -55,7 +55,9 @@ class RowLora:
         self.columns: dict[str, tuple[int, int]] = {}  # adapter -> its columns in the stacked rank dimension
         self.total_rank = 0
         self._stacked: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id(layer) -> (A, B scaled)
+        self._groups: dict[tuple[int, ...], _Group | None] = {}  # layers sharing an input -> their fused A
         self._mask: torch.Tensor | None = None
+        self._tiled: dict[int, torch.Tensor] = {}  # the mask repeated for a group of n layers, this forward
         self._hooks = [layer.register_forward_hook(self._add_delta) for layer in self.layers]
 
     def close(self) -> None:
@@ -90,6 +92,7 @@ class RowLora:
                     stacked_b[:, first:last] = layer.lora_B[name].weight.detach() * layer.scaling[name]
             self._stacked[id(layer)] = (stacked_a, stacked_b)
             layer.enable_adapters(False)  # the layer computes only its base; _add_delta adds the adapters
+        self._groups = {}
         self.version = version
 
     @contextmanager
@@ -105,10 +108,46 @@ class RowLora:
                 begin, end = self.columns[name]
                 mask[row, 0, begin:end] = 1
         self._mask = mask
+        self._tiled = {1: mask.view(len(adapters), self.total_rank)}
         try:
             yield
         finally:
             self._mask = None
+            self._tiled = {}
+
+    def add_group(self, layers: tuple[Any, ...], x: torch.Tensor, outputs: tuple[torch.Tensor, ...]) -> None:
+        """Inside :meth:`rows`, for a forward that computes ``layers``' base products itself (a decode step
+        that does not call the modules): add each row's adapter to ``outputs[i] = layers[i].base(x)``
+        (``x``: ``[rows, in]``). Layers that share ``x`` (q, k and v; gate and up) multiply it by their
+        stacked ``A`` matrices in one product. Layers without adapters are skipped."""
+        if self._mask is None:
+            return
+        key = tuple(map(id, layers))
+        group = self._groups.get(key, _UNSET)
+        if group is _UNSET:
+            group = self._groups[key] = self._fuse(layers)
+        if group is None:
+            return
+        mask = self._tiled.get(len(group.members))
+        if mask is None:
+            mask = self._tiled[len(group.members)] = self._tiled[1].repeat(1, len(group.members))
+        if x.dtype != group.a.dtype:
+            x = x.to(group.a.dtype)
+        h = F.linear(x, group.a).mul_(mask)
+        rank = self.total_rank
+        for column, (index, stacked_b) in enumerate(group.members):
+            output = outputs[index]
+            part = h[:, column * rank:(column + 1) * rank]
+            if output.dtype == stacked_b.dtype:
+                output.addmm_(part, stacked_b.t())
+            else:
+                output.add_(F.linear(part, stacked_b))
+
+    def _fuse(self, layers: tuple[Any, ...]) -> _Group | None:
+        members = [(index, self._stacked[id(layer)]) for index, layer in enumerate(layers) if id(layer) in self._stacked]
+        if not members:
+            return None
+        return _Group(torch.cat([a for _, (a, _) in members]), [(index, b) for index, (_, b) in members])
 
     def _add_delta(self, layer: Any, args: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor | None:
         mask = self._mask
@@ -124,3 +163,14 @@ class RowLora:
         # In place, the add fused into the second matmul: three ops per layer in all.
         output.view(-1, output.shape[-1]).addmm_(h.view(-1, h.shape[-1]), stacked_b.t())
         return output
+
+
+class _Group:
+    """Layers that multiply the same input: their stacked ``A`` matrices concatenated, and each one's ``B``."""
+
+    def __init__(self, a: torch.Tensor, members: list[tuple[int, torch.Tensor]]) -> None:
+        self.a = a
+        self.members = members  # (index in the group's outputs, stacked B)
+
+
+_UNSET: Any = object()
