@@ -6,7 +6,8 @@
    Measured: the mean length in words of greedy answers to held-out open questions.
 3. GRPO on ``posttrain:problems`` teaches a checkable answer: word problems that ask for a final
    ``#### N`` line get one, with the right N, rewarded by ``final_line_match`` + ``answer_format`` +
-   ``repetition``. Measured: the share of held-out problems answered that way and correctly.
+   ``repetition`` + ``numeric_match``. Measured: the share of 16 held-out problems answered that way and
+   correctly.
 
 After every stage the demo also asks the facts of ``posttrain:facts`` (a regression set the base model
 answers right) and counts how many still come out right. Every measure is computed by the evaluation code
@@ -15,8 +16,9 @@ answers right) and counts how many still come out right. Every measure is comput
 Each stage is an ordinary JobSpec run by the ordinary worker, with LoRA, merged into the next stage's
 base. The held-out questions appear in no training file. On the real model (``--model smollm2``) every
 stage must move its own training metric and its held-out measure the expected way, and keep the facts (at
-most ``FACTS_SLACK`` of the base's lost), else the command exits 1. The tiny random-init model (``--model tiny``, for fast tests) learns the training rows but not
-held-out questions, so there only the training metrics are checked.
+most ``FACTS_SLACK`` of the base's lost), else the command exits 1. The tiny random-init model (``--model
+tiny``, for fast tests) learns the training rows but not held-out questions, so there only the training
+metrics are checked.
 """
 
 from __future__ import annotations
@@ -119,6 +121,14 @@ MATH_PROBE = Probe(
         ("Yuki has 12 beads. A friend gives Yuki 15 more. How many beads does Yuki have now?", "27"),
         ("Noor had 30 postcards and gave away 12. How many postcards are left?", "18"),
         ("Ravi buys 5 bags with 8 lemons in each bag. How many lemons does Ravi buy?", "40"),
+        ("Lena has 14 marbles. A friend gives Lena 8 more. How many marbles does Lena have now?", "22"),
+        ("Hugo had 40 stickers and gave away 15. How many stickers are left?", "25"),
+        ("Ines buys 3 bags with 9 plums in each bag. How many plums does Ines buy?", "27"),
+        ("Kofi shares 20 cards equally among 4 friends. How many cards does each friend get?", "5"),
+        ("Mira has 4 boxes with 6 pens in each box. Mira uses 9 of them. How many pens are left?", "15"),
+        ("Dev has 7 shells. A friend gives Dev 16 more. How many shells does Dev have now?", "23"),
+        ("Anya had 35 coins and gave away 20. How many coins are left?", "15"),
+        ("Luis buys 6 bags with 5 pears in each bag. How many pears does Luis buy?", "30"),
     )),
     CORRECT_FINAL_LINE,
     "up",
@@ -147,10 +157,12 @@ class Stage:
 
 
 # GRPO pays for one '#### N' line with the right N (final_line_match), gives partial credit for the line's form
-# (answer_format: a marker, a number after it) and penalises repeats (repetition). numeric_match +
-# answer_format alone taught a column of '#### N' lines, or a bare '####' (no number) that never improved.
-GRPO_REWARDS = {"reward_functions": ["final_line_match", "answer_format", "repetition"],
-                "reward_weights": [1.0, 0.5, 1.0]}
+# (answer_format: a marker, a number after it) and for working whose final number is right (numeric_match),
+# and penalises repeats (repetition). numeric_match + answer_format alone taught a column of '#### N' lines, or a
+# bare '####' that never improved; without numeric_match the line's form came first and the working decayed
+# (SmolLM2, seed 1: 0% held-out after 30 steps; with it, 62% after 24).
+GRPO_REWARDS = {"reward_functions": ["final_line_match", "answer_format", "repetition", "numeric_match"],
+                "reward_weights": [1.0, 0.5, 1.0, 0.5]}
 
 
 def real_model_stages() -> list[Stage]:
@@ -159,13 +171,17 @@ def real_model_stages() -> list[Stage]:
         Stage("sft", {"name": "sft"}, "posttrain:style", 20,
               {"learning_rate": 1e-3, "per_device_train_batch_size": 8, "max_seq_length": 128},
               ("loss", "down"), STYLE_PROBE),
-        Stage("dpo", {"name": "dpo", "beta": 0.1}, "posttrain:concise", 6,
+        # beta 0.3 (not TRL's 0.1): as concise, and the facts held better (SmolLM2, seed 2: 19.0 words, 8/10
+        # facts, against 20.3 words, 7/10).
+        Stage("dpo", {"name": "dpo", "beta": 0.3}, "posttrain:concise", 6,
               {"learning_rate": 5e-4, "per_device_train_batch_size": 4, "max_seq_length": 192},
               ("rewards/margins", "up"), CONCISE_PROBE),
-        Stage("grpo", {"name": "grpo", "num_generations": 4, "max_completion_length": 64, "temperature": 1.0,
-                       **GRPO_REWARDS},
-              "posttrain:problems", 12,
-              {"learning_rate": 5e-4, "per_device_train_batch_size": 8},
+        # 4 prompts x 4 completions a step, and a KL penalty (beta) to the stage's starting model: without it a
+        # model that already wrote '#### N' lines drifted and lost as many problems as it gained.
+        Stage("grpo", {"name": "grpo", "num_generations": 4, "max_completion_length": 64, "temperature": 0.8,
+                       "beta": 0.04, **GRPO_REWARDS},
+              "posttrain:problems", 24,
+              {"learning_rate": 3e-4, "per_device_train_batch_size": 16},
               ("reward", "up"), MATH_PROBE),
     ]
 
