@@ -9,7 +9,7 @@ from sft_trainers import build_sft_trainer
 from posttrain.recipes.common import compile_decoder_layers
 
 
-def sft_loss_and_gradients(trainer, batch) -> tuple[float, dict[str, torch.Tensor]]:
+def loss_and_gradients(trainer, batch) -> tuple[float, dict[str, torch.Tensor]]:
     trainer.model.zero_grad(set_to_none=True)
     with trainer.accelerator.autocast():
         loss = trainer.compute_loss(trainer.model, dict(batch))
@@ -25,10 +25,10 @@ def test_compiled_decoder_layers_give_the_eager_loss_and_gradients(tmp_path):
     # Two lengths: one compiled graph (dynamic in the sequence length) serves both.
     batches = [trainer.data_collator(rows[:3]), trainer.data_collator(rows[-3:])]
     assert batches[0]["input_ids"].shape[1] != batches[1]["input_ids"].shape[1]
-    eager = [sft_loss_and_gradients(trainer, batch) for batch in batches]
+    eager = [loss_and_gradients(trainer, batch) for batch in batches]
 
     assert compile_decoder_layers(trainer.model) == trainer.model.config.num_hidden_layers
-    compiled = [sft_loss_and_gradients(trainer, batch) for batch in batches]
+    compiled = [loss_and_gradients(trainer, batch) for batch in batches]
 
     for (eager_loss, eager_grads), (loss, grads) in zip(eager, compiled, strict=True):
         # bf16 autocast on CPUs that have it: the fused kernels round in other places than eager ones.
@@ -66,16 +66,6 @@ def restore_trl_head(trainer, **head) -> None:
     base = trainer.model.get_base_model() if hasattr(trainer.model, "get_base_model") else trainer.model
     del base.forward
     add_fused_lm_head(base, **head)
-
-
-def loss_and_gradients(trainer, batch) -> tuple[float, dict[str, torch.Tensor]]:
-    trainer.model.zero_grad(set_to_none=True)
-    with trainer.accelerator.autocast():
-        loss = trainer.compute_loss(trainer.model, dict(batch))
-    loss.backward()
-    grads = {name: p.grad.clone() for name, p in trainer.model.named_parameters() if p.grad is not None}
-    trainer.model.zero_grad(set_to_none=True)
-    return loss.item(), grads
 
 
 def assert_same_training_signal(ours, trl, loss_rtol: float = 1e-3, grad_rtol: float = 2e-2) -> None:

@@ -42,6 +42,16 @@ class LoopEvaluation:
             return True
         return False
 
+    def end_of_step(self, step: int, reward: float, save_steps: int | None, saved_at: int) -> int:
+        """Evaluate if ``step`` is due, then save the periodic checkpoint (every ``save_steps``, never of the last
+        step, never twice); returns the step of the newest checkpoint. A stop on divergence saves only its own."""
+        if self.after_step(step, reward):
+            saved_at = step
+        if not self.stopped and save_steps and step % save_steps == 0 and step < self.max_steps and saved_at != step:
+            self.checkpoint_now()
+            saved_at = step
+        return saved_at
+
     @property
     def stopped(self) -> str | None:
         """The guard's message when it stopped the run (eval.stop_on_divergence)."""

@@ -187,14 +187,9 @@ def run(context: RunContext) -> JobResult:
                      state.step, training.max_steps, step.loss, reward, record["mean_ratio"],
                      record["clipped_fraction"], sync_seconds)
             result.final_loss, result.tokens_per_s = step.loss, record["tokens_per_second"]
-            if evaluation.after_step(state.step, reward):
-                saved_at = state.step
+            saved_at = evaluation.end_of_step(state.step, reward, training.save_steps, saved_at)
             if evaluation.stopped:
                 return evaluation.fail(result, state.step)
-            if (training.save_steps and state.step % training.save_steps == 0 and state.step < training.max_steps
-                    and saved_at != state.step):
-                checkpoint_now()
-                saved_at = state.step
         return finish_run(spec, jd, state, result, stop, saved_at, checkpoint_now, model, tokenizer, "reward_mean")
     finally:
         client.close()

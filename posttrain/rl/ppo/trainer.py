@@ -328,14 +328,9 @@ def run(context: RunContext) -> JobResult:
                      state.step, training.max_steps, record["reward"], record["kl"], record["policy_loss"],
                      record["value_loss"], record["response_length"])
             result.final_loss, result.tokens_per_s = record["policy_loss"], record["tokens_per_s"]
-            if evaluation.after_step(state.step, record["reward"]):
-                saved_at = state.step
+            saved_at = evaluation.end_of_step(state.step, record["reward"], training.save_steps, saved_at)
             if evaluation.stopped:
                 return evaluation.fail(result, state.step)
-            if (training.save_steps and state.step % training.save_steps == 0 and state.step < training.max_steps
-                    and saved_at != state.step):
-                checkpoint_now()
-                saved_at = state.step
         return finish_run(spec, jd, state, result, stop, saved_at, checkpoint_now, actor, tokenizer, "reward")
     finally:
         if sinks is not None:
