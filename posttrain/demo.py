@@ -176,9 +176,10 @@ def real_model_stages() -> list[Stage]:
         Stage("dpo", {"name": "dpo", "beta": 0.3}, "posttrain:concise", 6,
               {"learning_rate": 5e-4, "per_device_train_batch_size": 4, "max_seq_length": 192},
               ("rewards/margins", "up"), CONCISE_PROBE),
-        # 4 prompts x 4 completions a step, and a KL penalty (beta) to the stage's starting model: without it a
-        # model that already wrote '#### N' lines drifted and lost as many problems as it gained.
-        Stage("grpo", {"name": "grpo", "num_generations": 4, "max_completion_length": 64, "temperature": 0.8,
+        # 2 prompts x 8 completions a step (more groups whose completions differ in reward than 4 x 4), and a KL
+        # penalty (beta) to the stage's starting model: without it a model that already wrote '#### N' lines
+        # drifted and lost as many problems as it gained.
+        Stage("grpo", {"name": "grpo", "num_generations": 8, "max_completion_length": 64, "temperature": 0.8,
                        "beta": 0.04, **GRPO_REWARDS},
               "posttrain:problems", 24,
               {"learning_rate": 3e-4, "per_device_train_batch_size": 16},
