@@ -45,7 +45,7 @@ class RealSettings:
     max_reply_sentences: int = 40
     # DPO / reward lines: pairs built from the same chat rows (a prompt, its reply as chosen, another row's reply
     # as rejected), one epoch of `pair_steps` x `pair_batch_size` pairs, LoRA.
-    pair_steps: int = 5
+    pair_steps: int = 9
     pair_batch_size: int = 4
     pair_max_context_sentences: int = 8
     pair_max_reply_sentences: int = 12

@@ -100,6 +100,10 @@ class RewardMethod(Section):
     center_rewards_coefficient: float | None = Field(
         None, description="Push rewards towards zero mean (TRL's center_rewards_coefficient)."
     )
+    share_prompt: bool = Field(
+        True, description="Score each pair in one row, the prompt chosen and rejected share computed once "
+        "(off: TRL's two padded rows per pair; the rewards are the same).",
+    )
 
 
 class GRPOMethod(Section):
