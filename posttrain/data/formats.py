@@ -18,7 +18,7 @@ ppo        ``{"prompt": [...]}`` (prompt-only: the reward model scores the answe
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from itertools import chain, islice
 from typing import Any
@@ -253,6 +253,16 @@ def _text_or_conversation(values: Mapping[str, Any], field: str) -> str | list[M
     return text_field(values, field)
 
 
+def common_prefix_length(first: Sequence[Any], second: Sequence[Any]) -> int:
+    """How many leading items two sequences (turns, token ids) share."""
+    length = 0
+    for a, b in zip(first, second, strict=False):
+        if a != b:
+            break
+        length += 1
+    return length
+
+
 def _implicit_prompt(values: Mapping[str, Any]) -> tuple[list[Message], list[Message], list[Message]]:
     """Split chosen/rejected conversations into their shared leading turns (the prompt) and the answers."""
     if not (is_conversation(values.get("chosen")) and is_conversation(values.get("rejected"))):
@@ -264,9 +274,7 @@ def _implicit_prompt(values: Mapping[str, Any]) -> tuple[list[Message], list[Mes
         )
     chosen = conversation_field(values, "chosen")
     rejected = conversation_field(values, "rejected")
-    shared = 0
-    while shared < min(len(chosen), len(rejected)) and chosen[shared] == rejected[shared]:
-        shared += 1
+    shared = common_prefix_length(chosen, rejected)
     if shared == 0:
         raise RowProblem("field 'prompt' is missing and chosen/rejected share no leading turns to use as one")
     if shared == len(chosen) or shared == len(rejected):

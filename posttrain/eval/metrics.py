@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from posttrain.data.eval_rows import EvalRow, Text, text_of
+from posttrain.data.formats import common_prefix_length
 from posttrain.modeling import render_scored
 
 # fp32 logits held at once while scoring (batch x length x vocabulary x 4 bytes).
@@ -43,15 +44,6 @@ def _as_messages(reply: Text) -> list[dict[str, str]]:
     return reply if isinstance(reply, list) else [{"role": "assistant", "content": reply}]
 
 
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    length = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        length += 1
-    return length
-
-
 def reply_tokens(tokenizer, prompt: Text | None, reply: Text, max_length: int) -> tuple[list[int], int]:
     """The token ids of prompt + reply (right-truncated to ``max_length``) and where the reply starts.
 
@@ -66,7 +58,7 @@ def reply_tokens(tokenizer, prompt: Text | None, reply: Text, max_length: int) -
         full_text = tokenizer.apply_chat_template([*prompt, *_as_messages(reply)], tokenize=False)
         prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
         ids = tokenizer(full_text, add_special_tokens=False)["input_ids"]
-        start = _common_prefix(prompt_ids, ids)
+        start = common_prefix_length(prompt_ids, ids)
     else:
         prompt_ids = tokenizer(prompt)["input_ids"]
         eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []

@@ -17,14 +17,7 @@ from typing import Any
 
 import torch
 
-
-def common_prefix_length(first: list[int], second: list[int]) -> int:
-    length = 0
-    for a, b in zip(first, second, strict=False):
-        if a != b:
-            break
-        length += 1
-    return length
+from posttrain.data.formats import common_prefix_length
 
 
 def pack_pair(chosen: list[int], rejected: list[int]) -> tuple[list[int], list[int], int, int, int]:
