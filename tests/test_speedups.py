@@ -212,3 +212,15 @@ def test_reward_shared_prompt_rows_give_the_padded_rows_rewards_loss_and_gradien
     # against eager above).
     assert_same_training_signal(loss_and_gradients(trainer, shared), loss_and_gradients(trainer, padded),
                                 loss_rtol=1e-2, grad_rtol=5e-2)
+
+
+def test_reward_share_prompt_off_keeps_trl_s_two_padded_rows(tmp_path):
+    from trl.trainer.reward_trainer import DataCollatorForPreference
+
+    trainer = build_trainer_for(tmp_path, {"name": "reward", "share_prompt": False}, {"type": "lora"},
+                                "posttrain:preference")
+    assert isinstance(trainer.data_collator, DataCollatorForPreference)
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(2)])
+    assert batch["input_ids"].shape[0] == 4 and "pair_mask" not in batch
+    loss, grads = loss_and_gradients(trainer, batch)
+    assert loss > 0 and grads

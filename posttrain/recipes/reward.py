@@ -22,7 +22,12 @@ from posttrain.recipes.common import (
     training_arguments,
 )
 from posttrain.recipes.sft import CPUAttention, cpu_attention
-from posttrain.recipes.shared_prompt import SharedPromptCollator, attention_bias, classification_head
+from posttrain.recipes.shared_prompt import (
+    MASKABLE_ATTENTION,
+    SharedPromptCollator,
+    attention_bias,
+    classification_head,
+)
 
 
 class PosttrainRewardTrainer(RewardTrainer):
@@ -69,7 +74,9 @@ def build_trainer(inputs: RecipeInputs) -> PosttrainRewardTrainer:
         max_length=spec.training.max_seq_length,
         center_rewards_coefficient=spec.method.center_rewards_coefficient,
     )
-    shared = spec.method.share_prompt and classification_head(model) is not None
+    # The pair mask is a custom 4D mask, which eager and SDPA attention take; flash-attention kernels do not.
+    shared = (spec.method.share_prompt and classification_head(model) is not None
+              and model.config._attn_implementation in MASKABLE_ATTENTION)
     tokenizer = inputs.tokenizer
     pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     record_settings(inputs, share_prompt=shared)

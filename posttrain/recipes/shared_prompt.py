@@ -83,8 +83,14 @@ class SharedPromptCollator:
         return batch
 
 
+# The attention implementations that take a custom 4D mask as given.
+MASKABLE_ATTENTION = ("eager", "sdpa")
+
+
 def attention_bias(mask: torch.Tensor, implementation: str, dtype: torch.dtype) -> torch.Tensor:
     """The pair mask in the form the attention kernel takes: SDPA a bool mask, eager an additive one."""
+    if implementation not in MASKABLE_ATTENTION:
+        raise ValueError(f"shared-prompt rows need eager or sdpa attention, not {implementation!r}")
     if implementation == "sdpa":
         return mask
     return torch.zeros(mask.shape, dtype=dtype).masked_fill_(~mask, torch.finfo(dtype).min)
