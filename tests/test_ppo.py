@@ -4,9 +4,11 @@ module on a learnable preference: answers that contain WORD beat the same answer
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -132,9 +134,13 @@ def test_ppo_raises_the_reward_model_score_while_kl_stays_bounded(tmp_path: Path
             assert key in record, key
     rewards = [m["reward"] for m in metrics]
     third = len(rewards) // 3
-    first, last = sum(rewards[:third]) / third, sum(rewards[-third:]) / third
-    spread = max(rewards[:third]) - min(rewards[:third])
-    assert last > first + max(spread, 0.05), rewards
+    first, last = rewards[:third], rewards[-third:]
+    # The rise of the mean reward from the first third of the run to the last must stand clear of the step-to-
+    # step noise: three standard errors of the difference of the two means (a policy that does not learn passes
+    # this about once in a thousand runs).
+    rise = statistics.fmean(last) - statistics.fmean(first)
+    noise = math.sqrt((statistics.variance(first) + statistics.variance(last)) / third)
+    assert rise > max(3 * noise, 0.05), (rise, noise, rewards)
     kls = [m["kl"] for m in metrics]
     assert max(kls[-third:]) < 8.0, kls  # nats per answer of at most 8 tokens: the policy stays near its base
     assert all(0 <= m["policy_clip_fraction"] <= 1 and 0 <= m["value_clip_fraction"] <= 1 for m in metrics)
