@@ -88,8 +88,9 @@ def main(argv: list[str] | None = None) -> int:
             optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
+    tokens = 8 * args.tokens
     if args.method == "reward":
-        step = reward_step(model, base, optimizer, args.tokens)
+        step, tokens = reward_step(model, base, optimizer, args.tokens)
 
     step()
     step()
@@ -111,7 +112,6 @@ def main(argv: list[str] | None = None) -> int:
     moved = max(0.0, optimizer_seconds - totals.get("optimizer", 0.0))
     totals["optimizer"] = optimizer_seconds
     totals["elementwise and other"] = totals.get("elementwise and other", 0.0) - moved
-    tokens = int(batch_tokens) if args.method == "reward" else 8 * args.tokens
     result = {"method": args.method, "compiled": args.compile == "true", "tokens": tokens,
               "step_cpu_seconds": round(whole, 2),
               "groups": {name: {"seconds": round(value, 2), "share": round(value / whole, 3)}
@@ -127,20 +127,19 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def reward_step(model, base, optimizer, tokens: int):
-    """One reward-model step on 4 random pairs in shared-prompt rows, as posttrain's RewardTrainer runs it."""
+    """One reward-model step on 4 random pairs in shared-prompt rows, as posttrain's RewardTrainer runs it, and
+    the tokens of its batch (padding included)."""
     import torch
     from torch.profiler import record_function
 
     from posttrain.recipes.shared_prompt import SharedPromptCollator, attention_bias
 
-    global batch_tokens
     pairs = []
     for _ in range(4):
         prompt = torch.randint(0, 49000, (tokens // 4,)).tolist()
         pairs.append({"chosen_ids": prompt + torch.randint(0, 49000, (tokens // 4,)).tolist(),
                       "rejected_ids": prompt + torch.randint(0, 49000, (tokens // 2,)).tolist()})
     batch = SharedPromptCollator(pad_token_id=0)(pairs)
-    batch_tokens = batch["input_ids"].numel()
     mask = attention_bias(batch["pair_mask"], "eager", torch.float32)
     rows, columns = batch["reward_positions"]
 
@@ -155,10 +154,7 @@ def reward_step(model, base, optimizer, tokens: int):
             optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    return step
-
-
-batch_tokens = 0
+    return step, batch["input_ids"].numel()
 
 if __name__ == "__main__":
     sys.exit(main())
